@@ -1,0 +1,5 @@
+import sys
+
+from lightning_trust.cli import main
+
+sys.exit(main())

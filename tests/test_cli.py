@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _console_script():
+    return str(Path(sys.executable).with_name("lightning-trust"))
+
+
+@pytest.mark.slow
+def test_console_script_fast_dev_run(tmp_path):
+    _run([_console_script(), "fit", "--config", str(ROOT / "configs/adult.yaml"), "--trainer.fast_dev_run=true",
+          f"--trainer.default_root_dir={tmp_path}"], cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_module_entry_point_print_config(tmp_path):
+    proc = _run([sys.executable, "-m", "lightning_trust", "fit", "--config", str(ROOT / "configs/digits.yaml"),
+                 "--print_config"], cwd=tmp_path)
+    assert "class_path: lightning_trust.demo.SmallCNN" in proc.stdout
+
+
+def _test_accuracy(output: str) -> float:
+    for line in output.splitlines():
+        if "test/acc" in line:
+            return float(line.replace("│", " ").split()[-1])
+    raise AssertionError(f"no test/acc in output:\n{output[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("config", "minimum"), [("adult.yaml", 0.84), ("digits.yaml", 0.95)])
+def test_demo_configs_reach_documented_accuracy(config, minimum, tmp_path):
+    common = ["--config", str(ROOT / "configs" / config), f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    _run([_console_script(), "fit", *common], cwd=tmp_path)
+    checkpoints = sorted(tmp_path.glob("**/checkpoints/last.ckpt"))
+    assert checkpoints, "fit wrote no last.ckpt"
+    proc = _run([_console_script(), "test", *common, f"--ckpt_path={checkpoints[-1]}"], cwd=tmp_path)
+    assert _test_accuracy(proc.stdout) >= minimum
