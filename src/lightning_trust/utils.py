@@ -95,9 +95,11 @@ def isolated_eval(module: nn.Module, trainer: Any = None, grad: bool = False) ->
     """Run extra forward/backward passes on ``module`` without leaving a trace on training.
 
     Inside: every pack callback that can pause (DP hooks, see :class:`~lightning_trust.protocol.Pausable`)
-    is paused, the module is in eval mode, gradients are enabled only when ``grad=True``, and the
-    parameters' ``.grad`` are saved. After: the modes of every submodule, the grad mode, each
-    parameter's ``requires_grad`` and ``.grad`` are restored.
+    is paused, the module is in eval mode, gradients are enabled only when ``grad=True``, the
+    parameters' ``.grad`` are saved and the random number generators are forked (so sampling
+    baselines or noise here does not change the training run's noise or dropout). After: the modes
+    of every submodule, the grad mode, each parameter's ``requires_grad`` and ``.grad`` and the RNG
+    states are restored.
 
     Example:
         >>> with isolated_eval(model, trainer, grad=True) as m:
@@ -108,7 +110,9 @@ def isolated_eval(module: nn.Module, trainer: Any = None, grad: bool = False) ->
     saved_grads = [p.grad for p in params]
     saved_requires = [p.requires_grad for p in params]
     pausers = [cb for cb in (getattr(trainer, "callbacks", None) or []) if isinstance(cb, Pausable)]
+    cuda_devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
         for callback in pausers:
             stack.enter_context(callback.paused())
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
