@@ -51,6 +51,15 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
     return any(p in name or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def add_proximal_grad(module: torch.nn.Module, reference: dict[str, Tensor], mu: float) -> None:
+    """FedProx: add ``mu * (w - w_reference)``, the gradient of ``mu/2 ||w - w_ref||^2``, to each
+    parameter's ``.grad`` (before the optimizer step), leaving the user's loss untouched."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.grad is not None and name in reference:
+                p.grad.add_(p.detach() - reference[name].to(p.device), alpha=mu)
+
+
 class Server:
     """Aggregates client state dicts into the next global state dict.
 

@@ -45,7 +45,7 @@ from lightning_trust.batch import BatchContract, batch_size_of
 from lightning_trust.federated.aggregators import Aggregator
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.partition import Partitioner, partition_summary, read_column, resolve_partition
-from lightning_trust.federated.server import ClientUpdate, Server, matches_any
+from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad, matches_any
 from lightning_trust.utils import artifact_dir, new_figure, save_figure, write_json
 
 State = dict[str, Tensor]
@@ -376,10 +376,7 @@ class FederatedSimulation(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self.proximal_mu:
             return
-        with torch.no_grad():  # FedProx: gradient of mu/2 ||w - w_global||^2, the user's loss untouched
-            for name, p in pl_module.named_parameters():
-                if p.grad is not None and name in self._global_device:
-                    p.grad.add_(p.detach() - self._global_device[name], alpha=self.proximal_mu)
+        add_proximal_grad(pl_module, self._global_device, self.proximal_mu)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -1,0 +1,281 @@
+"""Mode 2: federated training across processes with Lightning's own launchers.
+
+:class:`FederatedStrategy` is Lightning's DDP strategy without the DDP wrapper: each process is a
+client (or silo) that trains on its own shard (the DistributedSampler's, or whatever its
+DataModule loads for its rank) with no gradient all-reduce. Every ``local_steps`` optimizer steps
+the processes exchange their weights over ``torch.distributed`` (one ``all_gather``, gloo on CPU,
+nccl on GPUs) and every process computes the same aggregate with the chosen aggregator (robust
+ones included), so the global model is identical everywhere. Pending local steps are also
+aggregated before each validation and at the end of training, so validation and checkpoints see
+the global model. Launch it like DDP: ``devices=N``, ``num_nodes``, SLURM or ``torchrun``.
+
+Example:
+    >>> trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=3,
+    ...                      strategy=FederatedStrategy(local_steps=20, aggregator="fedavg"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_trust.batch import batch_size_of
+from lightning_trust.federated.aggregators import Aggregator
+from lightning_trust.federated.dp import ClientDP
+from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad, matches_any
+
+State = dict[str, Tensor]
+
+
+class _StrategyState(Callback):
+    """Carries the strategy's federated state through checkpoints (strategies have no state hooks)."""
+
+    report_section = "federated"
+
+    def __init__(self, strategy: FederatedStrategy) -> None:
+        self.strategy = strategy
+
+    @property
+    def state_key(self) -> str:
+        return "FederatedStrategy"
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.fed_state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.strategy.load_fed_state_dict(state_dict)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self.strategy.aggregate_pending()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.strategy.aggregate_pending()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not self.strategy.history:
+            return
+        self.strategy.history[-1]["val"] = {
+            k: float(v) for k, v in trainer.callback_metrics.items()
+            if k.startswith("val") and isinstance(v, Tensor) and v.numel() == 1
+        }
+
+    def report(self) -> dict[str, Any]:
+        return self.strategy.report()
+
+
+class FederatedStrategy(DDPStrategy):
+    """Each process a client; periodic aggregation over ``torch.distributed`` instead of gradient all-reduce.
+
+    Args:
+        local_steps: optimizer steps each process runs between aggregations (one round).
+        aggregator: an aggregator name (``"fedavg"``, ``"fedadam"``, ``"median"``...) or instance.
+        proximal_mu: FedProx coefficient added to the gradients before each step.
+        client_dp: client-level DP (each process is a client, all take part every round).
+        keep_local: parameter/buffer name patterns that stay on each process (FedBN).
+        reset_optimizer: clear the local optimizer state after each aggregation.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        process_group_backend, timeout, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
+
+    Example:
+        >>> pl.Trainer(devices=4, strategy=FederatedStrategy(local_steps=50, aggregator="trimmedmean"))
+    """
+
+    strategy_name = "federated"
+
+    def __init__(
+        self,
+        local_steps: int = 10,
+        aggregator: Union[str, Aggregator] = "fedavg",
+        proximal_mu: float = 0.0,
+        client_dp: Optional[ClientDP] = None,
+        keep_local: Optional[list[str]] = None,
+        reset_optimizer: bool = True,
+        accelerator: Optional[Any] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[Any] = None,
+        checkpoint_io: Optional[Any] = None,
+        precision_plugin: Optional[Any] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: str = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        if not isinstance(local_steps, int) or local_steps < 1:
+            raise ValueError(f"`local_steps` must be a positive integer, got {local_steps!r}.")
+        if not (isinstance(proximal_mu, (int, float)) and proximal_mu >= 0):
+            raise ValueError(f"`proximal_mu` must be >= 0, got {proximal_mu!r}.")
+        self.local_steps = local_steps
+        self.proximal_mu = float(proximal_mu)
+        self.reset_optimizer = reset_optimizer
+        self.server = Server(aggregator, client_dp=client_dp, keep_local=keep_local)
+        self.client_dp = client_dp
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self._pending_steps = 0
+        self._pending_samples = 0
+        self._global: Optional[State] = None
+        self._state_callback = _StrategyState(self)
+
+    # no gradient all-reduce ---------------------------------------------------------------------
+    def configure_ddp(self) -> None:
+        """Leave the module unwrapped: gradients stay local to each process."""
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == "fit":
+            self._broadcast_module()  # every client starts from rank 0's weights
+            if self._global is None:
+                self._global = self._snapshot()
+
+    def connect(self, model: pl.LightningModule) -> None:
+        super().connect(model)
+        trainer = model._trainer
+        if trainer is not None and self._state_callback not in trainer.callbacks:
+            trainer.callbacks.append(self._state_callback)
+
+    def _broadcast_module(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        with torch.no_grad():
+            for tensor in self.lightning_module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def _snapshot(self) -> State:
+        return {k: v.detach().clone().cpu() for k, v in self.lightning_module.state_dict().items()}
+
+    # local training ------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        try:
+            self._pending_samples += batch_size_of(batch) or 0
+        except KeyError:
+            self._pending_samples += 1
+
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any
+    ) -> Any:
+        if self.proximal_mu and self._global is not None:
+            closure = self._proximal(closure)
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._pending_steps += 1
+        if self._pending_steps >= self.local_steps:
+            self.aggregate_pending()
+        return out
+
+    def _proximal(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        module = self.lightning_module
+        assert self._global is not None
+        reference = {n: self._global[n].to(p.device) for n, p in module.named_parameters() if n in self._global}
+
+        def wrapped() -> Any:
+            loss = closure()
+            add_proximal_grad(module, reference, self.proximal_mu)
+            return loss
+
+        return wrapped
+
+    # aggregation ---------------------------------------------------------------------------------
+    def aggregate_pending(self) -> None:
+        """Aggregate across processes now if any local step ran since the last aggregation."""
+        # all ranks run the same number of steps (Lightning equalizes shard lengths), so this is collective-safe
+        if self._pending_steps == 0 or self._global is None:
+            return
+        module = self.lightning_module
+        state = {k: v.detach() for k, v in module.state_dict().items()}
+        keys = list(state)
+        flat = torch.cat([state[k].double().flatten() for k in keys] + [
+            torch.tensor([float(self._pending_samples)], dtype=torch.float64, device=self.root_device)
+        ])
+        gathered = self._all_gather(flat)
+        updates = []
+        for rank, row in enumerate(gathered):
+            row = row.cpu()
+            client_state, offset = {}, 0
+            for k in keys:
+                n = state[k].numel()
+                client_state[k] = row[offset : offset + n].view(state[k].shape).to(state[k].dtype)
+                offset += n
+            updates.append(ClientUpdate(rank, client_state, max(int(row[-1].item()), 1)))
+        param_keys = {n for n, _ in module.named_parameters()}
+        new_global, metrics = self.server.aggregate(self._global, updates, param_keys, expected_clients=len(updates))
+        if self.client_dp is not None:
+            self.client_dp.account(1.0)  # every process takes part in every round
+            metrics["epsilon"] = self.client_dp.epsilon()
+        self._global = new_global
+        local = {k: v for k, v in state.items() if matches_any(k, self.server.keep_local)}
+        load = {k: v for k, v in new_global.items() if k not in local}
+        module.load_state_dict({**load, **{k: v.clone() for k, v in local.items()}}, strict=True)
+        if self.reset_optimizer:
+            for optimizer in self.optimizers:
+                optimizer.state.clear()
+        self.round += 1
+        self.history.append({"round": self.round, "steps": self._pending_steps,
+                             "client_samples": [u.num_samples for u in updates], **metrics})
+        self._pending_steps = self._pending_samples = 0
+        trainer = module._trainer
+        if trainer is not None and trainer.training:
+            for key in ("update_norm_mean", "client_drift", "global_update_norm", "epsilon"):
+                if key in metrics:
+                    module.log(f"federated/{key}", float(metrics[key]), on_step=True, on_epoch=False,
+                               batch_size=1, rank_zero_only=True)
+            module.log("federated/round", float(self.round), on_step=True, on_epoch=False, batch_size=1,
+                       rank_zero_only=True)
+
+    def _all_gather(self, flat: Tensor) -> list[Tensor]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return [flat]
+        out = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, flat)
+        return out
+
+    # checkpointing and report ----------------------------------------------------------------------
+    def fed_state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "global": self._global, "server": self.server.state_dict(),
+                "history": self.history, "pending_steps": self._pending_steps}
+
+    def load_fed_state_dict(self, state: dict[str, Any]) -> None:
+        self.round = int(state["round"])
+        self._global = state["global"]
+        self.server.load_state_dict(state["server"])
+        self.history = list(state.get("history", []))
+        self._pending_steps = int(state.get("pending_steps", 0))
+
+    def report(self) -> dict[str, Any]:
+        last_val = next((r["val"] for r in reversed(self.history) if "val" in r), {})
+        out: dict[str, Any] = {
+            "mode": "strategy",
+            "rounds": self.round,
+            "num_clients": self.world_size,
+            "clients_per_round": self.world_size,
+            "aggregator": self.server.aggregator.name,
+            "aggregator_config": repr(self.server.aggregator),
+            "local_steps": self.local_steps,
+            "proximal_mu": self.proximal_mu,
+            "keep_local": self.server.keep_local,
+            "final_val": last_val,
+            "per_round": self.history,
+        }
+        if self.client_dp is not None:
+            dp = self.client_dp.report()
+            out.update({"epsilon": dp["epsilon"], "delta": dp["delta"], "client_dp": dp})
+        return out
