@@ -57,6 +57,7 @@ class _Segment:
     start: int  # first batch index of the round loader
     steps: int  # batches this client runs (fewer than planned when it fails)
     failed: bool
+    idle: bool = False  # placeholder step of a round in which no client trains; its step is discarded
 
 
 def client_loader(user_loader: DataLoader, indices: Sequence[int], generator: torch.Generator) -> DataLoader:
@@ -143,6 +144,10 @@ class FederatedSimulation(Callback):
         seed: seed of the partition, the client sampler, client shuffling and failures.
         batch_keys: batch contract overrides (needed for ``by_key`` on tuple batches).
         log_clients: also log per-client training loss and sample counts each round.
+        byzantine_fraction: share of clients (chosen once from ``seed``) that attack by sign
+            flipping: they send ``w_global - byzantine_scale * (w - w_global)``. For robustness
+            evaluation of aggregators; 0 = honest clients.
+        byzantine_scale: magnitude of the flipped update.
 
     Example:
         >>> FederatedSimulation(num_clients=10, partition="dirichlet(0.5)", aggregator="fedadam", local_steps=10)
@@ -165,6 +170,8 @@ class FederatedSimulation(Callback):
         seed: int = 0,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
         log_clients: bool = True,
+        byzantine_fraction: float = 0.0,
+        byzantine_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.partitioner = resolve_partition(partition)
@@ -190,6 +197,13 @@ class FederatedSimulation(Callback):
             raise ValueError(f"`proximal_mu` must be >= 0, got {proximal_mu!r}.")
         if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
             raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate!r}.")
+        if not (isinstance(byzantine_fraction, (int, float)) and 0.0 <= byzantine_fraction < 1.0):
+            raise ValueError(f"`byzantine_fraction` must be in [0, 1), got {byzantine_fraction!r}.")
+        if not (isinstance(byzantine_scale, (int, float)) and byzantine_scale > 0):
+            raise ValueError(f"`byzantine_scale` must be > 0, got {byzantine_scale!r}.")
+        self.byzantine_fraction = float(byzantine_fraction)
+        self.byzantine_scale = float(byzantine_scale)
+        self.byzantine_clients: list[int] = []
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
         self.local_steps = local_steps
@@ -214,7 +228,6 @@ class FederatedSimulation(Callback):
         self._segments: list[_Segment] = []
         self._plan_round = -1
         self._updates: list[ClientUpdate] = []
-        self._failed: list[int] = []
         self._loss_sum: Optional[Tensor] = None
         self._loss_count = 0
         self._samples_seen = 0
@@ -282,6 +295,10 @@ class FederatedSimulation(Callback):
         self._parts = self.partitioner.split(dataset, self.num_clients, seed=self.seed, contract=self._contract)
         if self.num_clients is None:
             self.num_clients = len(self._parts)
+        n_bad = int(round(self.byzantine_fraction * len(self._parts)))
+        if n_bad:
+            perm = torch.randperm(len(self._parts), generator=torch.Generator().manual_seed(_seed(self.seed, 7919)))
+            self.byzantine_clients = sorted(perm[:n_bad].tolist())
         if any(len(p) == 0 for p in self._parts):
             empty = [i for i, p in enumerate(self._parts) if not p]
             raise ValueError(f"Clients {empty} got no samples from {self.partitioner!r}; use fewer clients.")
@@ -326,13 +343,18 @@ class FederatedSimulation(Callback):
             for c in clients:
                 steps = self.local_steps or self.local_epochs * len(client_loader(user_loader, self._parts[c], torch.Generator()))
                 failed = bool(torch.rand(1, generator=self._sampler).item() < self.dropout_rate)
-                if failed:  # fails somewhere in the round, after some work
-                    steps = int(torch.randint(0, steps, (1,), generator=self._sampler).item())
+                if failed:  # fails somewhere in the round, after at least one step of work
+                    steps = int(torch.randint(1, steps + 1, (1,), generator=self._sampler).item())
                 segments.append(_Segment(c, start, steps, failed))
                 start += steps
+            if not segments:
+                # nobody was sampled (Poisson sampling under client DP): Lightning needs a batch to run
+                # the epoch, so one placeholder step runs and is discarded; the round still releases
+                # the DP noise and is accounted
+                segments.append(_Segment(0, 0, 1, failed=True, idle=True))
             self._segments, self._plan_round = segments, self.round
             if not self._resume:
-                self._updates, self._failed = [], []
+                self._updates = []
         for seg in self._segments:
             gen = torch.Generator().manual_seed(_seed(self.seed, self.round, seg.client))
             loaders[seg.client] = client_loader(user_loader, self._parts[seg.client], gen)
@@ -340,10 +362,6 @@ class FederatedSimulation(Callback):
         if self._resume and self._module is not None:  # resumed mid-round: skip the batches already run
             skip = self._module.trainer.fit_loop.epoch_loop.batch_progress.current.ready
         self._resume = None
-        if sum(s.steps for s in self._segments) == 0:
-            # nobody trains this round (every sampled client failed, or none was sampled): the round
-            # still closes here (with DP the noise is released and accounted)
-            self._close_round(self._module, log=False)
         return _RoundLoader(self._segments, loaders, skip)
 
     # client lifecycle ---------------------------------------------------------------------------
@@ -397,10 +415,13 @@ class FederatedSimulation(Callback):
 
     def _end_client(self, pl_module: pl.LightningModule, seg: _Segment) -> None:
         if seg.failed:
-            self._failed.append(seg.client)
             return
         assert self._parts is not None
         state = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
+        if seg.client in self.byzantine_clients and self._global is not None:  # sign-flipping attacker
+            for k in self._param_keys:
+                g = self._global[k]
+                state[k] = (g.double() - self.byzantine_scale * (state[k].double() - g.double())).to(g.dtype)
         if self.server.keep_local:
             self._local_states[seg.client] = {k: v for k, v in state.items() if matches_any(k, self.server.keep_local)}
         loss = float(self._loss_sum / self._loss_count) if self._loss_sum is not None and self._loss_count else None
@@ -408,7 +429,7 @@ class FederatedSimulation(Callback):
             ClientUpdate(seg.client, state, len(self._parts[seg.client]), loss, {"samples_seen": self._samples_seen})
         )
 
-    def _close_round(self, pl_module: Optional[pl.LightningModule], log: bool = True) -> None:
+    def _close_round(self, pl_module: pl.LightningModule) -> None:
         assert self._global is not None
         expected = self.sample_rate * (self.num_clients or 1)
         new_global, metrics = self.server.aggregate(self._global, self._updates, self._param_keys, expected)
@@ -416,13 +437,12 @@ class FederatedSimulation(Callback):
             self.client_dp.account(self.sample_rate)
             metrics["epsilon"] = self.client_dp.epsilon()
         self._global = new_global
-        if pl_module is not None:
-            self._load(pl_module, new_global)
+        self._load(pl_module, new_global)
         losses = [u.loss for u in self._updates if u.loss is not None]
         record: dict[str, Any] = {
             "round": self.round + 1,
             "clients": [u.client_id for u in self._updates],
-            "failed": list(self._failed),
+            "failed": [seg.client for seg in self._segments if seg.failed and not seg.idle],
             "client_loss": {str(u.client_id): u.loss for u in self._updates},
             "client_samples": {str(u.client_id): u.metrics.get("samples_seen", 0) for u in self._updates},
             **metrics,
@@ -431,9 +451,8 @@ class FederatedSimulation(Callback):
             record["train_loss_mean"] = sum(losses) / len(losses)
         self.history.append(record)
         self.round += 1
-        self._updates, self._failed = [], []
-        if log and pl_module is not None:
-            self._log_round(pl_module, record)
+        self._updates = []
+        self._log_round(pl_module, record)
 
     def _log_round(self, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
         scalars = {"round": float(record["round"]), "clients_failed": float(len(record["failed"]))}
@@ -458,7 +477,7 @@ class FederatedSimulation(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a round cut short (max_steps, an exception-free early stop) still ends on an aggregate
-        if self._plan_round == self.round and (self._updates or self._failed):
+        if self._plan_round == self.round:
             self._close_round(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -510,7 +529,6 @@ class FederatedSimulation(Callback):
             state["in_round"] = {
                 "segments": [vars(s).copy() for s in self._segments],
                 "updates": [vars(u).copy() for u in self._updates],
-                "failed": list(self._failed),
             }
         return state
 
@@ -533,7 +551,6 @@ class FederatedSimulation(Callback):
         if in_round:
             self._segments = [_Segment(**s) for s in in_round["segments"]]
             self._updates = [ClientUpdate(**u) for u in in_round["updates"]]
-            self._failed = list(in_round["failed"])
             self._plan_round = self.round
             self._resume = {"in_round": True}
 
@@ -552,6 +569,7 @@ class FederatedSimulation(Callback):
             "local_epochs": self.local_epochs,
             "proximal_mu": self.proximal_mu,
             "dropout_rate": self.dropout_rate,
+            "byzantine_clients": self.byzantine_clients,
             "keep_local": self.server.keep_local,
             "partition": self.partition_info,
             "final_val": last_val,
