@@ -80,20 +80,18 @@ def _client_data(
     partition_id: int,
     num_partitions: int,
     seed: int,
-    server_round: int,
     batch_keys: Optional[dict[str, Union[str, int]]],
-) -> tuple[pl.LightningDataModule, Any, int]:
+) -> tuple[pl.LightningDataModule, Any, Optional[list[int]]]:
+    """The node's datamodule, the user's training loader and this node's indices (``None``: all)."""
     takes_ids = len(inspect.signature(datamodule_fn).parameters) >= 2
     dm = datamodule_fn(partition_id, num_partitions) if takes_ids else datamodule_fn()
     dm.setup("fit")
     user_loader = dm.train_dataloader()
     if partition is None:
-        return dm, user_loader, len(user_loader.dataset)
+        return dm, user_loader, None
     contract = BatchContract.resolve(batch_keys, type("T", (), {"datamodule": dm})())
     parts = partition.split(user_loader.dataset, num_partitions, seed=seed, contract=contract)
-    indices = parts[partition_id]
-    gen = torch.Generator().manual_seed(_seed(seed, server_round, partition_id))
-    return dm, client_loader(user_loader, indices, gen), len(indices)
+    return dm, user_loader, parts[partition_id]
 
 
 def train_client(
@@ -152,6 +150,17 @@ def client_app(
 
     partitioner = resolve_partition(partition) if partition is not None else None
     app = ClientApp()
+    cache: dict[tuple[int, int], tuple[pl.LightningDataModule, Any, Optional[list[int]]]] = {}
+
+    def _data(pid: int, n: int, server_round: int) -> tuple[pl.LightningDataModule, Any, int]:
+        if (pid, n) not in cache:  # once per node process: load and partition the data
+            cache[(pid, n)] = _client_data(datamodule_fn, partitioner, pid, n, seed, batch_keys)
+        dm, user_loader, indices = cache[(pid, n)]
+        if indices is None:
+            return dm, user_loader, len(user_loader.dataset)
+        # the same client shuffling as FederatedSimulation's (round index from 0)
+        gen = torch.Generator().manual_seed(_seed(seed, server_round - 1, pid))
+        return dm, client_loader(user_loader, indices, gen), len(indices)
 
     def _ids(context: Context) -> tuple[int, int]:
         cfg = context.node_config
@@ -166,10 +175,10 @@ def client_app(
     def train(msg: Message, context: Context) -> Message:
         pid, n = _ids(context)
         config = msg.content["config"] if "config" in msg.content.config_records else {}
-        server_round = int(config.get("server-round", 0))
+        server_round = int(config.get("server-round", 1))
         steps = int(config["local-steps"]) if "local-steps" in config else local_steps
         mu = float(config.get("proximal-mu", proximal_mu))
-        _, loader, num_examples = _client_data(datamodule_fn, partitioner, pid, n, seed, server_round, batch_keys)
+        _, loader, num_examples = _data(pid, n, server_round)
         module = module_fn()
         global_state = msg.content["arrays"].to_torch_state_dict()
         template = module.state_dict()
@@ -186,12 +195,10 @@ def client_app(
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         pid, n = _ids(context)
-        takes_ids = len(inspect.signature(datamodule_fn).parameters) >= 2
-        dm = datamodule_fn(pid, n) if takes_ids else datamodule_fn()
+        dm, _, _ = _data(pid, n, 1)
         module = module_fn()
         module.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
         metrics = evaluate_client(module, dm, trainer_kwargs)
-        dm.setup("validate")
         size = len(dm.val_dataloader().dataset)
         record = {k.replace("/", "_"): v for k, v in metrics.items()}
         record[NUM_EXAMPLES] = size

@@ -1,0 +1,165 @@
+"""Federated benchmark: our FederatedSimulation vs. Flower's own simulation (Ray) of the same FedAvg,
+vs. centralized training on the same samples. Same model (TabularMLP), data (Adult), partition
+(Dirichlet, seeded), initial weights and rounds; each client runs one local epoch per round, so a
+round touches every training sample once, like one centralized epoch.
+
+    python benchmarks/federated.py [--clients 4] [--rounds 3] [--alpha 1.0]
+
+Writes benchmarks/results/federated.json and prints it. Goals: ours <= 1.2x centralized wall time
+per round, faster than Flower's simulation, final accuracy equal to Flower's within noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from lightning_trust.demo import AdultDataModule, TabularMLP  # noqa: E402
+from lightning_trust.federated import FederatedSimulation  # noqa: E402
+
+SEED = 0
+BATCH = 128
+
+
+def make_module() -> TabularMLP:
+    pl.seed_everything(SEED, verbose=False)
+    return TabularMLP()
+
+
+def make_datamodule() -> AdultDataModule:
+    return AdultDataModule(batch_size=BATCH, seed=SEED)
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch (round), validation excluded."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._last = time.perf_counter()  # the epoch's training ends with its last batch (before validation)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(self._last - self._t)
+
+
+def trainer(rounds: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(max_epochs=rounds, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      callbacks=callbacks)
+
+
+def accuracy(module: TabularMLP) -> float:
+    dm = make_datamodule()
+    dm.setup("validate")
+    t = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return float(t.validate(module, datamodule=dm, verbose=False)[0]["val/acc"])
+
+
+def run_centralized(rounds: int) -> dict:
+    timer = EpochTimer()
+    module = make_module()
+    trainer(rounds, [timer]).fit(module, make_datamodule())
+    return {"round_times_s": timer.times, "val_acc": accuracy(module)}
+
+
+def run_ours(rounds: int, clients: int, alpha: float) -> dict:
+    timer = EpochTimer()
+    module = make_module()
+    sim = FederatedSimulation(num_clients=clients, local_epochs=1, partition=f"dirichlet({alpha})", seed=SEED,
+                              log_clients=False)
+    trainer(rounds, [sim, timer]).fit(module, make_datamodule())
+    return {"round_times_s": timer.times, "val_acc": accuracy(module), "partition_sizes": sim.partition_info["sizes"]}
+
+
+def run_flower(rounds: int, clients: int, alpha: float) -> dict:
+    from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+    from flwr.simulation import run_simulation
+
+    from lightning_trust.federated.flower import client_app, server_app
+
+    stamps: list[tuple[float, float]] = []
+    out: dict = {}
+
+    def evaluate(server_round: int, module: TabularMLP) -> dict:
+        start = time.perf_counter()
+        acc = accuracy(module)
+        stamps.append((start, time.perf_counter()))
+        out["val_acc"] = acc
+        return {"val_acc": acc}
+
+    # Flower's own FedAvg strategy (not ours), every node every round, no client-side evaluation
+    strategy = FlowerFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
+                            min_available_nodes=clients)
+    start = time.perf_counter()
+    run_simulation(
+        server_app=server_app(make_module, strategy=strategy, num_rounds=rounds, evaluate_fn=evaluate),
+        client_app=client_app(make_module, make_datamodule, partition=f"dirichlet({alpha})", local_epochs=1, seed=SEED),
+        num_supernodes=clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR",
+                                      "log_to_driver": False}},
+    )
+    out["total_wall_s"] = time.perf_counter() - start
+    # round r's time: from the end of the evaluation after round r-1 to the start of the one after round r
+    out["round_times_s"] = [stamps[r][0] - stamps[r - 1][1] for r in range(1, len(stamps))]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    centralized = run_centralized(args.rounds)
+    ours = run_ours(args.rounds, args.clients, args.alpha)
+    flower = run_flower(args.rounds, args.clients, args.alpha)
+
+    def per_round(r: dict) -> float:  # the median round: robust to other jobs on a shared CPU
+        return float(statistics.median(r["round_times_s"]))
+
+    result = {
+        "setup": {"model": "TabularMLP", "data": "Adult (27,146 train rows)", "clients": args.clients,
+                  "rounds": args.rounds, "partition": f"dirichlet({args.alpha})", "local_epochs": 1,
+                  "batch_size": BATCH, "aggregator": "FedAvg (ours) / flwr.serverapp.strategy.FedAvg (Flower)",
+                  "threads": 1},
+        "centralized": {**centralized, "s_per_round": per_round(centralized)},
+        "ours": {**ours, "s_per_round": per_round(ours)},
+        "flower": {**flower, "s_per_round": per_round(flower)},
+    }
+    result["ratios"] = {
+        "ours_vs_centralized_time": result["ours"]["s_per_round"] / result["centralized"]["s_per_round"],
+        "flower_vs_ours_time": result["flower"]["s_per_round"] / result["ours"]["s_per_round"],
+        "flower_total_vs_ours_total_time": flower["total_wall_s"] / sum(ours["round_times_s"]),
+        "acc_ours_minus_flower": ours["val_acc"] - flower["val_acc"],
+        "acc_ours_minus_centralized": ours["val_acc"] - centralized["val_acc"],
+    }
+    result["goals"] = {
+        "ours_le_1.2x_centralized": result["ratios"]["ours_vs_centralized_time"] <= 1.2,
+        "ours_faster_than_flower": result["ratios"]["flower_vs_ours_time"] > 1.0,
+        "acc_equal_to_flower_within_0.01": abs(result["ratios"]["acc_ours_minus_flower"]) <= 0.01,
+    }
+    path = Path(__file__).resolve().parent / "results" / "federated.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
