@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -35,7 +37,7 @@ class PlainSGDMLP(TabularMLP):
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    defaults = dict(default_root_dir=tempfile.mkdtemp(prefix="lt_federated_"), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
     defaults.update(kwargs)
     return pl.Trainer(**defaults)

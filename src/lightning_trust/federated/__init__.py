@@ -22,6 +22,7 @@ from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.partition import IID, ByKey, Dirichlet, Partitioner, partition_summary, resolve_partition
 from lightning_trust.federated.server import ClientUpdate, Server
 from lightning_trust.federated.simulation import FederatedSimulation
+from lightning_trust.federated.strategy import FederatedStrategy
 
 __all__ = [
     "AGGREGATORS",
@@ -36,6 +37,7 @@ __all__ = [
     "FedAvgM",
     "FedYogi",
     "FederatedSimulation",
+    "FederatedStrategy",
     "IID",
     "Krum",
     "Median",
