@@ -88,14 +88,23 @@ def test_resume_after_a_round_reproduces_the_uninterrupted_run(adult, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_mid_round_reproduces_the_uninterrupted_run(adult, tmp_path):
-    dm, callback = _resume_setup(adult)
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
+def test_resume_mid_round_reproduces_the_uninterrupted_run(adult, tmp_path, proximal_mu):
+    dm = AdultSubset(adult, n_train=1024, n_val=256)
+
+    def callback():
+        return FederatedSimulation(num_clients=4, clients_per_round=2, local_steps=5, partition="dirichlet(1.0)",
+                                   aggregator=FedAdam(server_lr=0.05), proximal_mu=proximal_mu, seed=3)
+
     pl.seed_everything(0)
     full_cb, full = callback(), TabularMLP()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=7, filename="{step}")
     trainer(max_epochs=3, callbacks=[full_cb, ckpt], enable_checkpointing=True).fit(full, dm)
-    mid = tmp_path / "step=7.ckpt"  # round 1 has two clients x 5 steps: step 7 is inside the second client
-    assert mid.exists()
+    mid = tmp_path / "step=7.ckpt"
+    # round 1 is two clients x 5 steps: step 7 is the second client's 2nd step
+    assert [list(r["client_steps"].values()) for r in full_cb.history] == [[5, 5]] * 3
+    state = next(v for k, v in torch.load(mid, weights_only=False)["callbacks"].items() if "FederatedSimulation" in k)
+    assert state["round"] == 0 and len(state["in_round"]["updates"]) == 1  # one client done, one interrupted
     resumed_cb, resumed = callback(), TabularMLP()
     trainer(max_epochs=3, callbacks=[resumed_cb]).fit(resumed, dm, ckpt_path=str(mid))
     assert [r["clients"] for r in resumed_cb.history] == [r["clients"] for r in full_cb.history]

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -235,6 +234,8 @@ class FederatedSimulation(Callback):
         self._contract: Optional[BatchContract] = None
         self._figure: Optional[str] = None
         self._module: Optional[pl.LightningModule] = None
+        self._user_reload = 0
+        self._expected_sizes: Optional[list[int]] = None
 
     # setup ----------------------------------------------------------------------------------
     @property
@@ -266,18 +267,21 @@ class FederatedSimulation(Callback):
         source = trainer.fit_loop._data_source
         if not isinstance(source, _RoundSource):
             trainer.fit_loop._data_source = _RoundSource(self, source)
+            self._user_reload = trainer.reload_dataloaders_every_n_epochs
         trainer.reload_dataloaders_every_n_epochs = 1  # each round has its own clients and length
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._global is None:
             self._global = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
-        else:  # resumed: the checkpoint's global weights
+        elif not self._resume:  # resumed between rounds: the checkpoint's global weights
             self._load(pl_module, self._global)
+        # resumed within a round: the module holds the interrupted client's weights, restored by Lightning
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         source = trainer.fit_loop._data_source
         if stage == "fit" and isinstance(source, _RoundSource) and source.callback is self:
             trainer.fit_loop._data_source = source.original
+            trainer.reload_dataloaders_every_n_epochs = self._user_reload
 
     # round planning ---------------------------------------------------------------------------
     def _partition(self, user_loader: Any) -> None:
@@ -295,6 +299,12 @@ class FederatedSimulation(Callback):
         self._parts = self.partitioner.split(dataset, self.num_clients, seed=self.seed, contract=self._contract)
         if self.num_clients is None:
             self.num_clients = len(self._parts)
+        sizes = [len(p) for p in self._parts]
+        if self._expected_sizes is not None and sizes != self._expected_sizes:
+            raise RuntimeError(
+                f"The checkpoint was trained on client partitions of sizes {self._expected_sizes}, but the data now "
+                f"partitions into {sizes}: resume with the same dataset, partition, num_clients and seed."
+            )
         n_bad = int(round(self.byzantine_fraction * len(self._parts)))
         if n_bad:
             perm = torch.randperm(len(self._parts), generator=torch.Generator().manual_seed(_seed(self.seed, 7919)))
@@ -321,15 +331,23 @@ class FederatedSimulation(Callback):
             return float(self.clients_per_round)
         return min(self.clients_per_round / n, 1.0)
 
+    @property
+    def expected_clients_per_round(self) -> Optional[int]:
+        """Clients sampled per round (the expected number under Poisson sampling with client DP)."""
+        if self.num_clients is None:
+            return None
+        if self.clients_per_round is None:
+            return self.num_clients
+        if isinstance(self.clients_per_round, float):
+            return max(1, round(self.clients_per_round * self.num_clients))
+        return min(self.clients_per_round, self.num_clients)
+
     def _sample_clients(self) -> list[int]:
         n = len(self._parts or [])
         if self.client_dp is not None:  # Poisson sampling, as the accountant assumes
             mask = torch.rand(n, generator=self._sampler) < self.sample_rate
             return torch.nonzero(mask).flatten().tolist()
-        k = n if self.clients_per_round is None else (
-            max(1, round(self.clients_per_round * n)) if isinstance(self.clients_per_round, float)
-            else min(self.clients_per_round, n)
-        )
+        k = self.expected_clients_per_round or n
         return sorted(torch.randperm(n, generator=self._sampler)[:k].tolist())
 
     def _round_loader(self, user_loader: Any) -> _RoundLoader:
@@ -394,6 +412,8 @@ class FederatedSimulation(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self.proximal_mu:
             return
+        if not self._global_device and self._global is not None:  # resumed inside a client's steps
+            self._global_device = {n: self._global[n].to(p.device) for n, p in pl_module.named_parameters()}
         add_proximal_grad(pl_module, self._global_device, self.proximal_mu)
 
     def on_train_batch_end(
@@ -445,6 +465,7 @@ class FederatedSimulation(Callback):
             "failed": [seg.client for seg in self._segments if seg.failed and not seg.idle],
             "client_loss": {str(u.client_id): u.loss for u in self._updates},
             "client_samples": {str(u.client_id): u.metrics.get("samples_seen", 0) for u in self._updates},
+            "client_steps": {str(seg.client): seg.steps for seg in self._segments if not seg.idle},
             **metrics,
         }
         if losses:
@@ -547,6 +568,7 @@ class FederatedSimulation(Callback):
         self._local_states = state_dict.get("local_states", {})
         self.history = list(state_dict.get("history", []))
         self.num_clients = state_dict.get("num_clients", self.num_clients)
+        self._expected_sizes = state_dict.get("partition_sizes")
         in_round = state_dict.get("in_round")
         if in_round:
             self._segments = [_Segment(**s) for s in in_round["segments"]]
@@ -561,7 +583,7 @@ class FederatedSimulation(Callback):
             "mode": "simulation",
             "rounds": self.round,
             "num_clients": self.num_clients,
-            "clients_per_round": self.clients_per_round if self.clients_per_round is not None else self.num_clients,
+            "clients_per_round": self.expected_clients_per_round,
             "sample_rate": self.sample_rate,
             "aggregator": self.aggregator.name,
             "aggregator_config": repr(self.aggregator),
