@@ -9,8 +9,18 @@ from lightning_trust.compression.pruning import (
     pruning_schedule,
     restore_pruned_structure,
 )
+from lightning_trust.compression.quantization import (
+    QuantizationAwareTraining,
+    convert_to_int8,
+    load_int8_model,
+    quantize_prepare,
+)
 
 __all__ = [
+    "QuantizationAwareTraining",
+    "convert_to_int8",
+    "load_int8_model",
+    "quantize_prepare",
     "ProgressivePruning",
     "count_macs_params",
     "load_pruned_checkpoint",

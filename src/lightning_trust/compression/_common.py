@@ -3,9 +3,10 @@ CPU latency, accuracy and agreement over a dataloader."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -204,3 +205,14 @@ def cpu_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model).cpu()
     clone.eval()
     return clone
+
+
+@contextlib.contextmanager
+def plain_forward(module: nn.Module) -> Iterator[nn.Module]:
+    """The module's own (float) ``forward`` while inside, even when QAT routes it through fake quantization."""
+    override = module.__dict__.pop("forward", None)
+    try:
+        yield module
+    finally:
+        if override is not None:
+            module.__dict__["forward"] = override

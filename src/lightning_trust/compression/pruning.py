@@ -27,6 +27,7 @@ from lightning_trust.compression._common import (
     example_from_spec,
     measure_latency,
     peek_checkpoint,
+    plain_forward,
     reduced_mean,
     repeat_rows,
     rewrap_ddp,
@@ -753,6 +754,10 @@ class ProgressivePruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._before or self._example is None:
             return
+        with plain_forward(pl_module):  # measure the pruned float model, not a QAT graph chained after it
+            self._measure_after(trainer, pl_module)
+
+    def _measure_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         example = self._device_example(pl_module)
         macs, params = count_macs_params(pl_module, example)
         after: dict[str, Any] = {"params": params, "macs": macs}
