@@ -90,6 +90,14 @@ class _RoundLoader:
     def __len__(self) -> int:
         return sum(s.steps for s in self.segments)
 
+    # resumable (Lightning's `_Stateful`): the position within a round is restored by
+    # FederatedSimulation from the checkpoint's loop progress, so there is nothing to carry here
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
     def __iter__(self) -> Iterator[Any]:
         skip, self.skip = self.skip, 0
         for seg in self.segments:

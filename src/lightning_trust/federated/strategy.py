@@ -7,7 +7,12 @@ the processes exchange their weights over ``torch.distributed`` (one ``all_gathe
 nccl on GPUs) and every process computes the same aggregate with the chosen aggregator (robust
 ones included), so the global model is identical everywhere. Pending local steps are also
 aggregated before each validation and at the end of training, so validation and checkpoints see
-the global model. Launch it like DDP: ``devices=N``, ``num_nodes``, SLURM or ``torchrun``.
+the global model. Launch it like DDP: ``devices=N``, ``num_nodes``, SLURM or ``torchrun``; also
+registered as ``Trainer(strategy="federated")``.
+
+Every process must run the same number of training batches per epoch (aggregation is a
+collective): Lightning's DistributedSampler guarantees it; a DataModule that loads per-rank data
+itself must give every rank equally many batches.
 
 Example:
     >>> trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=3,
@@ -25,7 +30,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -279,3 +284,9 @@ class FederatedStrategy(DDPStrategy):
             dp = self.client_dp.report()
             out.update({"epsilon": dp["epsilon"], "delta": dp["delta"], "client_dp": dp})
         return out
+
+
+if "federated" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "federated", FederatedStrategy, description="Federated averaging across processes (lightning-trust)"
+    )
