@@ -4,6 +4,7 @@ Examples::
 
     lightning-trust fit --config configs/adult.yaml
     python -m lightning_trust test --config configs/adult.yaml --ckpt_path last
+    lightning-trust report runs/adult/version_0/model_card.json   # render a model card again / diff two
     lightning-trust fit --config configs/adult.yaml --print_config
 """
 
@@ -29,8 +30,12 @@ class TrustCLI(LightningCLI):
 
 def main(args: Optional[list[str]] = None) -> int:
     """Entry point of ``lightning-trust`` and ``python -m lightning_trust``; returns the exit code."""
-    import_callbacks()
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["report"]:
+        from lightning_trust.report.cli import report_main
+
+        return report_main(argv[1:])
+    import_callbacks()
     cli = TrustCLI(args=argv)
     return exit_code(cli)
 

@@ -1,0 +1,71 @@
+"""``lightning-trust report``: render a card again from its JSON, or diff two runs.
+
+Examples::
+
+    lightning-trust report runs/adult/version_0/model_card.json        # rewrites model_card.md/.html beside it
+    lightning-trust report runs/adult/version_0 --output-dir /tmp/card  # newest card under a run folder
+    lightning-trust report runs/adult/version_0 runs/adult/version_1   # diff: verdicts and numbers that changed
+    lightning-trust report model_card.json --fail-on-breach             # exit 1 when a standard is not met
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lightning_trust.report.card import load_card, write_renders
+from lightning_trust.report.render import diff_cards, render_diff_markdown, standards_summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-trust report",
+        description="Render a model card again from its model_card.json (byte-identical Markdown, self-contained "
+        "HTML), or, given two cards, show what changed between the runs.",
+    )
+    parser.add_argument("path", help="model_card.json, or a run folder holding one (the newest is used)")
+    parser.add_argument("other", nargs="?", help="a second card (or run folder): print the diff from PATH to it")
+    parser.add_argument("--output-dir", "-o", help="where to write model_card.md/.html (default: beside the JSON)")
+    parser.add_argument("--diff-output", help="also write the diff as Markdown (.md) or JSON (.json) to this file")
+    parser.add_argument(
+        "--fail-on-breach", action="store_true",
+        help="exit with status 1 when a standard of the (last) card is not met",
+    )  # fmt: skip
+    return parser
+
+
+def _card_path(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.rglob("model_card.json"), key=lambda f: f.stat().st_mtime)
+        return found[-1] if found else p
+    return p
+
+
+def report_main(argv: Optional[list[str]] = None) -> int:
+    """Run ``lightning-trust report``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        card = load_card(args.path)
+        other = load_card(args.other) if args.other else None
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
+        print(f"lightning-trust report: {err}", file=sys.stderr)
+        return 2
+    if other is None:
+        directory = Path(args.output_dir) if args.output_dir else _card_path(args.path).parent
+        paths = write_renders(card, directory)
+        print(standards_summary(card, str(paths["html"])))
+        final = card
+    else:
+        diff = diff_cards(card, other)
+        text = render_diff_markdown(diff, str(_card_path(args.path)), str(_card_path(args.other)))
+        print(text, end="")
+        if args.diff_output:
+            out = Path(args.diff_output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(diff, indent=2) + "\n" if out.suffix == ".json" else text, encoding="utf-8")
+        final = other
+    return int(args.fail_on_breach and not final["summary"]["all_met"])
