@@ -1,0 +1,114 @@
+"""Bad configurations fail early, naming the problem and the fix."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_trust.privacy import DifferentialPrivacy
+from tests.privacy.helpers import TinyData, TinyModule, tiny_data, trainer
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        data = tiny_data(64)
+        return iter([data[i] for i in range(len(data))])
+
+
+class StreamData(TinyData):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(Stream(), batch_size=16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of `target_epsilon`"),
+        ({"target_epsilon": 1.0, "noise_multiplier": 1.0}, "exactly one of `target_epsilon`"),
+        ({"target_epsilon": -1.0}, "`target_epsilon` must be > 0"),
+        ({"noise_multiplier": 1.0, "target_delta": 2.0}, "`target_delta` must be in (0, 1)"),
+        ({"noise_multiplier": 1.0, "max_grad_norm": 0.0}, "`max_grad_norm` must be a positive"),
+        ({"noise_multiplier": 1.0, "accountant": "moments"}, "`accountant` must be one of"),
+        ({"noise_multiplier": 1.0, "grad_sample_mode": "ghost", "clipping": "per_layer"}, "ghost clipping supports only"),
+        ({"noise_multiplier": 1.0, "max_physical_batch_size": 0}, "`max_physical_batch_size` must be"),
+        ({"noise_multiplier": 1.0, "max_grad_norm": [1.0, 2.0]}, "needs `clipping='per_layer'`"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DifferentialPrivacy(**kwargs)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_impossible_target_is_refused_with_the_reason(tmp_path, accountant):
+    dp = DifferentialPrivacy(target_epsilon=1e-7, target_delta=1e-9, accountant=accountant)
+    with pytest.raises(ValueError, match="cannot be reached in 100 steps at sample rate 0.1"):
+        trainer(tmp_path, max_epochs=10, callbacks=[dp]).fit(TinyModule(), TinyData())
+
+
+def test_iterable_dataset_is_refused_unless_shuffling_is_accepted(tmp_path):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3)
+    with pytest.raises(ValueError, match="IterableDataset.*poisson_sampling=False"):
+        trainer(tmp_path, max_steps=2, callbacks=[dp]).fit(TinyModule(), StreamData())
+    dp = DifferentialPrivacy(noise_multiplier=1.0, poisson_sampling=False, dataset_size=64)
+    trainer(tmp_path, max_steps=2, callbacks=[dp]).fit(TinyModule(), StreamData())
+    assert dp.steps == 2 and dp.report()["sampling"] == "shuffle" and dp.delta == pytest.approx(1 / 64)
+
+
+def test_missing_delta_without_dataset_size_is_refused(tmp_path):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, poisson_sampling=False)
+    with pytest.raises(ValueError, match="No `target_delta` was given and the training set size is unknown"):
+        trainer(tmp_path, max_steps=2, callbacks=[dp]).fit(TinyModule(), StreamData())
+
+
+def test_target_epsilon_needs_a_planned_length(tmp_path):
+    dp = DifferentialPrivacy(target_epsilon=1.0, target_delta=1e-3)
+    with pytest.raises(ValueError, match="needs a planned training length"):
+        trainer(tmp_path, max_epochs=-1, callbacks=[dp]).fit(TinyModule(), TinyData())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"gradient_clip_val": 1.0}, "gradient_clip_val"),
+        ({"precision": "16-true"}, "fp16 loss scaling"),
+        ({"accumulate_grad_batches": 2}, "ghost clipping takes one backward"),
+    ],
+)
+def test_trainer_settings_that_break_dp_are_refused(tmp_path, options, message):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3, grad_sample_mode="ghost")
+    with pytest.raises(ValueError, match=message):
+        trainer(tmp_path, max_steps=1, callbacks=[dp], **options).fit(TinyModule(), TinyData())
+
+
+class TwoOptimizers(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.parameters(), lr=0.1)]
+
+
+def test_several_optimizers_are_refused(tmp_path):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3)
+    with pytest.raises(ValueError, match="wraps one optimizer"):
+        trainer(tmp_path, max_steps=1, callbacks=[dp]).fit(TwoOptimizers(), TinyData())
+
+
+def test_batchnorm_is_refused_with_the_offending_layers_and_fixed_on_request(tmp_path, digits):
+    from lightning_trust.demo import DigitsDataModule, SmallCNN
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-5)
+    with pytest.raises(ValueError, match=r"(?s)SmallCNN has layers that break per-sample gradients.*BatchNorm.*fix_module=True"):
+        trainer(tmp_path, max_steps=1, callbacks=[dp]).fit(SmallCNN(batch_norm=True), DigitsDataModule(batch_size=64))
+
+    model = SmallCNN(batch_norm=True)
+    dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-5, fix_module=True)
+    trainer(tmp_path, max_steps=3, callbacks=[dp]).fit(model, DigitsDataModule(batch_size=64))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert dp.steps == 3 and all(torch.isfinite(p).all() for p in model.parameters())
