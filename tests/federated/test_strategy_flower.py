@@ -112,3 +112,47 @@ def test_flower_strategy_aggregates_with_our_server():
     for k in expected:
         torch.testing.assert_close(new[k].float(), expected[k])
     assert metrics["federated_clients_aggregated"] == 2.0 and "train_loss" in metrics
+
+
+@pytest.mark.slow
+def test_federated_strategy_dp_fedadam_resumes_identically_in_one_process(adult, tmp_path):
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from opacus.accountants import RDPAccountant
+
+    from lightning_trust.demo import TabularMLP
+    from lightning_trust.federated import ClientDP, FedAdam, FederatedStrategy
+    from tests.federated.helpers import AdultSubset, params
+
+    dm = AdultSubset(adult, n_train=1024, n_val=256)
+
+    def fit(max_epochs, ckpt_path=None, callbacks=()):
+        strategy = FederatedStrategy(local_steps=3, aggregator=FedAdam(server_lr=0.05), proximal_mu=0.1,
+                                     client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5, delta=1e-3, seed=1))
+        model = TabularMLP()
+        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_epochs=max_epochs,
+                             limit_train_batches=6, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+                             enable_checkpointing=bool(callbacks), default_root_dir=tmp_path)
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return strategy, model, trainer
+
+    try:
+        pl.seed_everything(0)
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        full_strategy, full, trainer = fit(3, callbacks=[ckpt])
+        assert full_strategy.round == 6  # 6 batches / 3 local steps per epoch
+        ref = RDPAccountant()
+        for _ in range(6):
+            ref.step(noise_multiplier=0.5, sample_rate=1.0)
+        assert full_strategy.report()["epsilon"] == pytest.approx(ref.get_epsilon(1e-3))
+        assert float(trainer.callback_metrics["federated/epsilon"]) == pytest.approx(ref.get_epsilon(1e-3), rel=1e-5)
+        pl.seed_everything(0)  # the same job resumed: Lightning's DistributedSampler shuffles with this seed
+        resumed_strategy, resumed, _ = fit(3, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+        assert resumed_strategy.round == 6
+        for k, v in params(full).items():
+            torch.testing.assert_close(params(resumed)[k], v, atol=1e-6, rtol=0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
