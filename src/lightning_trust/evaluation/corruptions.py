@@ -36,8 +36,8 @@ _SPECKLE = (0.15, 0.2, 0.35, 0.45, 0.6)  # multiplicative noise std
 _BLUR = (0.05, 0.08, 0.11, 0.14, 0.18)  # gaussian sigma as a fraction of the image side (>= 0.4 px)
 _CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)  # contrast factor
 _BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)  # added intensity
-_PIXELATE = (0.75, 0.6, 0.5, 0.4, 0.3)  # downsampled side as a fraction of the image side
-_OCCLUSION = (0.2, 0.3, 0.4, 0.5, 0.6)  # occluding square side as a fraction of the image side
+_PIXELATE = (0.85, 0.7, 0.55, 0.4, 0.25)  # downsampled side as a fraction of the image side
+_OCCLUSION = (0.15, 0.3, 0.45, 0.6, 0.75)  # occluding square side as a fraction of the image side
 
 
 def _noise(x: Tensor, g: Optional[torch.Generator]) -> Tensor:
@@ -93,7 +93,8 @@ def pixelate(x: Tensor, s: int, g: Optional[torch.Generator]) -> Tensor:
     h, w = x.shape[-2:]
     c = _PIXELATE[s - 1]
     small = F.interpolate(x, size=(max(1, round(h * c)), max(1, round(w * c))), mode="area")
-    return F.interpolate(small, size=(h, w), mode="nearest")
+    # bilinear back up: with nearest, sizes that divide the image evenly lose less than larger ones
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def occlusion(x: Tensor, s: int, g: Optional[torch.Generator]) -> Tensor:
