@@ -37,7 +37,7 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_trust.batch import BatchContract
 from lightning_trust.fairness._core import (
@@ -214,12 +214,12 @@ class FairnessMetrics(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "validation" in self.results:
-            self._save_files(trainer, "validation")
+            self._save_files(trainer, artifact_dir(trainer, "fairness"), "validation")
         self._maybe_fail("validation")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "test" in self.results:
-            self._save_files(trainer, "test")
+            self._save_files(trainer, artifact_dir(trainer, "fairness"), "test")
         self._maybe_fail("test")
 
     # epoch end --------------------------------------------------------------------------------
@@ -313,20 +313,25 @@ class FairnessMetrics(Callback):
             )
 
     # files ------------------------------------------------------------------------------------
-    @rank_zero_only
-    def _save_files(self, trainer: pl.Trainer, stage: str) -> None:
+    def _save_files(self, trainer: pl.Trainer, folder: Path, stage: str) -> None:
+        # `folder` comes from every rank (trainer.log_dir broadcasts); the files from rank zero
         results = self.results[stage]
-        folder = artifact_dir(trainer, "fairness")
         path = folder / f"by_group_{stage}.csv"
-        self._write_csv(path, results)
         self.files[f"table_{stage}"] = str(path)
+        for metric in self.metrics:
+            if metric != "count":
+                key = f"by_group_{metric}" if stage == "validation" else f"by_group_{metric}_test"
+                self.figures[key] = str(folder / f"by_group_{metric}_{stage}.png")
+        if trainer.is_global_zero:
+            self._write_files(trainer, folder, stage, results)
+
+    def _write_files(self, trainer: pl.Trainer, folder: Path, stage: str, results: dict[str, Any]) -> None:
+        self._write_csv(folder / f"by_group_{stage}.csv", results)
         write_json(folder / f"fairness_{stage}.json", results)
         for metric in self.metrics:
-            if metric == "count":
-                continue
-            fig_path = folder / f"by_group_{metric}_{stage}.png"
-            save_figure(trainer, self._figure(results, metric, stage), fig_path, tag=f"{_PREFIX[stage]}/by_group_{metric}")
-            self.figures[f"by_group_{metric}" if stage == "validation" else f"by_group_{metric}_test"] = str(fig_path)
+            if metric != "count":
+                fig_path = folder / f"by_group_{metric}_{stage}.png"
+                save_figure(trainer, self._figure(results, metric, stage), fig_path, tag=f"{_PREFIX[stage]}/by_group_{metric}")
 
     def _rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         rows = []
