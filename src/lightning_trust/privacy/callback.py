@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from typing import Any, Literal, Optional, Union
@@ -539,6 +540,8 @@ class DifferentialPrivacy(Callback):
         if self._hooks is not None:
             return
         common = {"batch_first": True, "loss_reduction": "mean", "strict": True}
+        # torch warns when a hooked first layer gets an input without grad; that is the normal case here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         try:
             if self.grad_sample_mode == "ghost":
                 norm = self.max_grad_norm if isinstance(self.max_grad_norm, float) else 1.0

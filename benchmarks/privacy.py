@@ -1,0 +1,213 @@
+"""Benchmark: the DifferentialPrivacy callback vs a hand-written Opacus loop vs non-private training.
+
+On the same model, data and seed, for TabularMLP on Adult and SmallCNN on digits, in hooks and ghost
+modes, each configuration in its own process (so peak memory is its own):
+
+* ``plain_raw``: non-private, hand-written PyTorch loop;
+* ``plain``: non-private, Lightning (the same Trainer as ``ours``, no callback);
+* ``opacus``: hand-written Opacus loop (``PrivacyEngine.make_private``, Poisson sampling);
+* ``ours``: Lightning + ``DifferentialPrivacy``.
+
+Measured: median step time (forward + backward + optimizer step, data loading excluded), peak extra
+resident memory during training (``ru_maxrss`` growth), final test accuracy, ε (PRV, δ = 1e-5).
+Ratios: ``ours / opacus`` (integration overhead, goal <= 1.05; it includes Lightning's own per-step
+cost, so ``ours_vs_opacus_net`` divides that out: (ours/plain) / (opacus/plain_raw)), and
+``ours / plain`` (price of privacy, goal <= 2.0 with ghost clipping).
+
+    python benchmarks/privacy.py            # ~2-4 minutes on 2 CPU cores
+    python benchmarks/privacy.py --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results" / "privacy.json"
+NOISE, CLIP, DELTA, SEED = 1.0, 1.0, 1e-5, 0
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _setup(task: str) -> tuple[Any, Any]:
+    import lightning.pytorch as pl
+
+    from lightning_trust.demo import AdultDataModule, DigitsDataModule, SmallCNN, TabularMLP
+
+    pl.seed_everything(SEED, verbose=False)
+    if task == "adult_mlp":
+        dm = AdultDataModule(batch_size=256)
+        dm.setup("fit")
+        dm.setup("test")
+        return TabularMLP(lr=3e-3), dm
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    dm.setup("test")
+    return SmallCNN(lr=3e-3), dm
+
+
+def _xy(batch: Any) -> tuple[Any, Any]:
+    return (batch["x"], batch["y"]) if isinstance(batch, dict) else (batch[0], batch[1])
+
+
+def _accuracy(model: Any, dm: Any) -> float:
+    import torch
+
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            x, y = _xy(batch)
+            right += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return right / total
+
+
+def _raw(task: str, mode: str, private: bool, steps: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from opacus import PrivacyEngine
+
+    model, dm = _setup(task)
+    optimizer = model.configure_optimizers()
+    loader = dm.train_dataloader()
+    criterion = torch.nn.CrossEntropyLoss()
+    engine = None
+    if private:
+        engine = PrivacyEngine(accountant="prv")
+        made = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=NOISE, max_grad_norm=CLIP,
+            poisson_sampling=True, grad_sample_mode=mode, criterion=criterion,
+        )
+        if mode == "ghost":
+            wrapped, optimizer, criterion, loader = made
+        else:
+            wrapped, optimizer, loader = made
+    else:
+        wrapped = model
+    rss0, times, done = _rss_mb(), [], 0
+    wrapped.train()
+    while done < steps:
+        for batch in loader:
+            x, y = _xy(batch)
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = criterion(wrapped(x), y) if private and mode == "ghost" else F.cross_entropy(wrapped(x), y)
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+            done += 1
+            if done >= steps:
+                break
+    peak = _rss_mb() - rss0
+    epsilon = engine.get_epsilon(DELTA) if engine is not None else None
+    target = wrapped._module if private else wrapped
+    return {"step_ms": 1000 * statistics.median(times[10:]), "mean_step_ms": 1000 * statistics.fmean(times[10:]),
+            "peak_mb": peak, "accuracy": _accuracy(target, dm), "epsilon": epsilon, "steps": done}
+
+
+def _lightning(task: str, mode: str, private: bool, steps: int) -> dict[str, Any]:
+    import lightning.pytorch as pl
+
+    from lightning_trust.privacy import DifferentialPrivacy
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.rss0 = 0.0
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.rss0 = _rss_mb()
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.perf_counter() - self.start)
+
+    model, dm = _setup(task)
+    timer = Timer()
+    dp = DifferentialPrivacy(noise_multiplier=NOISE, max_grad_norm=CLIP, target_delta=DELTA, grad_sample_mode=mode)
+    callbacks = ([dp] if private else []) + [timer]  # the timer last: our hooks' time is inside its window
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(model, dm)
+    peak = _rss_mb() - timer.rss0
+    return {"step_ms": 1000 * statistics.median(timer.times[10:]), "mean_step_ms": 1000 * statistics.fmean(timer.times[10:]),
+            "peak_mb": peak, "accuracy": _accuracy(model, dm), "epsilon": dp.epsilon_spent if private else None,
+            "steps": trainer.global_step}
+
+
+def _child(kind: str, task: str, mode: str, steps: int, queue: Any) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    import torch
+
+    torch.set_num_threads(1)
+    run = _raw if kind.endswith("raw") or kind == "opacus" else _lightning
+    queue.put(run(task, mode, private=kind in ("opacus", "ours"), steps=steps))
+
+
+def _measure(kind: str, task: str, mode: str, steps: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(kind, task, mode, steps, queue))
+    proc.start()
+    result = queue.get(timeout=900)
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    results: dict[str, Any] = {"steps": args.steps, "noise_multiplier": NOISE, "max_grad_norm": CLIP, "delta": DELTA,
+                               "tasks": {}}
+    for task in ("adult_mlp", "digits_cnn"):
+        entry: dict[str, Any] = {}
+        for kind in ("plain_raw", "plain"):
+            entry[kind] = _measure(kind, task, "hooks", args.steps)
+            print(task, kind, entry[kind], file=sys.stderr, flush=True)
+        for mode in ("hooks", "ghost"):
+            for kind in ("opacus", "ours"):
+                entry[f"{kind}_{mode}"] = _measure(kind, task, mode, args.steps)
+                print(task, kind, mode, entry[f"{kind}_{mode}"], file=sys.stderr, flush=True)
+            ours, opacus = entry[f"ours_{mode}"], entry[f"opacus_{mode}"]
+            entry[f"ratios_{mode}"] = {
+                "ours_vs_opacus": ours["step_ms"] / opacus["step_ms"],
+                "ours_vs_opacus_net": (ours["step_ms"] / entry["plain"]["step_ms"])
+                / (opacus["step_ms"] / entry["plain_raw"]["step_ms"]),
+                "ours_vs_plain": ours["step_ms"] / entry["plain"]["step_ms"],
+                "opacus_vs_plain_raw": opacus["step_ms"] / entry["plain_raw"]["step_ms"],
+                "memory_ours_minus_opacus_mb": ours["peak_mb"] - opacus["peak_mb"],
+                "epsilon_ours_minus_opacus": ours["epsilon"] - opacus["epsilon"],
+            }
+        entry["lightning_overhead"] = entry["plain"]["step_ms"] / entry["plain_raw"]["step_ms"]
+        results["tasks"][task] = entry
+    results["goals"] = {"ours_vs_opacus": 1.05, "ours_vs_plain_ghost": 2.0}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
