@@ -17,6 +17,7 @@ _VERDICT = {"met": "met", "not_met": "NOT MET", "not_measured": "not measured"}
 _MD_MARK = {"met": "✅", "not_met": "❌", "not_measured": "⚠️"}
 _TABLE_ROWS = 25  # rows of a list-of-records sub-table before "... more in the JSON"
 _INLINE_LIST = 12  # scalars of a list written inline
+_HEADLINE_ROWS = 12  # top-level scalars of a section shown above its full table in the HTML
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -127,7 +128,7 @@ def standards_summary(card: Mapping[str, Any], path: Optional[str] = None) -> st
     width = max((len(s["name"]) for s in card["standards"]), default=0)
     for s in card["standards"]:
         lines.append(
-            f"  [{_VERDICT[s['status']]:^12}] {s['name']:<{width}} = {format_number(s['value'])}  (required {_requirement(s)})"
+            f"  [{_VERDICT[s['status']]:^12}] {s['name']:<{width}} = {format_number(s['value'], precise=True)}  (required {_requirement(s)})"
         )
     return "\n".join(lines)
 
@@ -173,6 +174,19 @@ def _fact_rows(card: Mapping[str, Any]) -> dict[str, list[tuple[str, str]]]:
     }
 
 
+_MODEL_METRIC_PREFIXES = ("train", "val", "valid", "validation", "test", "epoch", "step")
+
+
+def split_metrics(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """The model's own metrics (``val/acc``, ``train_loss``...) and those the pack's callbacks logged."""
+    own: dict[str, float] = {}
+    others: dict[str, float] = {}
+    for name, value in metrics.items():
+        head = name.split("/", 1)[0] if "/" in name else ""
+        (own if not head or head in _MODEL_METRIC_PREFIXES else others)[name] = value
+    return own, others
+
+
 def _config_text(config: Any) -> str:
     import yaml
 
@@ -206,7 +220,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         out += [f"**{verdict}** {summary_line(card)}", ""]
         out += _md_table(
             ["Standard", "Required", "Measured", "Verdict"],
-            [[f"`{s['name']}`", _requirement(s), format_number(s["value"]), f"{_MD_MARK[s['status']]} {_VERDICT[s['status']]}"]
+            [[f"`{s['name']}`", _requirement(s), format_number(s["value"], precise=True), f"{_MD_MARK[s['status']]} {_VERDICT[s['status']]}"]
              for s in card["standards"]],
         )  # fmt: skip
     else:
@@ -217,11 +231,15 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     out += ["## Data", ""] + _md_data(card["data"])
     out += ["## Training", ""] + _md_table(["", ""], [list(r) for r in facts["Training"]]) + [""]
     out += ["## Final metrics", ""]
-    if card["metrics"]:
-        out += _md_table(["Metric", "Value"], [[f"`{k}`", format_number(v)] for k, v in card["metrics"].items()])
-    else:
-        out.append("No metrics logged.")
-    out.append("")
+    own, others = split_metrics(card["metrics"])
+    if own:
+        out += _md_table(["Metric", "Value"], [[f"`{k}`", format_number(v)] for k, v in own.items()]) + [""]
+    if others:
+        out += [f"<details><summary>{len(others)} metrics logged by the callbacks</summary>", ""]
+        out += _md_table(["Metric", "Value"], [[f"`{k}`", format_number(v)] for k, v in others.items()])
+        out += ["", "</details>", ""]
+    if not card["metrics"]:
+        out += ["No metrics logged.", ""]
     figures = _figures_by_section(card)
     for name, section in card["sections"].items():
         out += [f"## {section_title(name)}", ""]
@@ -294,9 +312,11 @@ figure{margin:0;border:1px solid var(--line);border-radius:8px;padding:8px;backg
 figure img{width:100%;height:auto;display:block}
 figcaption{color:var(--muted);font-size:12.5px;margin-top:4px}
 .grid2{display:grid;grid-template-columns:1fr 1fr;gap:18px}
+.grid2 td:first-child{white-space:nowrap}
 .scroll{max-height:420px;overflow:auto}
 pre{background:var(--bg);padding:10px;border-radius:6px;overflow:auto;font-size:12.5px}
 details summary{cursor:pointer;font-weight:600}
+.headline{max-width:760px}.headline td:first-child{white-space:nowrap;width:45%}
 """
 
 
@@ -347,7 +367,7 @@ def render_html(card: Mapping[str, Any]) -> str:
     if card["standards"]:
         parts.append(f"<p>{_e(summary_line(card))}</p>")
         rows = [
-            [f"<code>{_e(s['name'])}</code>", _e(_requirement(s)), f'<span class="num">{_e(format_number(s["value"]))}</span>',
+            [f"<code>{_e(s['name'])}</code>", _e(_requirement(s)), f'<span class="num">{_e(format_number(s["value"], precise=True))}</span>',
              f'<span class="pill {s["status"]}">{_e(_VERDICT[s["status"]])}</span>']
             for s in card["standards"]
         ]  # fmt: skip
@@ -358,7 +378,16 @@ def render_html(card: Mapping[str, Any]) -> str:
     parts.append("</section>")
     # facts
     facts = _fact_rows(card)
-    metrics = [[f"<code>{_e(k)}</code>", _e(format_number(v))] for k, v in card["metrics"].items()]
+    own, others = split_metrics(card["metrics"])
+    metrics_html = ""
+    if own:
+        metrics_html += _html_table(["Metric", "Value"], [[f"<code>{_e(k)}</code>", _e(format_number(v))] for k, v in own.items()], raw=True)
+    if others:
+        metrics_html += (
+            f"<details><summary>{len(others)} metrics logged by the callbacks</summary><div class=scroll>"
+            + _html_table(["Metric", "Value"], [[f"<code>{_e(k)}</code>", _e(format_number(v))] for k, v in others.items()], raw=True)
+            + "</div></details>"
+        )
     parts.append(
         '<div class="grid2"><section id="model"><h2>Model</h2>' + _html_kv(facts["Model"]) + "</section>"
         '<section id="training"><h2>Training</h2>' + _html_kv(facts["Training"]) + "</section></div>"
@@ -366,7 +395,7 @@ def render_html(card: Mapping[str, Any]) -> str:
     parts.append('<div class="grid2"><section id="data"><h2>Data</h2>' + _html_data(card["data"]) + "</section>")
     parts.append(
         '<section id="metrics"><h2>Final metrics</h2>'
-        + (_html_table(["Metric", "Value"], metrics, raw=True) if metrics else "<p>No metrics logged.</p>")
+        + (metrics_html or "<p>No metrics logged.</p>")
         + "</section></div>"
     )
     figures = _figures_by_section(card)
@@ -384,6 +413,12 @@ def render_html(card: Mapping[str, Any]) -> str:
                 else:
                     parts.append(f"<figure><figcaption>figure {_e(figure['key'])} was missing</figcaption></figure>")
             parts.append("</div>")
+        headline = [
+            [f"<code>{_e(name)}.{_e(k)}</code>", _e(_value_text(v))]
+            for k, v in section.items() if not isinstance(v, (Mapping, list, tuple))
+        ][:_HEADLINE_ROWS]  # fmt: skip
+        if headline:
+            parts.append('<div class="headline">' + _html_table(["", ""], headline, raw=True) + "</div>")
         rows, tables = section_rows(section, name)
         inner = ""
         if rows:

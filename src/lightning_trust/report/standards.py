@@ -148,8 +148,8 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"standards": len(entries), **counts, "all_met": counts["met"] == len(entries)}
 
 
-def format_number(value: Any) -> str:
-    """Compact, stable text for a number in the card (same input, same text)."""
+def format_number(value: Any, precise: bool = False) -> str:
+    """Compact, stable text for a number in the card (same input, same text); ``precise``: 6 digits."""
     if value is None:
         return "n/a"
     if isinstance(value, bool):
@@ -164,5 +164,5 @@ def format_number(value: Any) -> str:
             return f"{whole:,}" if abs(whole) >= 1000 else str(whole)
         if abs(value) >= 10000:
             return f"{value:,.1f}"
-        return f"{value:.4g}"
+        return f"{value:.6g}" if precise else f"{value:.4g}"
     return str(value)
