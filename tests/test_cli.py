@@ -40,7 +40,7 @@ def _test_accuracy(output: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("config", "minimum"), [("adult.yaml", 0.84), ("digits.yaml", 0.95)])
+@pytest.mark.parametrize(("config", "minimum"), [("adult_plain.yaml", 0.84), ("digits_plain.yaml", 0.95)])
 def test_demo_configs_reach_documented_accuracy(config, minimum, tmp_path):
     common = ["--config", str(ROOT / "configs" / config), f"--trainer.default_root_dir={tmp_path}",
               "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"]
