@@ -1,5 +1,6 @@
 """Poisson sampling, accumulate_grad_batches and virtual (physical) batches."""
 
+import math
 from typing import Any
 
 import pytest
@@ -77,21 +78,31 @@ def test_accumulate_grad_batches_is_one_noisy_step_per_logical_batch(tmp_path):
 def test_virtual_batches_split_logical_batches_and_step_once(tmp_path):
     torch.manual_seed(0)
     recorder = BatchRecorder()
-    dp = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3, max_physical_batch_size=7)
+    dp = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3, max_physical_batch_size=9)
     t = trainer(tmp_path, max_epochs=1, callbacks=[dp, recorder])
     t.fit(TinyModule(hidden=5, lr=1.0), TinyData(n=240, batch_size=24))
+    parts = math.ceil((24 + 3 * math.sqrt(24)) / 9)  # 5 physical batches per logical batch of ~24
     assert dp.steps == 10  # one noisy step per Poisson batch
-    assert t.global_step == len(recorder.batches) > 10  # Lightning counts physical batches
-    assert max(len(b[1]) for b in recorder.batches) <= 7
-    # find the first logical batch: parameters stay put until its last physical batch
-    unchanged = [all(torch.equal(a, b) for a, b in zip(aft, bef)) for aft, bef in zip(recorder.after, recorder.before)]
-    last = unchanged.index(False)
-    assert last >= 2  # 24 expected samples need >= 3 physical batches of 7 (almost surely)
-    x = torch.cat([b[0] for b in recorder.batches[: last + 1]])
-    y = torch.cat([b[1] for b in recorder.batches[: last + 1]])
-    grads = _hand_update(TinyModule(hidden=5), recorder.before[0], x, y, 0.05, 24.0)
-    for b, a, g in zip(recorder.before[0], recorder.after[last], grads):
-        torch.testing.assert_close(a, b - g, atol=1e-6, rtol=1e-5)
+    assert t.global_step == len(recorder.batches) == 10 * parts  # Lightning counts physical batches
+    assert max(len(b[1]) for b in recorder.batches) <= 9
+    for step in range(2):
+        chunk = slice(step * parts, (step + 1) * parts)
+        # parameters stay put until the last physical batch of the logical batch
+        for after, before in zip(recorder.after[chunk][:-1], recorder.before[chunk]):
+            assert all(torch.equal(a, b) for a, b in zip(after, before))
+        x = torch.cat([b[0] for b in recorder.batches[chunk]])
+        y = torch.cat([b[1] for b in recorder.batches[chunk]])
+        grads = _hand_update(TinyModule(hidden=5), recorder.before[chunk][0], x, y, 0.05, 24.0)
+        for b, a, g in zip(recorder.before[chunk][0], recorder.after[chunk][-1], grads):
+            torch.testing.assert_close(a, b - g, atol=1e-6, rtol=1e-5)
+
+
+def test_virtual_batches_plan_noisy_steps_from_max_steps(tmp_path):
+    dp = DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, max_physical_batch_size=9)
+    t = trainer(tmp_path, max_steps=50, callbacks=[dp])  # 5 physical batches per logical batch
+    t.fit(TinyModule(), TinyData(n=240, batch_size=24))
+    assert dp.planned_steps == 10 == dp.steps and t.global_step == 50
+    assert 2.0 - 0.01 <= dp.epsilon_spent <= 2.0
 
 
 def test_shuffle_sampling_when_explicitly_accepted(tmp_path):

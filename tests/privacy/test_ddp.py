@@ -24,17 +24,17 @@ def test_dp_under_ddp_accounts_the_global_sample_rate(tmp_path):
                 self.sync.append(trainer.strategy.model.require_backward_grad_sync)
 
         pl.seed_everything(0)
-        dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-5, accountant="rdp")
+        dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-5, accountant="rdp", max_physical_batch_size=128)
         sizes = Sizes()
-        trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=6, logger=False,
+        trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=18, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, limit_val_batches=0, callbacks=[dp, sizes])
         model = TabularMLP()
         trainer.fit(model, AdultDataModule(batch_size=256))
         save_result({"steps": dp.steps, "epsilon": dp.epsilon_spent, "sample_rate": dp.sample_rate,
                      "optimizer": sizes.optimizer,
-                     "sampler": type(trainer.train_dataloader.batch_sampler).__name__,
-                     "sizes": sizes.sizes, "sync": sizes.sync, "world": dp.world_size,
+                     "sampler": type(trainer.train_dataloader.batch_sampler.sampler).__name__,
+                     "sizes": sizes.sizes, "sync": sizes.sync, "world": dp.world_size, "global_step": trainer.global_step,
                      "param_sum": float(sum(p.detach().double().sum() for p in model.parameters())),
                      "report": dp.report()["expected_batch_size"]})
         """,
@@ -44,6 +44,9 @@ def test_dp_under_ddp_accounts_the_global_sample_rate(tmp_path):
     # global sample rate: per-rank batch 256 x 2 ranks over 27,146 rows -> q = 1 / ceil(27146 / 512) = 1 / 54
     assert r0["sample_rate"] == r1["sample_rate"] == pytest.approx(1 / 54)
     assert r0["steps"] == r1["steps"] == 6 and r0["world"] == 2
+    # virtual batches: every logical batch (~251 per rank) is 3 physical batches on both ranks, so they step together
+    assert r0["global_step"] == r1["global_step"] == 18 and len(r0["sizes"]) == len(r1["sizes"]) == 18
+    assert max(r0["sizes"] + r1["sizes"]) <= 128
     reference = create_accountant("rdp")
     for _ in range(6):
         reference.step(noise_multiplier=1.0, sample_rate=1 / 54)

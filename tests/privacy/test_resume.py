@@ -79,3 +79,14 @@ def test_stop_at_epsilon_stops_before_exceeding_and_saves_a_checkpoint(tmp_path)
     assert dp.epsilon_spent <= budget
     assert dp.checkpoint_path and torch.load(dp.checkpoint_path, weights_only=False)["global_step"] == 7
     assert dp.report()["stopped_at_budget"] is True
+
+
+def test_a_second_fit_with_the_same_callback_composes_the_budget(tmp_path):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3, accountant="rdp")
+    model, data = TinyModule(), TinyData()
+    trainer(tmp_path, max_steps=3, callbacks=[dp]).fit(model, data)
+    trainer(tmp_path, max_steps=4, callbacks=[dp]).fit(model, data)
+    reference = create_accountant("rdp")
+    for _ in range(7):
+        reference.step(noise_multiplier=1.0, sample_rate=0.1)
+    assert dp.steps == 7 and abs(dp.epsilon_spent - reference.get_epsilon(delta=1e-3)) < 1e-9

@@ -118,9 +118,10 @@ class DifferentialPrivacy(Callback):
         grad_sample_mode: ``"hooks"`` (Opacus's per-layer grad samplers), ``"functorch"`` (functorch for
             every layer) or ``"ghost"`` (fast gradient clipping: per-sample norms without per-sample
             gradients, then a second backward; the loss must be computed from the module's own output).
-        max_physical_batch_size: split each logical (Poisson) batch into physical batches of at most
-            this size (memory), one noisy step per logical batch. Lightning's ``global_step`` then counts
-            physical batches.
+        max_physical_batch_size: split each logical (Poisson) batch into a fixed number of physical
+            batches of at most this size (memory; unless the Poisson draw is > 3 standard deviations above
+            its mean), clipped and accumulated one by one, with one noisy step per logical batch.
+            Lightning's ``global_step`` (and ``max_steps``) then counts physical batches.
         secure_rng: cryptographically secure noise and sampling (needs ``torchcsprng``).
         fix_module: replace BatchNorm and other DP-incompatible layers with Opacus's ``ModuleValidator``
             fixes. Without it such a model is refused with the list of offending layers.
@@ -243,6 +244,7 @@ class DifferentialPrivacy(Callback):
         self._optimizer: Optional[DPOptimizer] = None
         self._max_total_steps: Optional[int] = None
         self._accumulate = 1
+        self._physical_parts = 1
         self._pause_depth = 0
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._last_seen_steps = 0
@@ -405,6 +407,8 @@ class DifferentialPrivacy(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._optimizer is None:
+            if trainer.limit_train_batches == 0:
+                return
             raise RuntimeError("DifferentialPrivacy did not see the train dataloader; cannot train privately.")
         if self._max_total_steps is not None and self.steps >= self._max_total_steps:
             rank_zero_warn(
@@ -592,9 +596,12 @@ class DifferentialPrivacy(Callback):
             self._resolve(trainer, size, sample_rate, world)
         elif sample_rate != self.sample_rate or size != self.num_samples:
             raise ValueError(
-                f"The reloaded train loader gives sample rate {sample_rate} over N={size}, the first gave "
+                f"The train loader gives sample rate {sample_rate} over N={size}, the first gave "
                 f"{self.sample_rate} over N={self.num_samples}; keep batch size and dataset fixed under DP."
             )
+        if self._optimizer is None:  # first loader of this fit
+            self._wrap_optimizer(trainer)
+            self._max_total_steps = self._budget_steps()
         if not self.poisson_sampling:
             return loader
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + trainer.global_rank)
@@ -623,7 +630,8 @@ class DifferentialPrivacy(Callback):
             )
         if self.max_physical_batch_size is not None:
             batch_sampler = VirtualBatchSampler(
-                sampler=batch_sampler, max_batch_size=self.max_physical_batch_size, optimizer=self._optimizer
+                sampler=batch_sampler, max_batch_size=self.max_physical_batch_size, optimizer=self._optimizer,
+                parts=self._physical_parts,
             )
         elif self._accumulate > 1:
             batch_sampler = AccumulationSampler(batch_sampler, self._accumulate)
@@ -649,9 +657,13 @@ class DifferentialPrivacy(Callback):
                 "for a meaningful guarantee."
             )
         steps_per_epoch = int(1 / sample_rate)
+        self.expected_batch_size = sample_rate * size / world
+        if self.max_physical_batch_size is not None:
+            self._physical_parts = VirtualBatchSampler.parts_for(self.expected_batch_size, self.max_physical_batch_size)
         limits = []
         if trainer.max_steps is not None and trainer.max_steps > 0:
-            limits.append(int(trainer.max_steps))
+            # Lightning's global_step counts physical batches with virtual batching
+            limits.append(int(trainer.max_steps) // self._physical_parts)
         if trainer.max_epochs is not None and trainer.max_epochs > 0:
             limits.append(int(trainer.max_epochs) * steps_per_epoch)
         self.planned_steps = min(limits) if limits else None
@@ -684,9 +696,6 @@ class DifferentialPrivacy(Callback):
             f"DifferentialPrivacy: N={size}, sample rate {sample_rate:.4g}, noise multiplier {self.noise_multiplier:.4g}, "
             f"max_grad_norm {self.max_grad_norm}, {self.accountant} accountant, planned steps {self.planned_steps}."
         )
-        self.expected_batch_size = sample_rate * size / world
-        self._wrap_optimizer(trainer)
-        self._max_total_steps = self._budget_steps()
 
     def _wrap_optimizer(self, trainer: pl.Trainer) -> None:
         optimizers = [opt.original_optimizer if isinstance(opt, DPOptimizer) else opt for opt in trainer.strategy.optimizers]
@@ -802,7 +811,8 @@ class DifferentialPrivacy(Callback):
     def _figure(self) -> Any:
         fig = new_figure(figsize=(5, 3.2))
         ax = fig.add_subplot(1, 1, 1)
-        steps, eps = zip(*self._curve)
+        curve = self._curve if self._curve[0][0] == 0 else [(0, 0.0)] + self._curve
+        steps, eps = zip(*curve)
         ax.plot(steps, eps, marker="o", markersize=3, label=f"ε ({self.accountant}, δ={self.delta:.2g})")
         if self.stop_at_epsilon is not None:
             ax.axhline(self.stop_at_epsilon, color="tab:red", linestyle="--", label="budget")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -35,16 +36,35 @@ class EvenDistributedPoissonSampler(DistributedUniformWithReplacementSampler):
 
 
 class VirtualBatchSampler(BatchSplittingSampler):
-    """Opacus's ``BatchSplittingSampler`` (one logical Poisson batch split into physical batches of at
-    most ``max_batch_size``, the optimizer told to skip the step on all but the last), with no length.
+    """Opacus's ``BatchSplittingSampler`` with a fixed number of physical batches per logical batch.
 
-    The number of physical batches in an epoch is random; an estimated ``len`` would make Lightning
-    end the epoch in the middle of a logical batch. Without ``__len__`` the epoch ends when the
-    Poisson sampler is exhausted, always on a logical-batch boundary.
+    Each logical (Poisson) batch is split into ``parts`` physical batches; the optimizer is told (in
+    sampling order, which is also stepping order) to skip the step on all but the last, so it clips and
+    accumulates per physical batch and adds noise once per logical batch. A fixed ``parts`` (rather
+    than Opacus's ``ceil(len(batch) / max_batch_size)``) keeps every DDP rank stepping together and the
+    epoch length exact; :meth:`parts_for` picks it so physical batches stay within ``max_batch_size``
+    unless a Poisson batch is more than three standard deviations above its expected size.
     """
 
+    def __init__(self, *, sampler: Any, max_batch_size: int, optimizer: Any, parts: int) -> None:
+        super().__init__(sampler=sampler, max_batch_size=max_batch_size, optimizer=optimizer)
+        self.parts = parts
+
+    @staticmethod
+    def parts_for(expected_batch_size: float, max_batch_size: int) -> int:
+        """Physical batches per logical batch of ``expected_batch_size`` (Poisson) samples."""
+        high = expected_batch_size + 3.0 * math.sqrt(max(expected_batch_size, 0.0))
+        return max(1, math.ceil(high / max_batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            chunks = np.array_split(np.asarray(list(batch), dtype=np.int64), self.parts)
+            for index, chunk in enumerate(chunks):
+                self.optimizer.signal_skip_step(do_skip=index < self.parts - 1)
+                yield chunk.tolist()
+
     def __len__(self) -> int:
-        raise TypeError("the number of physical batches of a Poisson-sampled epoch is random")
+        return len(self.sampler) * self.parts
 
 
 class AccumulationSampler(Sampler[list[int]]):
