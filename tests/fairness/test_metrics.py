@@ -251,3 +251,24 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="listed twice"):
         FairnessMetrics(sensitive_features=["sex", "sex"])
     assert FairnessMetrics(sensitive_features=["sex", "race*sex"]).entries == [["sex"], ["race", "sex"]]
+
+
+def test_reuses_the_steps_forward(tmp_path):
+    """The demo-style step returns no predictions: the callback reuses its forward instead of running another."""
+
+    class Counting(LogitModule):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+        def validation_step(self, batch, batch_idx):
+            self(batch["x"])  # computes, logs nothing, returns None
+
+    data = synthetic(n=200)
+    cb = FairnessMetrics("sex", min_group_size=0)
+    trainer(tmp_path, callbacks=[cb]).validate(Counting(), SyntheticDataModule(data, batch_size=50), verbose=False)
+    assert Counting.calls == 4
+    y_true, y_pred = binary_arrays(data)
+    assert cb.report()["demographic_parity_difference"] == demographic_parity_difference(y_true, y_pred, sensitive_features=names(data, "sex"))

@@ -18,7 +18,6 @@ import pandas as pd
 import torch
 from fairlearn.metrics import (
     MetricFrame,
-    count,
     false_negative_rate,
     false_positive_rate,
     selection_rate,
@@ -29,7 +28,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.batch import BatchContract, batch_size_of, predictions_from_outputs
 
 FeatureEntry = Union[str, list[str]]
 INTERSECTION = "*"  # "sex*race" names the intersection of sex and race
@@ -53,6 +52,11 @@ def _undefined_when(kind: str, fn: Callable[..., float]) -> Callable[..., float]
     return metric
 
 
+def _count(y_true: Any, y_pred: Any, sample_weight: Any = None) -> int:
+    """fairlearn's ``count`` (samples in the group), also for weighted (compressed) rows."""
+    return int(len(y_true) if sample_weight is None else np.sum(sample_weight))
+
+
 #: Metric functions by name: Fairlearn's and scikit-learn's own, with empty denominators giving NaN
 #: (flagged in the results) instead of a silent 0.0.
 METRICS: dict[str, Callable[..., float]] = {
@@ -65,7 +69,7 @@ METRICS: dict[str, Callable[..., float]] = {
     "precision": functools.partial(precision_score, zero_division=np.nan),
     "recall": functools.partial(recall_score, zero_division=np.nan),
     "f1": functools.partial(f1_score, zero_division=np.nan),
-    "count": count,
+    "count": _count,
 }
 #: Why a metric can be undefined in a group (used for flags).
 UNDEFINED_REASON: dict[str, str] = {
@@ -254,6 +258,45 @@ def hard_predictions(preds: Tensor, target: Tensor, activation: str, positive_la
     return target, scores.argmax(dim=1), int(scores.shape[1])
 
 
+class ForwardCapture:
+    """Keeps the first output of ``module(...)`` whose leading size is the batch's, while armed.
+
+    Lets a callback reuse the forward the user's step already ran instead of running another.
+    """
+
+    def __init__(self) -> None:
+        self.output: Optional[Tensor] = None
+        self._size: Optional[int] = None
+        self._handle: Any = None
+
+    def arm(self, module: torch.nn.Module, size: Optional[int]) -> None:
+        self.disarm()
+        self.output, self._size = None, size
+        if size is not None:
+            self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: Any, inputs: Any, output: Any) -> None:
+        if self.output is None and isinstance(output, Tensor) and output.ndim >= 1 and output.shape[0] == self._size:
+            self.output = output
+
+    def disarm(self) -> Optional[Tensor]:
+        """Stop listening; the captured output (or ``None``)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        output, self.output = self.output, None
+        return output
+
+
+def step_predictions(capture: ForwardCapture, contract: BatchContract, module: torch.nn.Module, batch: Any, outputs: Any) -> Tensor:
+    """The step's predictions: from its outputs, else its own captured forward, else one no-grad forward."""
+    captured = capture.disarm()
+    preds = predictions_from_outputs(outputs, batch_size_of(batch, contract))
+    if preds is None:
+        preds = captured.detach() if captured is not None else contract.predictions(module, batch)
+    return preds
+
+
 class FairnessState(Metric):
     """Streaming state for group fairness: per-sample true/predicted labels and group codes.
 
@@ -307,8 +350,19 @@ def metric_frame(
     ci_quantiles: Sequence[float] = (0.025, 0.975),
     random_state: Optional[int] = None,
 ) -> MetricFrame:
-    """The MetricFrame of ``metrics`` (plus those the summaries need), with MetricFrame's bootstrap."""
+    """The MetricFrame of ``metrics`` (plus those the summaries need), with MetricFrame's bootstrap.
+
+    Without bootstrap the samples are first compressed to their distinct (groups, y_true, y_pred)
+    rows weighted by their counts: every metric here is a ratio of (weighted) confusion-matrix
+    counts, which are exact integers either way, so the numbers are identical to the per-sample
+    frame while MetricFrame's per-row Python work shrinks from N rows to at most 4 x groups. The
+    bootstrap resamples individual samples, so it gets the per-sample frame.
+    """
     names = list(dict.fromkeys([*metrics, *_REQUIRED]))
+    sample_params = None
+    if not n_boot:
+        y_true, y_pred, sensitive_features, weights = _compress(y_true, y_pred, sensitive_features)
+        sample_params = {m: {"sample_weight": weights} for m in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's undefined-metric warnings: we flag NaN ourselves
         return MetricFrame(
@@ -316,10 +370,21 @@ def metric_frame(
             y_true=y_true,
             y_pred=y_pred,
             sensitive_features=sensitive_features,
+            sample_params=sample_params,
             n_boot=n_boot if n_boot else None,
             ci_quantiles=list(ci_quantiles) if n_boot else None,
             random_state=random_state if n_boot else None,
         )
+
+
+def _compress(y_true: np.ndarray, y_pred: np.ndarray, sensitive_features: Any) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray]:
+    features = sensitive_features.to_frame() if isinstance(sensitive_features, pd.Series) else sensitive_features
+    frame = features.reset_index(drop=True).assign(__y_true=np.asarray(y_true), __y_pred=np.asarray(y_pred))
+    counts = frame.value_counts(sort=False).reset_index(name="__weight")
+    groups = counts[list(features.columns)]
+    if isinstance(sensitive_features, pd.Series):
+        groups = groups[sensitive_features.name]
+    return counts["__y_true"].to_numpy(), counts["__y_pred"].to_numpy(), groups, counts["__weight"].to_numpy()
 
 
 def summaries_of(frame: MetricFrame) -> dict[str, float]:

@@ -39,10 +39,11 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.batch import BatchContract, batch_size_of
 from lightning_trust.fairness._core import (
     SUMMARIES,
     FairnessState,
+    ForwardCapture,
     base_columns,
     entry_name,
     fairness_results,
@@ -51,6 +52,7 @@ from lightning_trust.fairness._core import (
     is_ratio,
     parse_entries,
     read_codes,
+    step_predictions,
     validate_metrics,
 )
 from lightning_trust.utils import artifact_dir, new_figure, save_figure, write_json
@@ -154,6 +156,7 @@ class FairnessMetrics(Callback):
         self.batch_keys = batch_keys
         self.contract: Optional[BatchContract] = None
         self._state = FairnessState()
+        self._capture = ForwardCapture()
         self._num_classes = 2
         self._names: dict[str, Optional[list[str]]] = {}
         self.results: dict[str, dict[str, Any]] = {}  # stage -> latest results
@@ -175,9 +178,13 @@ class FairnessMetrics(Callback):
         self._state.reset()
         self._state.to(pl_module.device)
 
+    def _arm(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        assert self.contract is not None
+        self._capture.arm(pl_module, batch_size_of(batch, self.contract))
+
     def _update(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         assert self.contract is not None
-        preds = self.contract.predictions(pl_module, batch, outputs)
+        preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs)
         y_true, y_pred, self._num_classes = hard_predictions(
             preds, self.contract.target(batch), self.activation, self.positive_label, self.threshold
         )
@@ -187,6 +194,12 @@ class FairnessMetrics(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "validation" in self.stages and not trainer.sanity_checking:
             self._start(pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if "validation" in self.stages and not trainer.sanity_checking:
+            self._arm(pl_module, batch)
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -201,6 +214,12 @@ class FairnessMetrics(Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "test" in self.stages:
             self._start(pl_module)
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if "test" in self.stages:
+            self._arm(pl_module, batch)
 
     def on_test_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0

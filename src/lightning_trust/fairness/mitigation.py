@@ -49,10 +49,11 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import Bunch
 from torch import Tensor
 
-from lightning_trust.batch import BatchContract, forward_no_grad
+from lightning_trust.batch import BatchContract, batch_size_of, forward_no_grad
 from lightning_trust.fairness._core import (
     SUMMARIES,
     FairnessState,
+    ForwardCapture,
     class_scores,
     entry_name,
     group_names,
@@ -60,6 +61,7 @@ from lightning_trust.fairness._core import (
     positive_score,
     read_codes,
     sensitive_frame,
+    step_predictions,
     table,
 )
 from lightning_trust.utils import isolated_eval, unwrap_module, write_json, artifact_dir
@@ -205,21 +207,15 @@ class FairnessPenalty(Callback):
             if pl_module.current_epoch < callback.warmup_epochs or callback.lam == 0:
                 return original(*args, **kwargs)
             assert callback.contract is not None
-            size = _leading(callback.contract.inputs(batch))
-            captured: list[Tensor] = []
-
-            def hook(module: Any, inputs: Any, output: Any) -> None:
-                if not captured and isinstance(output, Tensor) and output.ndim >= 1 and output.shape[0] == size:
-                    captured.append(output)
-
-            handle = pl_module.register_forward_hook(hook)
+            capture = ForwardCapture()
+            capture.arm(pl_module, batch_size_of(batch, callback.contract))
             try:
                 out = original(*args, **kwargs)
             finally:
-                handle.remove()
+                captured = capture.disarm()
             if out is None:
                 return out  # the user skipped this batch
-            preds = captured[0] if captured and captured[0].requires_grad else None
+            preds = captured if captured is not None and captured.requires_grad else None
             if preds is None:
                 callback.extra_forwards += 1
                 preds = pl_module(callback.contract.inputs(batch))
@@ -289,16 +285,6 @@ class FairnessPenalty(Callback):
         self.steps = int(state_dict.get("steps", 0))
         self.extra_forwards = int(state_dict.get("extra_forwards", 0))
         self.history = list(state_dict.get("history", []))
-
-
-def _leading(inputs: Any) -> Optional[int]:
-    if isinstance(inputs, Tensor) and inputs.ndim > 0:
-        return int(inputs.shape[0])
-    if isinstance(inputs, (list, tuple)) and inputs:
-        return _leading(inputs[0])
-    if isinstance(inputs, Mapping) and inputs:
-        return _leading(next(iter(inputs.values())))
-    return None
 
 
 # post-processing ------------------------------------------------------------------------------
@@ -516,6 +502,7 @@ class ThresholdOptimizer(Callback):
         self.contract: Optional[BatchContract] = None
         self.group_names: dict[str, Optional[list[str]]] = {}
         self._state = FairnessState(keep_scores=True)
+        self._capture = ForwardCapture()
         self._val: Optional[dict[str, Any]] = None  # last validation epoch's gathered arrays
         self.thresholds: dict[str, dict[str, Any]] = {}
         self.results: dict[str, dict[str, dict[str, float]]] = {}  # split -> before/after
@@ -532,7 +519,8 @@ class ThresholdOptimizer(Callback):
     # collecting scores ------------------------------------------------------------------------
     def _collect(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         assert self.contract is not None
-        scores = positive_score(class_scores(self.contract.predictions(pl_module, batch, outputs), self.activation), self.positive_label)
+        preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs)
+        scores = positive_score(class_scores(preds, self.activation), self.positive_label)
         y = (self.contract.target(batch).reshape(-1).to(scores.device) == self.positive_label).long()
         codes = read_codes(self.contract, batch, self.columns, scores.device)
         self._state.update(y, (scores >= self.threshold).long(), codes, scores)
@@ -545,6 +533,10 @@ class ThresholdOptimizer(Callback):
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._state.reset()
             self._state.to(pl_module.device)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._capture.arm(pl_module, batch_size_of(batch, self.contract))
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -559,6 +551,9 @@ class ThresholdOptimizer(Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._state.reset()
         self._state.to(pl_module.device)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._capture.arm(pl_module, batch_size_of(batch, self.contract))
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._collect(pl_module, outputs, batch)
