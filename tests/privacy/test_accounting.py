@@ -31,6 +31,7 @@ def test_epsilon_equals_opacus_accountant(tmp_path, accountant):
     assert float(t.callback_metrics["privacy/delta"]) == pytest.approx(1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
 def test_noise_for_target_epsilon_reaches_it(tmp_path, accountant):
     dp = DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant=accountant)

@@ -47,6 +47,7 @@ def test_poisson_sampler_replaces_the_loader_and_keeps_dataset_and_collate(tmp_p
     assert all(len(batch) == 3 for batch in recorder.batches)  # the user's collate_fn ran
 
 
+@pytest.mark.slow
 def test_adult_dict_batches_are_poisson_sampled(tmp_path, adult):
     from lightning_trust.demo import AdultDataModule, TabularMLP
 

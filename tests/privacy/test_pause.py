@@ -1,5 +1,6 @@
 """Extra forward/backward passes by other callbacks leave no trace in per-sample gradients or ε."""
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -52,6 +53,7 @@ def _run(tmp_path, extra: bool):
     return dp, callbacks, [p.detach() for p in model.parameters()]
 
 
+@pytest.mark.slow
 def test_paused_passes_leave_training_unchanged(tmp_path):
     assert isinstance(DifferentialPrivacy(noise_multiplier=1.0), Pausable)
     dp_plain, _, plain = _run(tmp_path, extra=False)

@@ -99,6 +99,7 @@ def test_several_optimizers_are_refused(tmp_path):
         trainer(tmp_path, max_steps=1, callbacks=[dp]).fit(TwoOptimizers(), TinyData())
 
 
+@pytest.mark.slow
 def test_batchnorm_is_refused_with_the_offending_layers_and_fixed_on_request(tmp_path, digits):
     from lightning_trust.demo import DigitsDataModule, SmallCNN
 

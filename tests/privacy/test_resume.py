@@ -22,6 +22,7 @@ def _dp():
     return DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_ends_with_the_same_epsilon(tmp_path):
     full = _dp()
     trainer(tmp_path / "full", max_steps=25, callbacks=[full]).fit(TinyModule(), TinyData())
