@@ -52,12 +52,19 @@ def count_macs(module: nn.Module, trainer: Any, example_input: Tensor) -> Option
     import torch_pruning as tp
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    from torch.utils.flop_counter import FlopCounterMode
+
     try:
         with isolated_eval(module, trainer, grad=False) as model:
             macs, _ = tp.utils.count_ops_and_params(model, example_input.to(device))
+            if not macs:
+                # the forward bypasses the modules' hooks (e.g. a QAT graph): count aten ops instead
+                with FlopCounterMode(display=False) as counter:
+                    model(example_input.to(device))
+                macs = counter.get_total_flops() // 2
     except Exception:  # a model the counter cannot trace still gets a card
         return None
-    return int(macs)
+    return int(macs) if macs else None
 
 
 def _dataset(datamodule: Any, trainer: Any, split: str) -> Optional[Dataset]:
