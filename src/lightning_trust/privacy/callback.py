@@ -462,6 +462,10 @@ class DifferentialPrivacy(Callback):
             self.figures["epsilon_curve"] = str(path)
         write_json(folder / "privacy.json", self.report())
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._module is not None:
+            self.teardown(trainer, pl_module, "fit")  # leave the user's module and Trainer as they were
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -519,7 +523,14 @@ class DifferentialPrivacy(Callback):
         self._accountant.load_state_dict(state_dict["accountant"])
         self._accountant.history = [tuple(entry) for entry in self._accountant.history]
         self._curve = [(int(s), float(e)) for s, e in state_dict.get("curve", [])]
-        self.noise_multiplier = state_dict["noise_multiplier"]
+        if self.target_epsilon is not None or self.noise_multiplier is None:
+            self.noise_multiplier = state_dict["noise_multiplier"]  # the noise planned for this run's target
+        elif self.noise_multiplier != state_dict["noise_multiplier"]:
+            rank_zero_warn(
+                f"Resuming with noise_multiplier={self.noise_multiplier}; the checkpoint's steps used "
+                f"{state_dict['noise_multiplier']}. The accountant composes both.",
+                category=UserWarning,
+            )
         self.delta = state_dict["delta"]
         self._last_seen_steps = self.steps
 

@@ -35,7 +35,17 @@ class EvenDistributedPoissonSampler(DistributedUniformWithReplacementSampler):
             yield indices[mask.nonzero(as_tuple=False).reshape(-1)].tolist()
 
 
-class VirtualBatchSampler(BatchSplittingSampler):
+class _ForwardsEpoch:
+    """Pass Lightning's ``set_epoch`` on to the wrapped sampler (the distributed one reshuffles shards)."""
+
+    sampler: Any
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+
+
+class VirtualBatchSampler(_ForwardsEpoch, BatchSplittingSampler):
     """Opacus's ``BatchSplittingSampler`` with a fixed number of physical batches per logical batch.
 
     Each logical (Poisson) batch is split into ``parts`` physical batches; the optimizer is told (in
@@ -67,7 +77,7 @@ class VirtualBatchSampler(BatchSplittingSampler):
         return len(self.sampler) * self.parts
 
 
-class AccumulationSampler(Sampler[list[int]]):
+class AccumulationSampler(_ForwardsEpoch, Sampler[list[int]]):
     """Split every logical batch of ``sampler`` into exactly ``parts`` physical batches.
 
     Used with ``Trainer(accumulate_grad_batches=parts)``: each sample of a logical (Poisson) batch is
