@@ -6,6 +6,7 @@ Examples::
     lightning-trust report runs/adult/version_0 --output-dir /tmp/card  # newest card under a run folder
     lightning-trust report runs/adult/version_0 runs/adult/version_1   # diff: verdicts and numbers that changed
     lightning-trust report model_card.json --fail-on-breach             # exit 1 when a standard is not met
+    lightning-trust report model_card.json --screenshot card.png        # PNG of the HTML (headless Chromium)
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("other", nargs="?", help="a second card (or run folder): print the diff from PATH to it")
     parser.add_argument("--output-dir", "-o", help="where to write model_card.md/.html (default: beside the JSON)")
     parser.add_argument("--diff-output", help="also write the diff as Markdown (.md) or JSON (.json) to this file")
+    parser.add_argument("--screenshot", help="also save a PNG of the rendered HTML here (needs headless Chromium)")
+    parser.add_argument("--width", type=int, default=1280, help="screenshot width in pixels (default 1280)")
+    parser.add_argument("--height", type=int, default=1800, help="screenshot height in pixels (default 1800)")
     parser.add_argument(
         "--fail-on-breach", action="store_true",
         help="exit with status 1 when a standard of the (last) card is not met",
@@ -58,6 +62,14 @@ def report_main(argv: Optional[list[str]] = None) -> int:
         directory = Path(args.output_dir) if args.output_dir else _card_path(args.path).parent
         paths = write_renders(card, directory)
         print(standards_summary(card, str(paths["html"])))
+        if args.screenshot:
+            from lightning_trust.report.browser import screenshot
+
+            try:
+                print(f"Screenshot: {screenshot(paths['html'], args.screenshot, args.width, args.height)}")
+            except (FileNotFoundError, RuntimeError) as err:
+                print(f"lightning-trust report: {err}", file=sys.stderr)
+                return 2
         final = card
     else:
         diff = diff_cards(card, other)
