@@ -1,6 +1,5 @@
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference, equalized_odds_ratio

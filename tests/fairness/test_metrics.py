@@ -1,7 +1,6 @@
 import math
 import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch

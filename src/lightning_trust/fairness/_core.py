@@ -179,14 +179,11 @@ def group_names(trainer: Any, column: str) -> Optional[list[str]]:
 
 def decode(codes: np.ndarray, names: Optional[Sequence[str]]) -> np.ndarray:
     """Integer codes -> group names (the code itself, as text, where no name is known)."""
-    if not names:
-        return np.array([str(int(c)) for c in codes], dtype=object)
-    table = np.array(list(names), dtype=object)
-    out = np.array([str(int(c)) for c in codes], dtype=object) if (codes < 0).any() or (codes >= len(names)).any() else None
-    if out is None:
-        return table[codes]
-    inside = (codes >= 0) & (codes < len(names))
-    out[inside] = table[codes[inside]]
+    out = np.array([str(int(c)) for c in codes], dtype=object)
+    if names:
+        table = np.array(list(names), dtype=object)
+        inside = (codes >= 0) & (codes < len(table))
+        out[inside] = table[codes[inside]]
     return out
 
 

@@ -34,8 +34,8 @@ before/after on the validation data and, when ``trainer.test`` runs, on the test
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -67,6 +67,15 @@ from lightning_trust.fairness._core import (
 from lightning_trust.utils import isolated_eval, unwrap_module, write_json, artifact_dir
 
 Activation = Literal["auto", "softmax", "sigmoid", "none"]
+Constraint = Literal[
+    "demographic_parity",
+    "equalized_odds",
+    "true_positive_rate_parity",
+    "false_positive_rate_parity",
+    "true_negative_rate_parity",
+    "false_negative_rate_parity",
+]
+Objective = Literal["accuracy_score", "balanced_accuracy_score", "selection_rate", "true_positive_rate", "true_negative_rate"]
 
 
 def _single_entry(sensitive_feature: Union[str, list[str]]) -> list[str]:
@@ -456,20 +465,14 @@ class ThresholdOptimizer(Callback):
     """
 
     report_section = "fairness_mitigation"
-    CONSTRAINTS = (
-        "demographic_parity",
-        "equalized_odds",
-        "true_positive_rate_parity",
-        "false_positive_rate_parity",
-        "true_negative_rate_parity",
-        "false_negative_rate_parity",
-    )
+    CONSTRAINTS = get_args(Constraint)
+    OBJECTIVES = get_args(Objective)
 
     def __init__(
         self,
         sensitive_feature: Union[str, list[str]] = "sex",
-        constraint: str = "demographic_parity",
-        objective: str = "accuracy_score",
+        constraint: Constraint = "demographic_parity",
+        objective: Objective = "accuracy_score",
         grid_size: int = 1000,
         positive_label: int = 1,
         threshold: float = 0.5,
@@ -481,10 +484,8 @@ class ThresholdOptimizer(Callback):
         self.columns = _single_entry(sensitive_feature)
         if constraint not in self.CONSTRAINTS:
             raise ValueError(f"`constraint` must be one of {list(self.CONSTRAINTS)}, got {constraint!r}.")
-        objectives = ("accuracy_score", "balanced_accuracy_score", "selection_rate", "true_positive_rate",
-                      "true_negative_rate")
-        if objective not in objectives:
-            raise ValueError(f"`objective` must be one of {list(objectives)}, got {objective!r}.")
+        if objective not in self.OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {list(self.OBJECTIVES)}, got {objective!r}.")
         if not isinstance(grid_size, int) or grid_size < 2:
             raise ValueError(f"`grid_size` must be an integer >= 2, got {grid_size!r}.")
         if not 0.0 <= threshold <= 1.0:
