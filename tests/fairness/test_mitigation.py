@@ -154,6 +154,13 @@ def test_penalty_value_and_patch_restored(tmp_path):
         assert penalty.penalty(module(batch["x"]), batch).item() == pytest.approx(max(gaps), rel=1e-5)
 
 
+def test_penalty_warmup_epochs(tmp_path):
+    penalty = FairnessPenalty("sex", warmup_epochs=1)
+    trainer(tmp_path, callbacks=[penalty], max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(
+        LogitModule(), SyntheticDataModule(synthetic(n=128)))
+    assert penalty.steps == 2 and [h["epoch"] for h in penalty.report()["history"]] == [1]
+
+
 def test_penalty_changes_the_loss_gradient(tmp_path):
     data = synthetic(n=128)
     grads = {}

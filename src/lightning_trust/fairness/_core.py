@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_trust.batch import BatchContract, batch_size_of, predictions_from_outputs
+from lightning_trust.utils import isolated_eval
 
 FeatureEntry = Union[str, list[str]]
 INTERSECTION = "*"  # "sex*race" names the intersection of sex and race
@@ -285,12 +286,17 @@ class ForwardCapture:
         return output
 
 
-def step_predictions(capture: ForwardCapture, contract: BatchContract, module: torch.nn.Module, batch: Any, outputs: Any) -> Tensor:
-    """The step's predictions: from its outputs, else its own captured forward, else one no-grad forward."""
+def step_predictions(
+    capture: ForwardCapture, contract: BatchContract, module: torch.nn.Module, batch: Any, outputs: Any, trainer: Any = None
+) -> Tensor:
+    """The step's predictions: from its outputs, else its own captured forward, else one isolated forward."""
     captured = capture.disarm()
     preds = predictions_from_outputs(outputs, batch_size_of(batch, contract))
+    if preds is None and captured is not None:
+        preds = captured.detach()
     if preds is None:
-        preds = captured.detach() if captured is not None else contract.predictions(module, batch)
+        with isolated_eval(module, trainer) as isolated:
+            preds = contract.predictions(isolated, batch)
     return preds
 
 

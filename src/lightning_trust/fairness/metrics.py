@@ -16,6 +16,11 @@ Multiclass predictions (``[B, C]`` logits with ``C > 2``) are scored one-vs-rest
 table and summaries sit under ``by_feature[entry]["classes"][class]``, the entry's summaries are the
 worst over classes.
 
+Several validation dataloaders are pooled into one table. Under DDP, Lightning's default
+``DistributedSampler`` pads the last shard with repeated samples so ranks get equal counts (at most
+``world_size - 1`` duplicates); the numbers then include those, as any DDP metric does. Use
+``use_distributed_sampler=False`` with your own unpadded per-rank shards for exact counts.
+
 Logged keys (validation; ``fairness_test/`` for the test stage):
 ``fairness/<metric>/<feature>=<group>`` (``fairness/<metric>/sex=Female,race=White`` for an
 intersection, ``.../class=<c>`` appended for multiclass), ``fairness/<summary>`` (worst) and
@@ -184,7 +189,7 @@ class FairnessMetrics(Callback):
 
     def _update(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         assert self.contract is not None
-        preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs)
+        preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs, pl_module.trainer)
         y_true, y_pred, self._num_classes = hard_predictions(
             preds, self.contract.target(batch), self.activation, self.positive_label, self.threshold
         )

@@ -64,7 +64,7 @@ from lightning_trust.fairness._core import (
     step_predictions,
     table,
 )
-from lightning_trust.utils import isolated_eval, unwrap_module, write_json, artifact_dir
+from lightning_trust.utils import artifact_dir, unwrap_module, write_json
 
 Activation = Literal["auto", "softmax", "sigmoid", "none"]
 Constraint = Literal[
@@ -520,7 +520,7 @@ class ThresholdOptimizer(Callback):
     # collecting scores ------------------------------------------------------------------------
     def _collect(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         assert self.contract is not None
-        preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs)
+        preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs, pl_module.trainer)
         scores = positive_score(class_scores(preds, self.activation), self.positive_label)
         y = (self.contract.target(batch).reshape(-1).to(scores.device) == self.positive_label).long()
         codes = read_codes(self.contract, batch, self.columns, scores.device)
@@ -575,10 +575,9 @@ class ThresholdOptimizer(Callback):
         loader = datamodule.val_dataloader()
         self._state.reset()
         self._state.to(pl_module.device)
-        with isolated_eval(pl_module, trainer):
-            for batch in loader:
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                self._collect(pl_module, None, batch)
+        for batch in loader:  # each forward is isolated (eval mode, DP paused) by step_predictions
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            self._collect(pl_module, None, batch)
         # every rank read the whole (unsharded) loader: no gather
         cat = lambda name: torch.cat(getattr(self._state, name)).cpu().numpy()  # noqa: E731
         return {"y": cat("y_true"), "codes": cat("groups"), "scores": cat("scores"), "step": int(trainer.global_step)}
