@@ -214,3 +214,42 @@ def test_bad_mitigation_arguments():
         ThresholdOptimizer(constraint="fair")
     with pytest.raises(ValueError, match="objective"):
         ThresholdOptimizer(objective="f1")
+
+
+def test_metrics_and_threshold_optimizer_compose_with_differential_privacy(tmp_path):
+    from fairlearn.metrics import demographic_parity_difference
+
+    from lightning_trust.privacy import DifferentialPrivacy
+
+    data = synthetic(n=256)
+    metrics, optimizer = FairnessMetrics("sex", min_group_size=0), ThresholdOptimizer("sex")
+    module = LogitModule()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, callbacks=[DifferentialPrivacy(noise_multiplier=1.0, dataset_size=256), metrics, optimizer],
+                max_epochs=2).fit(module, SyntheticDataModule(data))
+    y_true, y_pred = binary_arrays({**data, "x": data["x"] * module.scale.detach()})
+    expected = demographic_parity_difference(y_true, y_pred, sensitive_features=names(data, "sex"))
+    assert metrics.report()["demographic_parity_difference"] == expected
+    report = optimizer.report()
+    assert report["before"]["demographic_parity_difference"] == expected
+    assert report["after"]["demographic_parity_difference"] < expected
+
+
+def test_threshold_optimizer_checkpoint_resume(tmp_path):
+    data = synthetic(n=300)
+
+    def run(root, epochs, ckpt=None):
+        optimizer, penalty = ThresholdOptimizer("sex"), FairnessPenalty("sex", lam=0.5)
+        mc = ModelCheckpoint(dirpath=str(root), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        t = trainer(root, callbacks=[optimizer, penalty, mc], max_epochs=epochs, enable_checkpointing=True)
+        t.fit(LogitModule(), SyntheticDataModule(data), ckpt_path=ckpt)
+        return optimizer, penalty
+
+    full, full_penalty = run(tmp_path / "full", 2)
+    part, _ = run(tmp_path / "part", 1)
+    # each checkpoint carries the thresholds fitted on its own weights
+    assert ThresholdPredictor.from_checkpoint(str(tmp_path / "part" / "epoch=0.ckpt")).thresholds == part.thresholds
+    resumed, resumed_penalty = run(tmp_path / "resumed", 2, ckpt=str(tmp_path / "part" / "epoch=0.ckpt"))
+    assert resumed.thresholds == full.thresholds and resumed.report()["by_split"] == full.report()["by_split"]
+    assert resumed_penalty.report()["history"] == full_penalty.report()["history"]
