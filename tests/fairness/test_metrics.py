@@ -273,3 +273,16 @@ def test_reuses_the_steps_forward(tmp_path):
     assert Counting.calls == 4
     y_true, y_pred = binary_arrays(data)
     assert cb.report()["demographic_parity_difference"] == demographic_parity_difference(y_true, y_pred, sensitive_features=names(data, "sex"))
+
+
+def test_ci_stages_limits_the_bootstrap(tmp_path):
+    data = synthetic(n=200)
+    cb = FairnessMetrics("sex", stages=["validation", "test"], n_boot=5, ci_stages=["test"], min_group_size=0)
+    t, module, dm = trainer(tmp_path, callbacks=[cb]), LogitModule(), SyntheticDataModule(data)
+    t.validate(module, dm, verbose=False)
+    assert "selection_rate_ci" not in cb.report()["by_group"]["sex"]["Female"]
+    t.test(module, dm, verbose=False)
+    lo, hi = cb.report()["by_group"]["sex"]["Female"]["selection_rate_ci"]
+    assert lo <= cb.report()["by_group"]["sex"]["Female"]["selection_rate"] <= hi
+    with pytest.raises(ValueError, match="ci_stages"):
+        FairnessMetrics(stages="validation", ci_stages=["test"])
