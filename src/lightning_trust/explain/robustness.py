@@ -1,0 +1,312 @@
+"""``AdversarialRobustness``: Captum's FGSM/PGD attacks on a fixed sample while the model trains.
+
+Example:
+    >>> robust = AdversarialRobustness(attacks=["fgsm", "pgd"], epsilons=[0.0, 0.05, 0.1], num_samples=256)
+    >>> pl.Trainer(max_epochs=5, callbacks=[robust]).fit(SmallCNN(), DigitsDataModule())
+    >>> robust.report()["robust_accuracy"]["pgd"]["0.1"]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_trust.batch import BatchContract
+from lightning_trust.explain._common import (
+    FixedSample,
+    draw_sample,
+    eps_name,
+    find_loader,
+    log_metrics,
+    progress,
+    should_run,
+    validate_stages,
+)
+from lightning_trust.utils import artifact_dir, isolated_eval, new_figure, save_figure, to_jsonable, write_json
+
+ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
+
+
+def _cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
+    # Captum's default loss is -log(outputs), for probabilities; our modules return logits.
+    return F.cross_entropy(outputs, target, reduction="none")
+
+
+class AdversarialRobustness(Callback):
+    r"""Robust accuracy under Captum's ``FGSM`` and ``PGD`` on a fixed, seeded evaluation sample.
+
+    At each trigger (``on``) every attack runs at every ``epsilon`` (input space, clamped to the
+    inputs' valid range) on ``num_samples`` validation samples drawn once (seeded, stratified by
+    class) through the batch contract, in an isolated pass (DP hooks paused, eval mode, forked RNG,
+    parameters frozen, everything restored). Logged: ``robustness/clean_acc``,
+    ``robustness/<attack>/acc@<eps>``, ``robustness/<attack>/success@<eps>`` (attack success rate:
+    share of the clean-correct samples the attack flips), ``robustness/worst_acc`` and, with
+    ``min_perturbation``, ``robustness/min_perturbation`` (median smallest breaking FGSM ε, Captum's
+    ``MinParamPerturbation``). Files in ``<log_dir>/lightning_trust/robustness/``:
+    ``robustness.json``, figure ``robust_accuracy.png``. Under DDP only rank zero attacks.
+
+    Args:
+        attacks: ``"fgsm"`` and/or ``"pgd"``.
+        epsilons: perturbation budgets (L-inf, or L2 with ``norm="L2"`` for PGD); 0 gives clean accuracy.
+        num_samples: size of the fixed evaluation sample.
+        pgd_steps: PGD iterations.
+        pgd_step_size: PGD step; default ``2.5 * epsilon / pgd_steps`` (Madry et al.).
+        norm: PGD's norm, ``"Linf"`` or ``"L2"``.
+        random_start: PGD starts at a random point of the ε-ball.
+        input_range: ``[low, high]`` valid input range (``[0, 1]`` for images); default: the sample's
+            observed minimum and maximum.
+        min_perturbation: also search the smallest FGSM ε that flips each of ``min_perturbation_samples``
+            correctly classified samples (``MinParamPerturbation``, binary search up to ``max(epsilons)``).
+        min_perturbation_samples: samples searched.
+        every_n_epochs: attack every n-th validation epoch.
+        on: ``"validation_end"``, ``"fit_end"``, ``"test_end"`` or a list of them.
+        seed: seed of the sample and of PGD's random start.
+        stratify: balance the sample over classes.
+        batch_size: samples per attack call (``None``: all at once).
+        progress: show progress in the Trainer's progress bar style.
+        batch_keys: how to read batches (see :class:`~lightning_trust.batch.BatchContract`).
+    """
+
+    report_section = "robustness"
+
+    def __init__(
+        self,
+        attacks: Optional[list[str]] = None,
+        epsilons: Optional[list[float]] = None,
+        num_samples: int = 256,
+        pgd_steps: int = 10,
+        pgd_step_size: Optional[float] = None,
+        norm: Literal["Linf", "L2"] = "Linf",
+        random_start: bool = False,
+        input_range: Optional[list[float]] = None,
+        min_perturbation: bool = False,
+        min_perturbation_samples: int = 16,
+        every_n_epochs: int = 1,
+        on: Union[str, list[str]] = "validation_end",
+        seed: int = 0,
+        stratify: bool = True,
+        batch_size: Optional[int] = None,
+        progress: bool = True,
+        batch_keys: Optional[dict[str, Union[str, int]]] = None,
+    ) -> None:
+        attacks = ["fgsm", "pgd"] if attacks is None else [a.lower() for a in attacks]
+        epsilons = [0.0, 0.05, 0.1, 0.2] if epsilons is None else [float(e) for e in epsilons]
+        if not attacks or any(a not in ATTACKS for a in attacks) or len(set(attacks)) != len(attacks):
+            raise ValueError(f"`attacks` must be distinct names among {list(ATTACKS)}, got {attacks}.")
+        if not epsilons or any(e < 0 for e in epsilons):
+            raise ValueError(f"`epsilons` must be a non-empty list of budgets >= 0, got {epsilons}.")
+        if num_samples < 1 or pgd_steps < 1 or min_perturbation_samples < 1 or every_n_epochs < 1:
+            raise ValueError("`num_samples`, `pgd_steps`, `min_perturbation_samples` and `every_n_epochs` must be positive.")
+        if pgd_step_size is not None and pgd_step_size <= 0:
+            raise ValueError(f"`pgd_step_size` must be positive (or None for 2.5 * epsilon / pgd_steps), got {pgd_step_size}.")
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"`norm` must be 'Linf' or 'L2', got {norm!r}.")
+        if input_range is not None and (len(input_range) != 2 or not input_range[0] < input_range[1]):
+            raise ValueError(f"`input_range` must be [low, high] with low < high, got {input_range}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}.")
+        self.attacks = attacks
+        self.epsilons = sorted(set(epsilons))
+        self.num_samples = num_samples
+        self.pgd_steps = pgd_steps
+        self.pgd_step_size = pgd_step_size
+        self.norm = norm
+        self.random_start = random_start
+        self.input_range = None if input_range is None else [float(v) for v in input_range]
+        self.min_perturbation = min_perturbation
+        self.min_perturbation_samples = min_perturbation_samples
+        self.every_n_epochs = every_n_epochs
+        self.stages = validate_stages(on)
+        self.seed = seed
+        self.stratify = stratify
+        self.batch_size = batch_size
+        self.progress = progress
+        self.batch_keys = batch_keys
+        self.sample: Optional[FixedSample] = None
+        self.history: list[dict[str, Any]] = []
+        self.last: Optional[dict[str, Any]] = None
+        self._done: set[tuple[str, int, int]] = set()
+        self._figures: dict[str, str] = {}
+
+    # hooks ------------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if "validation_end" in self.stages and not trainer.sanity_checking and should_run(trainer, self.every_n_epochs):
+            self._run(trainer, pl_module, "validation_end", hook_allows_log=True)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if "fit_end" in self.stages:
+            self._run(trainer, pl_module, "fit_end", hook_allows_log=False)
+
+    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if "test_end" in self.stages:
+            self._run(trainer, pl_module, "test_end", hook_allows_log=True)
+
+    def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
+        key = (stage, trainer.current_epoch, trainer.global_step)
+        if key in self._done:
+            return
+        self._done.add(key)
+        if not trainer.is_global_zero:
+            return
+        result = self.evaluate(pl_module, trainer, stage=stage)
+        metrics: dict[str, Optional[float]] = {
+            "robustness/clean_acc": result["clean_accuracy"],
+            "robustness/worst_acc": result["worst_accuracy"],
+        }
+        for attack in self.attacks:
+            for eps in self.epsilons:
+                name = eps_name(eps)
+                metrics[f"robustness/{attack}/acc@{name}"] = result["robust_accuracy"][attack][name]
+                metrics[f"robustness/{attack}/success@{name}"] = result["attack_success_rate"][attack][name]
+        if result.get("min_perturbation"):
+            metrics["robustness/min_perturbation"] = result["min_perturbation"]["median"]
+        log_metrics(trainer, pl_module, metrics, hook_allows_log)
+        folder = artifact_dir(trainer, "robustness")
+        write_json(folder / "robustness.json", {"last": result, "history": self.history})
+        self._draw(trainer, result, folder)
+
+    # the pass ---------------------------------------------------------------------------------
+    def evaluate(self, pl_module: Any, trainer: Any = None, stage: str = "manual") -> dict[str, Any]:
+        """Attack the fixed sample now (the hooks call this) and return the result dict."""
+        from captum.robust import FGSM, PGD
+
+        contract = BatchContract.resolve(self.batch_keys, trainer)
+        if self.sample is None:
+            loader, kind = find_loader(trainer, ("val", "test"))
+            if loader is None:
+                raise RuntimeError("AdversarialRobustness found no validation (or test) DataLoader to draw its sample from.")
+            self.sample = draw_sample(loader, contract, self.num_samples, self.seed, self.stratify, source=kind)
+            if self.sample.targets is None:
+                raise ValueError("AdversarialRobustness needs class targets in the batches (see `batch_keys: {target: ...}`).")
+        start = time.perf_counter()
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        x = self.sample.inputs.to(device)
+        y = self.sample.targets.to(device).long()
+        low, high = self.input_range or [float(self.sample.inputs.min()), float(self.sample.inputs.max())]
+        n = len(x)
+        size = self.batch_size or n
+        parts = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        robust: dict[str, dict[str, float]] = {a: {} for a in self.attacks}
+        success: dict[str, dict[str, Optional[float]]] = {a: {} for a in self.attacks}
+        min_result = None
+        with isolated_eval(pl_module, trainer, grad=True) as module:
+            for p in module.parameters():
+                p.requires_grad_(False)
+            torch.manual_seed(self.seed)
+
+            def predict(inputs: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return torch.cat([module(inputs[s]).argmax(dim=1) for s in parts])
+
+            clean_correct = predict(x) == y
+            fgsm = FGSM(module, loss_func=_cross_entropy, lower_bound=low, upper_bound=high)
+            pgd = PGD(module, loss_func=_cross_entropy, lower_bound=low, upper_bound=high)
+            total = len(self.attacks) * len(self.epsilons) + (self.min_perturbation_samples if self.min_perturbation else 0)
+            with progress(trainer, total, "Adversarial robustness", self.progress) as bar:
+                for attack in self.attacks:
+                    for eps in self.epsilons:
+                        if attack == "fgsm":
+                            adv = torch.cat([fgsm.perturb(x[s].clone().requires_grad_(), epsilon=eps, target=y[s]) for s in parts])
+                        else:
+                            step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * eps / self.pgd_steps
+                            adv = torch.cat([
+                                pgd.perturb(x[s].clone().requires_grad_(), radius=eps, step_size=step, step_num=self.pgd_steps, target=y[s],
+                                            random_start=self.random_start, norm=self.norm)
+                                for s in parts
+                            ])  # fmt: skip
+                        correct = predict(adv.detach()) == y
+                        robust[attack][eps_name(eps)] = float(correct.float().mean())
+                        flipped = (clean_correct & ~correct).sum()
+                        base = clean_correct.sum()
+                        success[attack][eps_name(eps)] = float(flipped / base) if base > 0 else None
+                        bar.advance()
+                if self.min_perturbation:
+                    min_result = self._min_perturbation(module, fgsm, x, y, clean_correct, bar)
+        clean = float(clean_correct.float().mean())
+        result: dict[str, Any] = {
+            "stage": stage,
+            "epoch": int(getattr(trainer, "current_epoch", 0) or 0),
+            "step": int(getattr(trainer, "global_step", 0) or 0),
+            "clean_accuracy": clean,
+            "robust_accuracy": robust,
+            "worst_accuracy": min([clean] + [v for d in robust.values() for v in d.values()]),
+            "attack_success_rate": success,
+            "min_perturbation": min_result,
+            "seconds": time.perf_counter() - start,
+        }
+        self.last = result
+        self.history.append({k: v for k, v in result.items()})
+        return result
+
+    def _min_perturbation(self, module: Any, fgsm: Any, x: Tensor, y: Tensor, clean_correct: Tensor, bar: Any) -> dict[str, Any]:
+        from captum.robust import MinParamPerturbation
+
+        upper = max(self.epsilons) or 1.0
+        search = MinParamPerturbation(
+            forward_func=module, attack=fgsm, arg_name="epsilon", arg_min=0.0, arg_max=upper,
+            arg_step=upper / 64, mode="binary",
+        )  # fmt: skip
+        found: list[float] = []
+        searched = 0
+        for i in torch.nonzero(clean_correct).flatten()[: self.min_perturbation_samples].tolist():
+            xi, yi = x[i : i + 1], y[i : i + 1]
+            _, eps = search.evaluate(xi.clone().requires_grad_(), target=yi, attack_kwargs={"target": yi})
+            searched += 1
+            if eps is not None:
+                found.append(float(eps))
+            bar.advance()
+        return {
+            "attack": "fgsm",
+            "searched": searched,
+            "found_fraction": len(found) / searched if searched else None,
+            "median": float(np.median(found)) if found else None,
+            "mean": float(np.mean(found)) if found else None,
+            "max_epsilon": upper,
+        }
+
+    def _draw(self, trainer: Any, result: dict[str, Any], folder: Any) -> None:
+        fig = new_figure(figsize=(4.5, 3.2))
+        ax = fig.add_subplot(1, 1, 1)
+        for attack in self.attacks:
+            ax.plot(self.epsilons, [result["robust_accuracy"][attack][eps_name(e)] for e in self.epsilons], marker="o", label=attack.upper())
+        ax.axhline(result["clean_accuracy"], color="grey", linestyle="--", linewidth=1, label="clean")
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"Robust accuracy, epoch {result['epoch']}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(trainer, fig, folder / "robust_accuracy.png", tag="robustness/robust_accuracy")
+        self._figures["robust_accuracy"] = str(folder / "robust_accuracy.png")
+
+    # report and checkpoint ------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        last = self.last or {}
+        return to_jsonable({
+            "attacks": list(self.attacks),
+            "epsilons": list(self.epsilons),
+            "num_samples": len(self.sample.inputs) if self.sample is not None else self.num_samples,
+            "norm": self.norm,
+            "epoch": last.get("epoch"),
+            "clean_accuracy": last.get("clean_accuracy"),
+            "robust_accuracy": last.get("robust_accuracy", {}),
+            "worst_accuracy": last.get("worst_accuracy"),
+            "attack_success_rate": last.get("attack_success_rate", {}),
+            "min_perturbation": last.get("min_perturbation"),
+            "figures": dict(self._figures),
+        })  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sample": None if self.sample is None else self.sample.state(), "history": self.history, "last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sample = state_dict.get("sample")
+        self.sample = None if sample is None else FixedSample.from_state(sample)
+        self.history = list(state_dict.get("history", []))
+        self.last = state_dict.get("last")
