@@ -91,3 +91,13 @@ def test_a_second_fit_with_the_same_callback_composes_the_budget(tmp_path):
     for _ in range(7):
         reference.step(noise_multiplier=1.0, sample_rate=0.1)
     assert dp.steps == 7 and abs(dp.epsilon_spent - reference.get_epsilon(delta=1e-3)) < 1e-9
+
+
+def test_a_second_fit_cannot_spend_past_the_target(tmp_path):
+    dp = DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
+    model, data = TinyModule(), TinyData()
+    trainer(tmp_path, max_steps=10, callbacks=[dp]).fit(model, data)
+    assert dp.steps == 10 and dp.epsilon_spent <= 2.0
+    with pytest.warns(UserWarning, match="already spent"):
+        trainer(tmp_path, max_steps=10, callbacks=[dp]).fit(model, data)
+    assert dp.steps == 10 and dp.stopped_at_budget and dp.epsilon_spent <= 2.0

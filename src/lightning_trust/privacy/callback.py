@@ -245,6 +245,7 @@ class DifferentialPrivacy(Callback):
         self._max_total_steps: Optional[int] = None
         self._accumulate = 1
         self._physical_parts = 1
+        self._remaining: Optional[int] = None
         self._pause_depth = 0
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._last_seen_steps = 0
@@ -611,6 +612,7 @@ class DifferentialPrivacy(Callback):
                 f"{self.sample_rate} over N={self.num_samples}; keep batch size and dataset fixed under DP."
             )
         if self._optimizer is None:  # first loader of this fit
+            self._plan(trainer)
             self._wrap_optimizer(trainer)
             self._max_total_steps = self._budget_steps()
         if not self.poisson_sampling:
@@ -652,7 +654,7 @@ class DifferentialPrivacy(Callback):
         return dp_loader
 
     def _resolve(self, trainer: pl.Trainer, size: int, sample_rate: float, world: int) -> None:
-        """Fix N, q, δ, σ and the step budget, and wrap the Trainer's optimizer (first loader only)."""
+        """Fix N, q, δ and the expected batch size (first loader this callback sees)."""
         self.num_samples, self.sample_rate, self.world_size = size, sample_rate, world
         restored = self._restored or {}
         if restored and restored.get("sample_rate") not in (None, sample_rate):
@@ -667,19 +669,29 @@ class DifferentialPrivacy(Callback):
                 f"DifferentialPrivacy: target_delta defaults to 1/N = {self.delta:.3g}; set a smaller δ (e.g. 1e-5) "
                 "for a meaningful guarantee."
             )
-        steps_per_epoch = int(1 / sample_rate)
         self.expected_batch_size = sample_rate * size / world
         if self.max_physical_batch_size is not None:
             self._physical_parts = VirtualBatchSampler.parts_for(self.expected_batch_size, self.max_physical_batch_size)
+
+    def _remaining_steps(self, trainer: pl.Trainer) -> Optional[int]:
+        """Noisy steps this fit can still take at most (``None``: unbounded)."""
         limits = []
         if trainer.max_steps is not None and trainer.max_steps > 0:
-            # Lightning's global_step counts physical batches with virtual batching
-            limits.append(int(trainer.max_steps) // self._physical_parts)
+            # global_step is restored on resume; it counts physical batches with virtual batching
+            limits.append(max(int(trainer.max_steps) - trainer.global_step, 0) // self._physical_parts)
         if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            limits.append(int(trainer.max_epochs) * steps_per_epoch)
-        self.planned_steps = min(limits) if limits else None
+            steps_per_epoch = int(1 / self.sample_rate)  # type: ignore[operator]
+            limits.append(max(int(trainer.max_epochs) - trainer.current_epoch, 0) * steps_per_epoch)
+        return min(limits) if limits else None
+
+    def _plan(self, trainer: pl.Trainer) -> None:
+        """Planned steps of this fit and, for a target ε, the noise multiplier that reaches it."""
+        remaining = self._remaining_steps(trainer)
+        self._remaining = remaining
+        self.planned_steps = None if remaining is None else self.steps + remaining
+        sample_rate = self.sample_rate
         if self.noise_multiplier is None:
-            if self.planned_steps is None:
+            if remaining is None:
                 raise ValueError(
                     "`target_epsilon` needs a planned training length to find the noise: set Trainer(max_epochs=...) "
                     "or Trainer(max_steps=...), or give `noise_multiplier` instead."
@@ -690,7 +702,7 @@ class DifferentialPrivacy(Callback):
                         target_epsilon=self.target_epsilon,
                         target_delta=self.delta,
                         sample_rate=sample_rate,
-                        steps=self.planned_steps,
+                        steps=remaining,
                         accountant=self.accountant,
                         epsilon_tolerance=self.epsilon_tolerance,
                     )
@@ -698,14 +710,15 @@ class DifferentialPrivacy(Callback):
             except ValueError as err:
                 raise ValueError(
                     f"target_epsilon={self.target_epsilon} at δ={self.delta:.3g} cannot be reached in "
-                    f"{self.planned_steps} steps at sample rate {sample_rate:.4g} ({err}): no noise multiplier is large "
+                    f"{remaining} steps at sample rate {sample_rate:.4g} ({err}): no noise multiplier is large "
                     "enough. Raise target_epsilon or target_delta, train fewer steps/epochs, or use a smaller batch."
                 ) from err
         elif self.noise_multiplier == 0:
             rank_zero_warn("DifferentialPrivacy(noise_multiplier=0): no noise, ε is infinite (debugging only).")
         rank_zero_info(
-            f"DifferentialPrivacy: N={size}, sample rate {sample_rate:.4g}, noise multiplier {self.noise_multiplier:.4g}, "
-            f"max_grad_norm {self.max_grad_norm}, {self.accountant} accountant, planned steps {self.planned_steps}."
+            f"DifferentialPrivacy: N={self.num_samples}, sample rate {sample_rate:.4g}, noise multiplier "
+            f"{self.noise_multiplier:.4g}, max_grad_norm {self.max_grad_norm}, {self.accountant} accountant, "
+            f"planned steps {self.planned_steps}."
         )
 
     def _wrap_optimizer(self, trainer: pl.Trainer) -> None:
@@ -771,7 +784,7 @@ class DifferentialPrivacy(Callback):
         limit, taken = self.stop_at_epsilon, self.steps
         if self.noise_multiplier == 0:
             return taken
-        remaining = None if self.planned_steps is None else max(self.planned_steps - taken, 0)
+        remaining = self._remaining
         if remaining is not None and self._epsilon_of(self._history_plus(remaining)) <= limit:
             return None
         if self._epsilon_of(self._history_plus(1)) > limit:
