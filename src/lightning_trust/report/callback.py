@@ -199,6 +199,9 @@ class TrustReport(Callback):
         summary = card["summary"]
         self.exit_code = int(self.fail_on_breach and not summary["all_met"])
         if self.verbose:
+            bar = trainer.progress_bar_callback
+            if bar is not None and stage:
+                bar.teardown(trainer, pl_module, stage)  # close a live (rich) bar so the summary is the last output
             _print_rank_zero(standards_summary(card, str(self.paths["html"])))
         if unknown:
             from lightning_trust.report.standards import addressable, flatten_numbers
