@@ -176,6 +176,12 @@ def test_bad_configuration_fails_early(adult):
         FederatedSimulation(num_clients=None)
     with pytest.raises(ValueError, match="robust"):
         FederatedSimulation(aggregator="krum", client_dp=ClientDP())
+    from lightning_trust.privacy import DifferentialPrivacy
+
+    with pytest.raises(ValueError, match="client_dp=ClientDP"):
+        trainer(max_epochs=1, callbacks=[FederatedSimulation(num_clients=2),
+                                         DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0)]).fit(
+            TabularMLP(), AdultSubset(adult, 256, 64))
     cb = FederatedSimulation(num_clients=2)
     with pytest.raises(ValueError, match="limit_train_batches"):
         trainer(max_epochs=1, callbacks=[cb], limit_train_batches=3).fit(TabularMLP(), AdultSubset(adult, 256, 64))

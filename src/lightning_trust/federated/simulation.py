@@ -269,6 +269,13 @@ class FederatedSimulation(Callback):
                 "FederatedSimulation sets the length of each epoch (one round: the sampled clients' local steps); "
                 "remove `limit_train_batches` and use `local_steps` instead."
             )
+        if any(type(cb).__name__ == "DifferentialPrivacy" for cb in trainer.callbacks):
+            raise ValueError(
+                "FederatedSimulation cannot run with the DifferentialPrivacy (DP-SGD) callback: both choose the "
+                "training batches (rounds of clients vs. Poisson samples of the whole dataset), and a per-sample "
+                "guarantee over the pooled data would not describe the federated run. For client-level DP use "
+                "`FederatedSimulation(client_dp=ClientDP(...))`."
+            )
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
         self._param_keys = {name for name, _ in pl_module.named_parameters()}
         self._module = pl_module
