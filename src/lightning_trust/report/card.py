@@ -93,8 +93,9 @@ def assemble_card(
 ) -> tuple[dict[str, Any], list[str]]:
     """The card dict (JSON round-tripped, as a reader of the file sees it) and the unknown standard names.
 
-    A standard whose number is absent is ``not_measured`` when it is a metric not logged yet (a
-    ``metrics.test/...`` standard after ``fit``); any other absent name is returned as unknown.
+    A standard whose number is absent is ``not_measured`` when it is a metric this stage did not log
+    (a ``metrics.test/...`` standard after ``fit``, ``metrics.val/...`` in a test-only run); any other
+    absent name is returned as unknown.
     """
     from lightning_trust import __version__
 
@@ -115,10 +116,7 @@ def assemble_card(
     }
     numbers = flatten_numbers(addressable(card))
     entries = [judge(s, numbers) for s in standards]
-    unknown = [
-        e["name"] for e in entries
-        if e["status"] == "not_measured" and not (e["name"].startswith("metrics.") and stage != "test")
-    ]  # fmt: skip
+    unknown = [e["name"] for e in entries if e["status"] == "not_measured" and not e["name"].startswith("metrics.")]
     card["standards"] = entries
     card["summary"] = summarize(entries)
     return json.loads(json.dumps(card)), unknown
