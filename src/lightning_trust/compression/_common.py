@@ -216,3 +216,28 @@ def plain_forward(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         if override is not None:
             module.__dict__["forward"] = override
+
+
+def on_checkpoint_load(trainer: Any, module: nn.Module, fn: Callable[[Mapping[str, Any]], None]) -> Any:
+    """Call ``fn(checkpoint)`` when Lightning loads a checkpoint's weights into ``module``, before any
+    weight is copied (a pruned or quantized structure must exist first).
+
+    Lightning restores the module's weights before any callback hook sees the checkpoint, and a
+    Trainer's ``ckpt_path`` is only known once restoring starts, so this is a load-state-dict
+    pre-hook on the root module: it runs before the children load, and reads the checkpoint the
+    Trainer has just read (``fit/validate/test/predict(ckpt_path=...)``).
+    """
+
+    def hook(mod: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        if prefix:
+            return
+        connector = getattr(trainer, "_checkpoint_connector", None)
+        checkpoint = getattr(connector, "_loaded_checkpoint", None)
+        saved = checkpoint.get("state_dict") if checkpoint else None
+        if not saved:
+            return
+        key = next(iter(saved))
+        if state_dict.get(key) is saved[key]:  # torch copies the mapping, not the tensors: this is that checkpoint
+            fn(checkpoint)
+
+    return module.register_load_state_dict_pre_hook(hook)

@@ -26,6 +26,7 @@ from lightning_trust.compression._common import (
     example_from,
     example_from_spec,
     measure_latency,
+    on_checkpoint_load,
     peek_checkpoint,
     plain_forward,
     reduced_mean,
@@ -129,10 +130,13 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def count_macs_params(model: nn.Module, example_input: Any) -> tuple[int, int]:
-    """MACs and parameters of one forward pass, by torch-pruning's counter (``tp.utils.count_ops_and_params``)."""
+def count_macs_params(model: nn.Module, example_input: Any) -> tuple[float, int]:
+    """MACs and parameters of one forward pass, by torch-pruning's counter (``tp.utils.count_ops_and_params``).
+
+    MACs are per ``example_input`` batch and may be fractional (pooling counts half operations).
+    """
     macs, params = tp.utils.count_ops_and_params(model, example_input)
-    return int(macs), int(params)
+    return float(macs), int(params)
 
 
 def _find_module(model: nn.Module, name: str) -> nn.Module:
@@ -249,6 +253,21 @@ def load_pruned_checkpoint(
     if map_location is not None:
         model = model.to(map_location)
     return model
+
+
+def _restore_dense(model: nn.Module, skeleton: nn.Module) -> None:
+    """Give ``model`` the dense shapes of ``skeleton`` again (parameters, buffers, size attributes such as
+    ``out_channels``), like torch-pruning's serialization does, but only from each module's ``__dict__``."""
+    dense = dict(copy.deepcopy(skeleton).named_modules())
+    for name, module in model.named_modules():
+        source = dense.get(name)
+        if source is None or not name:
+            continue
+        module._parameters = source._parameters
+        module._buffers = source._buffers
+        for key, value in vars(source).items():
+            if not key.startswith("_") and isinstance(value, (int, float, bool, tuple)) and not isinstance(value, Tensor):
+                setattr(module, key, value)
 
 
 @dataclass
@@ -383,6 +402,7 @@ class ProgressivePruning(Callback):
         self._pruner: Optional[tp.pruner.BasePruner] = None
         self._skeleton: Optional[nn.Module] = None  # the dense model, kept to un-prune for test(ckpt_path=...)
         self._ignored_resolved: Optional[list[str]] = None
+        self._load_hook: Any = None
         # checkpointed state
         self._done = 0
         self._history: list[list[Any]] = []
@@ -430,14 +450,19 @@ class ProgressivePruning(Callback):
                     f"The pruning schedule's last step is at epoch {events[-1]}, but max_epochs={trainer.max_epochs}: "
                     f"the final ratio would never be reached. Lower `end_epoch`/`start_epoch` or raise `max_epochs`."
                 )
-        ckpt_path = getattr(trainer, "ckpt_path", None)
-        if ckpt_path:
-            checkpoint = peek_checkpoint(ckpt_path)
-            if checkpoint is not None and CHECKPOINT_KEY in checkpoint:
-                self._rebuild_for(pl_module, checkpoint)
+        if self._load_hook is not None:
+            self._load_hook.remove()
+        self._load_hook = on_checkpoint_load(trainer, pl_module, lambda ckpt: self._rebuild_for(pl_module, ckpt))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     def _rebuild_for(self, pl_module: pl.LightningModule, checkpoint: Mapping[str, Any]) -> None:
         """Bring the module to the checkpoint's structure before Lightning loads its weights."""
+        if CHECKPOINT_KEY not in checkpoint:
+            return
         saved = [list(h) for h in checkpoint[CHECKPOINT_KEY]["history"]]
         if saved[: len(self._history)] != self._history:
             if self._skeleton is None:
@@ -445,7 +470,7 @@ class ProgressivePruning(Callback):
                     "The module is pruned differently from the checkpoint and its dense structure is unknown; "
                     "pass a freshly built model (or use `load_pruned_checkpoint`)."
                 )
-            tp.load_state_dict(pl_module, tp.state_dict(copy.deepcopy(self._skeleton)))  # back to dense shapes
+            _restore_dense(pl_module, self._skeleton)
             self._history = []
         restore_pruned_structure(pl_module, checkpoint, self.customized_pruners, applied=self._history)
         self._history = saved
@@ -520,7 +545,17 @@ class ProgressivePruning(Callback):
 
     def _build_pruner(self, pl_module: pl.LightningModule) -> tp.pruner.BasePruner:
         example = self._device_example(pl_module)
+        try:
+            with isolated_eval(pl_module):
+                pl_module(example)
+        except Exception as err:
+            raise RuntimeError(
+                f"torch-pruning could not trace {type(pl_module).__name__} with an example input of {_describe(example)}: "
+                f"{type(err).__name__}: {err}. Pass `example_input` (a tensor or a shape) that the model's forward "
+                "accepts, or `batch_keys` if the inputs are not found in the batch."
+            ) from err
         ignored = self._resolve_ignored(pl_module, example)
+        self._check_pruners(pl_module, example, ignored)
         modules = dict(pl_module.named_modules())
         kwargs: dict[str, Any] = {}
         pruner_cls: type = tp.pruner.BasePruner
@@ -546,7 +581,6 @@ class ProgressivePruning(Callback):
                 f"torch-pruning could not trace {type(pl_module).__name__} with an example input of {_describe(example)}: "
                 f"{type(err).__name__}: {err}. Pass `example_input` that the model's forward accepts."
             ) from err
-        self._check_pruners(pl_module, pruner.DG, ignored)
         # the schedule's ratios are relative to the dense model: after a resume the pruner is traced on the
         # pruned model, so restore the dense channel counts it ranks against (torch-pruning keeps them per scope)
         names = {m: n for n, m in modules.items()}
@@ -563,20 +597,35 @@ class ProgressivePruning(Callback):
             self._init_in = {names[m]: int(c) for m, c in pruner.layer_init_in_ch.items() if c is not None and m in names}
         return pruner
 
-    def _check_pruners(self, pl_module: nn.Module, graph: tp.DependencyGraph, ignored: list[str]) -> None:
-        """Refuse a traced leaf layer with weights that torch-pruning cannot prune (it would break shapes)."""
+    def _check_pruners(self, pl_module: nn.Module, example: Any, ignored: list[str]) -> None:
+        """Refuse a layer with weights that torch-pruning has no pruner for.
+
+        torch-pruning would treat its weights as "unwrapped parameters" and guess the channel
+        dimension (the last non-singleton one): a wrong guess breaks shapes or silently prunes the
+        wrong axis. Only layers that run in the forward pass are checked.
+        """
         ignored_modules = {m for n in ignored for m in pl_module.get_submodule(n).modules()}
-        for module, node in graph.module2node.items():
-            if not isinstance(module, nn.Module) or module in ignored_modules:
+        custom = tuple(t for t in (self.customized_pruners or {}) if isinstance(t, type))
+        ran: list[nn.Module] = []
+        handles = [m.register_forward_hook(lambda mod, i, o: ran.append(mod)) for m in pl_module.modules() if m is not pl_module]
+        try:
+            with isolated_eval(pl_module):
+                pl_module(example)
+        finally:
+            for h in handles:
+                h.remove()
+        names = {m: n for n, m in pl_module.named_modules()}
+        for module in dict.fromkeys(ran):
+            if module in ignored_modules or next(module.parameters(recurse=False), None) is None:
                 continue
-            if next(module.parameters(recurse=False), None) is None:
+            if isinstance(module, custom) or module in (self.customized_pruners or {}):
                 continue
-            if graph.get_pruner_of_module(module) is None and node.type in (tp_ops.OPTYPE.ELEMENTWISE, tp_ops.OPTYPE.CUSTOMIZED):
-                name = graph._module2name.get(module, type(module).__name__)
+            if tp_ops.module2type(module) == tp_ops.OPTYPE.ELEMENTWISE:
+                name = names.get(module, type(module).__name__)
                 raise ValueError(
-                    f"Layer {name!r} ({type(module).__name__}) has parameters but torch-pruning has no pruner for it. "
-                    f"Add it to `ignored_layers: [{name!r}]`, or pass `customized_pruners={{{type(module).__name__}: "
-                    "MyPruner()}` (a `tp.pruner.BasePruningFunc`)."
+                    f"Layer {name!r} ({type(module).__name__}) has parameters but torch-pruning has no pruner for it "
+                    f"(it would guess which dimension is the channel). Add it to `ignored_layers: [{name!r}]`, or pass "
+                    f"`customized_pruners={{{type(module).__name__}: MyPruner()}}` (a `tp.pruner.BasePruningFunc`)."
                 )
 
     def _device_example(self, pl_module: nn.Module) -> Any:
@@ -640,7 +689,7 @@ class ProgressivePruning(Callback):
         )  # fmt: skip
         rank_zero_info(
             f"ProgressivePruning step {self._done + 1} (epoch {epoch}): channel ratio {self._channel_ratio:.3f}, "
-            f"params {params:,} ({step['param_ratio']:.1%}), MACs {macs:,} ({step['macs_ratio']:.1%})"
+            f"params {params:,} ({step['param_ratio']:.1%}), MACs {macs:,.0f} ({step['macs_ratio']:.1%})"
         )
 
     def _step_to(self, pl_module: nn.Module, ratio: float, ops: list[_Op], snapshots: dict[str, nn.Module]) -> None:

@@ -37,7 +37,7 @@ from lightning_trust.compression._common import (
     first_tensor,
     map_tensors,
     measure_latency,
-    peek_checkpoint,
+    on_checkpoint_load,
     plain_forward,
     reduced_mean,
     repeat_rows,
@@ -274,6 +274,7 @@ class QuantizationAwareTraining(Callback):
         self.example_input = example_from_spec(example_input)
         self.batch_keys = batch_keys
         self._contract: Optional[BatchContract] = None
+        self._load_hook: Any = None
         self._prepared: Optional[torch.fx.GraphModule] = None
         self._example: Any = None
         self._latency_batch = 1
@@ -314,14 +315,21 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(
                 f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never starts with max_epochs={trainer.max_epochs}."
             )
-        ckpt_path = getattr(trainer, "ckpt_path", None)
-        if ckpt_path and self._prepared is None:
-            checkpoint = peek_checkpoint(ckpt_path)
-            state = callback_state(checkpoint, type(self).__name__, self.state_key) if checkpoint else None
-            if state and state.get("prepared"):
-                # the checkpoint's weights include the fake-quant observers: insert them before Lightning loads
-                self._example = state["example_input"]
-                self._prepare(trainer, pl_module, rewrap=False)
+        if self._load_hook is not None:
+            self._load_hook.remove()
+        self._load_hook = on_checkpoint_load(trainer, pl_module, lambda ckpt: self._restore_for(trainer, pl_module, ckpt))
+
+    def _restore_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
+        """Insert the fake-quant graph before a QAT checkpoint's weights (and observers) load into the module."""
+        state = callback_state(checkpoint, type(self).__name__, self.state_key)
+        if self._prepared is None and state and state.get("prepared"):
+            self._example = state["example_input"]
+            self._prepare(trainer, pl_module, rewrap=False)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._prepared is None:
