@@ -54,8 +54,9 @@ class AdultSubset(pl.LightningDataModule):
 class Synthetic(pl.LightningDataModule):
     """8 Gaussian features; the label depends on features 0 and 3 only."""
 
-    def __init__(self, n=4096, num_features=8, batch_size=128, seed=0):
+    def __init__(self, n=4096, num_features=8, batch_size=128, seed=0, shuffle=True):
         super().__init__()
+        self.shuffle = shuffle
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, num_features, generator=g)
         y = (2.0 * x[:, 0] - 3.0 * x[:, 3] > 0).long()
@@ -65,7 +66,8 @@ class Synthetic(pl.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=self.shuffle,
+                          generator=torch.Generator().manual_seed(0) if self.shuffle else None)
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=512)

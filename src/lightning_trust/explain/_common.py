@@ -11,9 +11,11 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from torch import Tensor
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_trust.batch import BatchContract
+from lightning_trust.utils import artifact_dir
 
 #: When a callback runs: at the end of each validation epoch, once at the end of fit, or after testing.
 STAGES: tuple[str, ...] = ("validation_end", "fit_end", "test_end")
@@ -151,15 +153,18 @@ def draw_sample(
     """
     generator = np.random.default_rng(seed)
     dataset = loader.dataset
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        x, y = _read(loader, contract, limit=pool_size)
-        pool = np.arange(len(x))
-    else:
-        n = len(dataset)  # type: ignore[arg-type]
-        if n == 0:
-            raise ValueError(f"The {source} dataset is empty: there is nothing to explain.")
-        pool = np.sort(generator.choice(n, size=min(n, pool_size), replace=False))
-        x, y = _read(_collated(loader, pool.tolist()), contract)
+    # iterating a DataLoader draws its base seed from torch's global RNG: fork it, so that drawing the
+    # sample leaves no trace on training (DP noise, dropout, shuffling)
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            x, y = _read(loader, contract, limit=pool_size)
+            pool = np.arange(len(x))
+        else:
+            n = len(dataset)  # type: ignore[arg-type]
+            if n == 0:
+                raise ValueError(f"The {source} dataset is empty: there is nothing to explain.")
+            pool = np.sort(generator.choice(n, size=min(n, pool_size), replace=False))
+            x, y = _read(_collated(loader, pool.tolist()), contract)
     picked = stratified_indices(y if stratify else None, num_samples, generator, size=len(x))
     index = torch.as_tensor(picked, dtype=torch.long)
     return FixedSample(
@@ -240,3 +245,48 @@ def progress(trainer: Any, total: int, description: str, enabled: bool = True) -
 def eps_name(eps: float) -> str:
     """ε as written in report keys and metric names: ``0.1``, ``0``, ``0.03``."""
     return f"{float(eps):g}"
+
+
+class ScheduledPass(Callback):
+    """Base of the explain callbacks: runs :meth:`_run` on rank zero at the configured ``stages``
+    (each validation epoch that ``every_n_epochs`` selects, fit end, test end), once per trigger."""
+
+    area: str = ""
+
+    def _init_schedule(self, on: Union[str, Sequence[str]], every_n_epochs: int) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
+        self.stages = validate_stages(on)
+        self.every_n_epochs = every_n_epochs
+        self._done: set[tuple[str, int, int]] = set()
+        self._folder: Optional[Any] = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # On every rank: `trainer.log_dir` broadcasts, so rank zero alone must never ask for it later.
+        self._folder = artifact_dir(trainer, self.area)
+
+    def folder(self, trainer: Any) -> Any:
+        return self._folder if self._folder is not None else artifact_dir(trainer, self.area)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if "validation_end" in self.stages and not trainer.sanity_checking and should_run(trainer, self.every_n_epochs):
+            self._trigger(trainer, pl_module, "validation_end", hook_allows_log=True)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if "fit_end" in self.stages:
+            self._trigger(trainer, pl_module, "fit_end", hook_allows_log=False)
+
+    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if "test_end" in self.stages:
+            self._trigger(trainer, pl_module, "test_end", hook_allows_log=True)
+
+    def _trigger(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
+        key = (stage, trainer.current_epoch, trainer.global_step)
+        if key in self._done:
+            return  # several validation runs in one epoch (val_check_interval) count once
+        self._done.add(key)
+        if trainer.is_global_zero:  # rank zero works; the others carry on (no collective call is made)
+            self._run(trainer, pl_module, stage, hook_allows_log)
+
+    def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
+        raise NotImplementedError

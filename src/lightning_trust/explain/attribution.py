@@ -20,22 +20,20 @@ from typing import Any, Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_trust.batch import BatchContract
 from lightning_trust.explain import plots
 from lightning_trust.explain._common import (
     FixedSample,
+    ScheduledPass,
     draw_sample,
     find_loader,
     log_metrics,
     progress,
-    should_run,
-    validate_stages,
 )
 from lightning_trust.explain.methods import BASELINES, METHODS, build_explainer, make_baselines, split_options
-from lightning_trust.utils import artifact_dir, isolated_eval, save_figure, to_jsonable, write_json
+from lightning_trust.utils import isolated_eval, save_figure, to_jsonable, write_json
 
 Modality = Literal["auto", "tabular", "image", "text"]
 
@@ -91,7 +89,7 @@ def _fork_host_rngs() -> Iterator[None]:
         random.setstate(py_state)
 
 
-class Attribution(Callback):
+class Attribution(ScheduledPass):
     r"""Explain a fixed, seeded sample of validation data with Captum while the model trains.
 
     At each trigger (``on``) the callback computes ``method``'s attributions on ``num_samples``
@@ -146,6 +144,7 @@ class Attribution(Callback):
     """
 
     report_section = "explain"
+    area = "explain"
 
     def __init__(
         self,
@@ -195,8 +194,6 @@ class Attribution(Callback):
             )
         if spec.baseline is None and baseline != "zeros":
             raise ValueError(f"method {method!r} takes no baseline; leave `baseline` at 'zeros' (it is ignored).")
-        if every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}.")
         for name, value in (("infidelity_samples", infidelity_samples), ("sensitivity_samples", sensitivity_samples)):
@@ -219,8 +216,7 @@ class Attribution(Callback):
         self.baseline = baseline
         self.layer = layer
         self.method_kwargs = dict(method_kwargs or {})
-        self.every_n_epochs = every_n_epochs
-        self.stages = validate_stages(on)
+        self._init_schedule(on, every_n_epochs)
         self.seed = seed
         self.stratify = stratify
         self.batch_size = batch_size
@@ -245,33 +241,18 @@ class Attribution(Callback):
         self._previous_before: Optional[Tensor] = None
         self.history: list[dict[str, Any]] = []
         self.last: Optional[Explanation] = None
-        self._done: set[tuple[str, int, int]] = set()
         self._figures: dict[str, str] = {}
         self.total_seconds = 0.0  # time spent in this callback's passes (explaining, files, figures)
 
     # hooks ------------------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if "validation_end" in self.stages and not trainer.sanity_checking and should_run(trainer, self.every_n_epochs):
-            self._run(trainer, pl_module, "validation_end", hook_allows_log=True)
-
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         deferred = self.figures == "end" or (self.sensitivity_at == "end" and self.sensitivity_samples > 0)
         if "fit_end" in self.stages or (deferred and self.last is not None):
             # the final pass: with the deferred work; it replaces a pass made on the same weights
-            self._run(trainer, pl_module, "fit_end", hook_allows_log=False)
-
-    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if "test_end" in self.stages:
-            self._run(trainer, pl_module, "test_end", hook_allows_log=True)
+            self._trigger(trainer, pl_module, "fit_end", hook_allows_log=False)
 
     # the pass ---------------------------------------------------------------------------------
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
-        key = (stage, trainer.current_epoch, trainer.global_step)
-        if key in self._done:
-            return  # several validation runs in one epoch (val_check_interval) explain once
-        self._done.add(key)
-        if not trainer.is_global_zero:
-            return  # rank zero explains; the others carry on (no collective call is made)
         start = time.perf_counter()
         final = stage != "validation_end"
         replace = final and self.last is not None and self.last.step == trainer.global_step and self.last.stage == "validation_end"
@@ -492,7 +473,7 @@ class Attribution(Callback):
 
     # outputs ----------------------------------------------------------------------------------
     def _write(self, trainer: Any, result: Explanation) -> None:
-        folder = artifact_dir(trainer, "explain")
+        folder = self.folder(trainer)
         order = torch.argsort(result.importance, descending=True, stable=True).tolist()
         with open(folder / "importance.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -515,7 +496,7 @@ class Attribution(Callback):
         )}  # fmt: skip
 
     def _draw(self, trainer: Any, result: Explanation) -> None:
-        folder = artifact_dir(trainer, "explain")
+        folder = self.folder(trainer)
         modality = self._modality(result.inputs)
         title = f"{self.method}, epoch {result.epoch}"
         k = min(self.top_k, len(result.names))

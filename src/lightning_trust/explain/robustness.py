@@ -14,21 +14,19 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_trust.batch import BatchContract
 from lightning_trust.explain._common import (
     FixedSample,
+    ScheduledPass,
     draw_sample,
     eps_name,
     find_loader,
     log_metrics,
     progress,
-    should_run,
-    validate_stages,
 )
-from lightning_trust.utils import artifact_dir, isolated_eval, new_figure, save_figure, to_jsonable, write_json
+from lightning_trust.utils import isolated_eval, new_figure, save_figure, to_jsonable, write_json
 
 ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
 
@@ -38,7 +36,7 @@ def _cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(outputs, target, reduction="none")
 
 
-class AdversarialRobustness(Callback):
+class AdversarialRobustness(ScheduledPass):
     r"""Robust accuracy under Captum's ``FGSM`` and ``PGD`` on a fixed, seeded evaluation sample.
 
     At each trigger (``on``) every attack runs at every ``epsilon`` (input space, clamped to the
@@ -74,6 +72,7 @@ class AdversarialRobustness(Callback):
     """
 
     report_section = "robustness"
+    area = "robustness"
 
     def __init__(
         self,
@@ -101,8 +100,8 @@ class AdversarialRobustness(Callback):
             raise ValueError(f"`attacks` must be distinct names among {list(ATTACKS)}, got {attacks}.")
         if not epsilons or any(e < 0 for e in epsilons):
             raise ValueError(f"`epsilons` must be a non-empty list of budgets >= 0, got {epsilons}.")
-        if num_samples < 1 or pgd_steps < 1 or min_perturbation_samples < 1 or every_n_epochs < 1:
-            raise ValueError("`num_samples`, `pgd_steps`, `min_perturbation_samples` and `every_n_epochs` must be positive.")
+        if num_samples < 1 or pgd_steps < 1 or min_perturbation_samples < 1:
+            raise ValueError("`num_samples`, `pgd_steps` and `min_perturbation_samples` must be positive integers.")
         if pgd_step_size is not None and pgd_step_size <= 0:
             raise ValueError(f"`pgd_step_size` must be positive (or None for 2.5 * epsilon / pgd_steps), got {pgd_step_size}.")
         if norm not in ("Linf", "L2"):
@@ -121,8 +120,7 @@ class AdversarialRobustness(Callback):
         self.input_range = None if input_range is None else [float(v) for v in input_range]
         self.min_perturbation = min_perturbation
         self.min_perturbation_samples = min_perturbation_samples
-        self.every_n_epochs = every_n_epochs
-        self.stages = validate_stages(on)
+        self._init_schedule(on, every_n_epochs)
         self.seed = seed
         self.stratify = stratify
         self.batch_size = batch_size
@@ -131,29 +129,9 @@ class AdversarialRobustness(Callback):
         self.sample: Optional[FixedSample] = None
         self.history: list[dict[str, Any]] = []
         self.last: Optional[dict[str, Any]] = None
-        self._done: set[tuple[str, int, int]] = set()
         self._figures: dict[str, str] = {}
 
-    # hooks ------------------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if "validation_end" in self.stages and not trainer.sanity_checking and should_run(trainer, self.every_n_epochs):
-            self._run(trainer, pl_module, "validation_end", hook_allows_log=True)
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if "fit_end" in self.stages:
-            self._run(trainer, pl_module, "fit_end", hook_allows_log=False)
-
-    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if "test_end" in self.stages:
-            self._run(trainer, pl_module, "test_end", hook_allows_log=True)
-
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
-        key = (stage, trainer.current_epoch, trainer.global_step)
-        if key in self._done:
-            return
-        self._done.add(key)
-        if not trainer.is_global_zero:
-            return
         result = self.evaluate(pl_module, trainer, stage=stage)
         metrics: dict[str, Optional[float]] = {
             "robustness/clean_acc": result["clean_accuracy"],
@@ -167,7 +145,7 @@ class AdversarialRobustness(Callback):
         if result.get("min_perturbation"):
             metrics["robustness/min_perturbation"] = result["min_perturbation"]["median"]
         log_metrics(trainer, pl_module, metrics, hook_allows_log)
-        folder = artifact_dir(trainer, "robustness")
+        folder = self.folder(trainer)
         write_json(folder / "robustness.json", {"last": result, "history": self.history})
         self._draw(trainer, result, folder)
 
