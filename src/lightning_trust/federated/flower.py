@@ -109,8 +109,9 @@ def train_client(
     callbacks = list(callbacks or [])
     if proximal_mu:
         callbacks.append(_Proximal({k: v.clone() for k, v in global_state.items()}, proximal_mu))
-    limits = {"max_steps": local_steps, "max_epochs": -1} if local_steps else {"max_epochs": local_epochs}
-    trainer = pl.Trainer(callbacks=callbacks, limit_val_batches=0, **limits, **_quiet_trainer_kwargs(trainer_kwargs))
+    kwargs = {"limit_val_batches": 0, **_quiet_trainer_kwargs(trainer_kwargs)}
+    kwargs.update({"max_steps": local_steps, "max_epochs": -1} if local_steps else {"max_epochs": local_epochs})
+    trainer = pl.Trainer(callbacks=callbacks, **kwargs)
     trainer.fit(module, train_dataloaders=loader)
     loss = next((float(v) for k, v in trainer.callback_metrics.items() if "loss" in k and k.startswith("train")), None)
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}, loss
