@@ -217,7 +217,7 @@ def test_rank_correlation_is_spearman():
         ({"target": "best"}, "`target`"),
         ({"baseline": "noise"}, "not one of"),
         ({"method": "saliency", "baseline": "mean"}, "takes no baseline"),
-        ({"on": "epoch_end"}, "`on`"),
+        ({"run_on": "epoch_end"}, "`run_on`"),
         ({"num_samples": 0}, "`num_samples`"),
         ({"figures": "sometimes"}, "`figures`"),
     ],

@@ -135,7 +135,7 @@ def test_robust_accuracy_equals_clean_at_zero_and_falls_with_epsilon(digits):
     dm = DigitsSubset(digits, n_train=768, n_val=256)
     torch.manual_seed(0)
     model = SmallCNN(channels=[8, 16], lr=0.01)
-    robust = AdversarialRobustness(epsilons=[0.0, 0.05, 0.15, 0.3], num_samples=128, pgd_steps=5, on="fit_end",
+    robust = AdversarialRobustness(epsilons=[0.0, 0.05, 0.15, 0.3], num_samples=128, pgd_steps=5, run_on="fit_end",
                                    min_perturbation=True, min_perturbation_samples=4)
     trainer(max_epochs=4, limit_val_batches=0, callbacks=[robust]).fit(model, dm)
     report = robust.report()

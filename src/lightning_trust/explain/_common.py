@@ -38,11 +38,11 @@ class FixedSample:
         return cls(state["inputs"], state.get("targets"), list(state["indices"]), state.get("source", "val"))
 
 
-def validate_stages(on: Union[str, Sequence[str]]) -> tuple[str, ...]:
-    stages = (on,) if isinstance(on, str) else tuple(on)
+def validate_stages(run_on: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    stages = (run_on,) if isinstance(run_on, str) else tuple(run_on)
     bad = [s for s in stages if s not in STAGES]
     if not stages or bad:
-        raise ValueError(f"`on` must be one or more of {list(STAGES)}, got {on!r}.")
+        raise ValueError(f"`run_on` must be one or more of {list(STAGES)}, got {run_on!r}.")
     return stages
 
 
@@ -253,10 +253,10 @@ class ScheduledPass(Callback):
 
     area: str = ""
 
-    def _init_schedule(self, on: Union[str, Sequence[str]], every_n_epochs: int) -> None:
+    def _init_schedule(self, run_on: Union[str, Sequence[str]], every_n_epochs: int) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
-        self.stages = validate_stages(on)
+        self.stages = validate_stages(run_on)
         self.every_n_epochs = every_n_epochs
         self._done: set[tuple[str, int, int]] = set()
         self._folder: Optional[Any] = None

@@ -92,7 +92,7 @@ def _fork_host_rngs() -> Iterator[None]:
 class Attribution(ScheduledPass):
     r"""Explain a fixed, seeded sample of validation data with Captum while the model trains.
 
-    At each trigger (``on``) the callback computes ``method``'s attributions on ``num_samples``
+    At each trigger (``run_on``) the callback computes ``method``'s attributions on ``num_samples``
     samples drawn once (seeded, stratified by class) from the validation data through the batch
     contract, in an isolated pass (:func:`~lightning_trust.utils.isolated_eval`: DP hooks paused,
     eval mode, forked RNGs, parameters frozen, modes and grads restored). It scores them (Captum's
@@ -119,7 +119,8 @@ class Attribution(ScheduledPass):
         method_kwargs: options passed to Captum (``n_steps``, ``internal_batch_size``,
             ``sliding_window_shapes``, ``n_samples``, ``multiply_by_inputs``...).
         every_n_epochs: explain every n-th validation epoch.
-        on: ``"validation_end"``, ``"fit_end"``, ``"test_end"`` or a list of them.
+        run_on: ``"validation_end"``, ``"fit_end"``, ``"test_end"`` or a list of them (named ``run_on``,
+            not ``on``: YAML 1.1 reads a bare ``on:`` key as ``true``).
         seed: seed of the sample, the baselines drawn from training data and Captum's own sampling.
         stratify: balance the sample over classes when the targets are class labels.
         batch_size: samples per Captum call (``None``: all at once); progress advances per call.
@@ -155,7 +156,7 @@ class Attribution(ScheduledPass):
         layer: Optional[str] = None,
         method_kwargs: Optional[dict[str, Any]] = None,
         every_n_epochs: int = 1,
-        on: Union[str, list[str]] = "validation_end",
+        run_on: Union[str, list[str]] = "validation_end",
         seed: int = 0,
         stratify: bool = True,
         batch_size: Optional[int] = None,
@@ -216,7 +217,7 @@ class Attribution(ScheduledPass):
         self.baseline = baseline
         self.layer = layer
         self.method_kwargs = dict(method_kwargs or {})
-        self._init_schedule(on, every_n_epochs)
+        self._init_schedule(run_on, every_n_epochs)
         self.seed = seed
         self.stratify = stratify
         self.batch_size = batch_size

@@ -39,7 +39,7 @@ def _cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
 class AdversarialRobustness(ScheduledPass):
     r"""Robust accuracy under Captum's ``FGSM`` and ``PGD`` on a fixed, seeded evaluation sample.
 
-    At each trigger (``on``) every attack runs at every ``epsilon`` (input space, clamped to the
+    At each trigger (``run_on``) every attack runs at every ``epsilon`` (input space, clamped to the
     inputs' valid range) on ``num_samples`` validation samples drawn once (seeded, stratified by
     class) through the batch contract, in an isolated pass (DP hooks paused, eval mode, forked RNG,
     parameters frozen, everything restored). Logged: ``robustness/clean_acc``,
@@ -63,7 +63,8 @@ class AdversarialRobustness(ScheduledPass):
             correctly classified samples (``MinParamPerturbation``, binary search up to ``max(epsilons)``).
         min_perturbation_samples: samples searched.
         every_n_epochs: attack every n-th validation epoch.
-        on: ``"validation_end"``, ``"fit_end"``, ``"test_end"`` or a list of them.
+        run_on: ``"validation_end"``, ``"fit_end"``, ``"test_end"`` or a list of them (named ``run_on``,
+            not ``on``: YAML 1.1 reads a bare ``on:`` key as ``true``).
         seed: seed of the sample and of PGD's random start.
         stratify: balance the sample over classes.
         batch_size: samples per attack call (``None``: all at once).
@@ -87,7 +88,7 @@ class AdversarialRobustness(ScheduledPass):
         min_perturbation: bool = False,
         min_perturbation_samples: int = 16,
         every_n_epochs: int = 1,
-        on: Union[str, list[str]] = "validation_end",
+        run_on: Union[str, list[str]] = "validation_end",
         seed: int = 0,
         stratify: bool = True,
         batch_size: Optional[int] = None,
@@ -120,7 +121,7 @@ class AdversarialRobustness(ScheduledPass):
         self.input_range = None if input_range is None else [float(v) for v in input_range]
         self.min_perturbation = min_perturbation
         self.min_perturbation_samples = min_perturbation_samples
-        self._init_schedule(on, every_n_epochs)
+        self._init_schedule(run_on, every_n_epochs)
         self.seed = seed
         self.stratify = stratify
         self.batch_size = batch_size
