@@ -43,7 +43,7 @@ def model_facts(module: nn.Module, trainer: Any, example_input: Optional[Tensor]
         facts["macs"] = count_macs(module, trainer, example_input)
     hparams = getattr(module, "hparams", None)
     if hparams:
-        facts["hyperparameters"] = _plain(dict(hparams))
+        facts["hyperparameters"] = _plain({k: v for k, v in dict(hparams).items() if not str(k).startswith("_")})
     return facts
 
 
