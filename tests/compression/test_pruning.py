@@ -335,7 +335,7 @@ def test_pruning_under_ddp_on_two_cpu_processes(tmp_path):
         cb = ProgressivePruning(pruning_ratio=0.5, start_epoch=0, end_epoch=1, measure_latency=False)
         trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             limit_train_batches=5)
+                             limit_train_batches=5, callbacks=[cb])
         model = SmallCNN()
         trainer.fit(model, DigitsDataModule())
         report = cb.report()

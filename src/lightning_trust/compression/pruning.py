@@ -682,11 +682,11 @@ class ProgressivePruning(Callback):
             "macs_ratio": macs / self._before["macs"],
         }
         self._steps.append(step)
-        pl_module.log_dict(
-            {"compression/params": float(params), "compression/macs": float(macs),
-             "compression/channel_ratio": float(self._channel_ratio), "compression/macs_ratio": step["macs_ratio"]},
-            on_step=True, on_epoch=False, sync_dist=False,
-        )  # fmt: skip
+        metrics = {"compression/params": float(params), "compression/macs": float(macs),
+                   "compression/channel_ratio": float(self._channel_ratio), "compression/macs_ratio": step["macs_ratio"]}  # fmt: skip
+        if trainer.is_global_zero:  # once per pruning step, straight to the loggers (not every n steps)
+            for logger in getattr(trainer, "loggers", None) or []:
+                logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(
             f"ProgressivePruning step {self._done + 1} (epoch {epoch}): channel ratio {self._channel_ratio:.3f}, "
             f"params {params:,} ({step['param_ratio']:.1%}), MACs {macs:,.0f} ({step['macs_ratio']:.1%})"

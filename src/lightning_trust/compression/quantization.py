@@ -67,9 +67,15 @@ def _failing_module(model: nn.Module, example: Any) -> Optional[str]:
     """Name of the first leaf module that torch.export cannot capture on its own (for a clear refusal)."""
     captured: dict[str, Any] = {}
     handles = []
+    def recorder(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            captured.setdefault(name, inputs)
+
+        return hook
+
     for name, module in model.named_modules():
         if name and next(module.children(), None) is None:
-            handles.append(module.register_forward_hook(lambda m, inp, out, name=name: captured.setdefault(name, inp)))
+            handles.append(module.register_forward_hook(recorder(name)))
     try:
         with torch.no_grad(), plain_forward(model):
             model(example)
