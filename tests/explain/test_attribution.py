@@ -202,8 +202,12 @@ def test_sample_is_seeded_and_stratified(digits_small):
 def test_rank_correlation_is_spearman():
     from scipy.stats import spearmanr
 
-    a, b = torch.tensor([0.1, 0.5, 0.2, 0.9]), torch.tensor([1.0, 3.0, 4.0, 5.0])
-    assert rank_correlation(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic)
+    g = torch.Generator().manual_seed(0)
+    for a, b in [(torch.tensor([0.1, 0.5, 0.2, 0.9]), torch.tensor([1.0, 3.0, 4.0, 5.0])),
+                 (torch.rand(50, generator=g), torch.rand(50, generator=g)),
+                 (torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([0.5, 0.2, 0.2, 0.9]))]:  # ties
+        assert rank_correlation(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
+    assert np.isnan(rank_correlation(torch.ones(4), torch.rand(4)))
 
 
 @pytest.mark.parametrize(
@@ -238,3 +242,15 @@ def test_feature_names_mismatch_and_missing_baseline_file(cnn, digits_small, tmp
     cb = _fast(num_samples=4, baseline=str(tmp_path / "base.pt"))
     result = cb.explain(cnn, StubTrainer(digits_small))
     assert torch.equal(result.baselines, torch.full((4, 1, 8, 8), 0.25))
+
+
+def test_every_n_epochs_and_standalone_validate():
+    dm = Synthetic(n=512)
+    torch.manual_seed(0)
+    model = TabularMLP(input_dim=8, hidden_dims=[8])
+    cb = _fast(num_samples=8, every_n_epochs=2, figures="never")
+    t = trainer(max_epochs=4, callbacks=[cb])
+    t.fit(model, dm)
+    assert [h["epoch"] for h in cb.history] == [1, 3]
+    t.validate(model, dm, verbose=False)  # a standalone validation always explains
+    assert len(cb.history) == 3 and cb.history[-1]["drift"] == pytest.approx(1.0)  # same weights, same ranking

@@ -176,7 +176,9 @@ def draw_sample(
 
 
 def should_run(trainer: Any, every_n_epochs: int) -> bool:
-    return (trainer.current_epoch + 1) % every_n_epochs == 0 or bool(getattr(trainer, "validating", False))
+    """Every ``every_n_epochs``-th epoch during fit; always in a standalone ``trainer.validate``."""
+    standalone = getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", None) == "validate"
+    return standalone or (trainer.current_epoch + 1) % every_n_epochs == 0
 
 
 def log_metrics(trainer: Any, pl_module: Any, metrics: dict[str, float], hook_allows_log: bool) -> None:
