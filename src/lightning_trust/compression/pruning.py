@@ -819,8 +819,8 @@ class ProgressivePruning(Callback):
             if self._skeleton is not None:  # re-measure the dense model now, back to back, for a fair ratio
                 self._before["latency_s"] = measure_latency(self._skeleton, batch)
         self._after = after
+        folder = artifact_dir(trainer, "compression")  # on every rank: log_dir is a collective under DDP
         if trainer.is_global_zero:
-            folder = artifact_dir(trainer, "compression")
             write_json(folder / "pruning.json", self.report())
             self._figures = {"pruning_curve": str(folder / "pruning_curve.png")}
             save_figure(trainer, self._figure(), folder / "pruning_curve.png", tag="compression/pruning_curve")

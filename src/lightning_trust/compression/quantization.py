@@ -419,8 +419,8 @@ class QuantizationAwareTraining(Callback):
                 results["accuracy_fake_quant"] = reduced_mean(trainer, (preds["fake_quant"] == target).float())
                 results["accuracy_int8"] = reduced_mean(trainer, (preds["int8"] == target).float())
                 results["agreement"] = reduced_mean(trainer, (preds["int8"] == preds["fake_quant"]).float())
+        folder = artifact_dir(trainer, "quantization")  # on every rank: log_dir is a collective under DDP
         if trainer.is_global_zero:
-            folder = artifact_dir(trainer, "quantization")
             export_file = Path(self.export_path) if self.export_path else folder / "model_int8.pt2"
             export_file.parent.mkdir(parents=True, exist_ok=True)
             torch.export.save(int8_program, str(export_file))
