@@ -113,3 +113,12 @@ def test_batchnorm_is_refused_with_the_offending_layers_and_fixed_on_request(tmp
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
     assert dp.steps == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_secure_rng_without_torchcsprng_is_refused():
+    import importlib.util
+
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed")
+    with pytest.raises(ValueError, match="needs cryptographically secure randomness from `torchcsprng`"):
+        DifferentialPrivacy(noise_multiplier=1.0, secure_rng=True)

@@ -24,6 +24,7 @@ How Opacus is attached to an unchanged LightningModule:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import warnings
 from collections.abc import Iterator
@@ -200,14 +201,11 @@ class DifferentialPrivacy(Callback):
             raise ValueError(f"`dataset_size` must be a positive integer, got {dataset_size}.")
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"`log_every_n_steps` must be a positive integer, got {log_every_n_steps}.")
-        if secure_rng:
-            try:
-                import torchcsprng  # noqa: F401
-            except ImportError as err:
-                raise ValueError(
-                    "`secure_rng=True` needs cryptographically secure randomness from `torchcsprng` "
-                    "(`pip install torchcsprng`); it is not installed. Set `secure_rng=False` to use torch's RNG."
-                ) from err
+        if secure_rng and importlib.util.find_spec("torchcsprng") is None:
+            raise ValueError(
+                "`secure_rng=True` needs cryptographically secure randomness from `torchcsprng` "
+                "(`pip install torchcsprng`); it is not installed. Set `secure_rng=False` to use torch's RNG."
+            )
 
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
