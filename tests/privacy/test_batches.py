@@ -121,3 +121,18 @@ def test_bf16_mixed_precision_trains(tmp_path):
     model = TinyModule(hidden=4)
     trainer(tmp_path, max_steps=3, precision="bf16-mixed", callbacks=[dp]).fit(model, TinyData())
     assert dp.steps == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_virtual_batches_with_ghost_clipping(tmp_path):
+    torch.manual_seed(0)
+    recorder = BatchRecorder()
+    dp = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3, max_physical_batch_size=9,
+                             grad_sample_mode="ghost")
+    t = trainer(tmp_path, max_steps=10, callbacks=[dp, recorder])
+    t.fit(TinyModule(hidden=5, lr=1.0), TinyData(n=240, batch_size=24))
+    assert dp.steps == 2 and t.global_step == 10  # 5 physical batches per logical batch
+    x = torch.cat([b[0] for b in recorder.batches[:5]])
+    y = torch.cat([b[1] for b in recorder.batches[:5]])
+    grads = _hand_update(TinyModule(hidden=5), recorder.before[0], x, y, 0.05, 24.0)
+    for b, a, g in zip(recorder.before[0], recorder.after[4], grads):
+        torch.testing.assert_close(a, b - g, atol=1e-6, rtol=1e-5)
