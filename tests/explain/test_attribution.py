@@ -17,7 +17,7 @@ from captum.attr import (
 from captum.metrics import infidelity
 
 from lightning_trust.demo import SmallCNN, TabularMLP
-from lightning_trust.explain import METHODS, Attribution, rank_correlation
+from lightning_trust.explain import METHODS, AdversarialRobustness, Attribution, rank_correlation
 from lightning_trust.explain._common import stratified_indices
 from lightning_trust.explain.methods import gaussian_blur
 from tests.explain.helpers import AdultSubset, BagOfEmbeddings, DigitsSubset, Synthetic, StubTrainer, Tokens, trainer
@@ -254,3 +254,8 @@ def test_every_n_epochs_and_standalone_validate():
     assert [h["epoch"] for h in cb.history] == [1, 3]
     t.validate(model, dm, verbose=False)  # a standalone validation always explains
     assert len(cb.history) == 3 and cb.history[-1]["drift"] == pytest.approx(1.0)  # same weights, same ranking
+    robust = AdversarialRobustness(epsilons=[0.0, 0.5], num_samples=16, run_on="test_end")
+    attribution = _fast(num_samples=8, run_on="test_end", figures="never")
+    trainer(callbacks=[robust, attribution]).test(model, dm.val_dataloader(), verbose=False)  # under inference_mode
+    assert robust.report()["robust_accuracy"]["fgsm"]["0"] == robust.report()["clean_accuracy"]
+    assert attribution.history[-1]["stage"] == "test_end"

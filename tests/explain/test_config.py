@@ -24,13 +24,13 @@ def test_digits_explain_config_runs(tmp_path, monkeypatch):
     code = main([
         "fit", "--config", str(ROOT / "configs" / "digits_explain.yaml"), "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks.init_args.every_n_epochs=1",
     ])
     assert code == 0
     explain = next(tmp_path.rglob("lightning_trust/explain"))
     assert (explain / "heatmaps.png").is_file() and (explain / "importance.csv").is_file()
     history = json.loads((explain / "history.json").read_text())
-    assert history[-1]["stage"] == "fit_end" and history[-1]["sensitivity_max"] is not None
+    # every_n_epochs=3 skipped the only epoch; the end pass still explains the final model
+    assert [h["stage"] for h in history] == ["fit_end"] and history[-1]["sensitivity_max"] is not None
     robustness = json.loads(next(tmp_path.rglob("lightning_trust/robustness/robustness.json")).read_text())
     assert set(robustness["last"]["robust_accuracy"]) == {"fgsm", "pgd"}
     assert next(tmp_path.rglob("events.out.tfevents.*")).is_file()

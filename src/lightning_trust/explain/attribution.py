@@ -252,8 +252,9 @@ class Attribution(ScheduledPass):
     # hooks ------------------------------------------------------------------------------------
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         deferred = self.figures == "end" or (self.sensitivity_at == "end" and self.sensitivity_samples > 0)
-        if "fit_end" in self.stages or (deferred and self.last is not None):
-            # the final pass: with the deferred work; it replaces a pass made on the same weights
+        if "fit_end" in self.stages or (deferred and "validation_end" in self.stages):
+            # the final pass, with the deferred work (even when every_n_epochs skipped every epoch);
+            # it replaces a pass made on the same weights
             self._trigger(trainer, pl_module, "fit_end", hook_allows_log=False)
 
     # the pass ---------------------------------------------------------------------------------
@@ -305,7 +306,12 @@ class Attribution(ScheduledPass):
             self.reference = draw_sample(loader, contract, size, self.seed + 1, stratify=False, source=kind).inputs
         start = time.perf_counter()
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        inputs = self.sample.inputs.to(device)
+        # validate/test hooks run under torch.inference_mode, which enable_grad alone does not lift
+        with torch.inference_mode(False):
+            return self._explain(pl_module, trainer, stage, final, start, device)
+
+    def _explain(self, pl_module: Any, trainer: Any, stage: str, final: bool, start: float, device: Any) -> Explanation:
+        inputs = self.sample.inputs.to(device).clone()  # a normal tensor even if drawn under inference mode
         modality = self._modality(inputs)
         with isolated_eval(pl_module, trainer, grad=True) as module, _fork_host_rngs():
             for p in module.parameters():
@@ -375,7 +381,7 @@ class Attribution(ScheduledPass):
         spec = METHODS[self.method]
         if spec.baseline is None:
             return None
-        reference = None if self.reference is None else self.reference.to(inputs.device)
+        reference = None if self.reference is None else self.reference.to(inputs.device).clone()
         return make_baselines(self.baseline, inputs, reference, self.blur_sigma, spec.baseline == "distribution")
 
     def _attribute(

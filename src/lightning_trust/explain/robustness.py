@@ -163,10 +163,18 @@ class AdversarialRobustness(ScheduledPass):
             self.sample = draw_sample(loader, contract, self.num_samples, self.seed, self.stratify, source=kind)
             if self.sample.targets is None:
                 raise ValueError("AdversarialRobustness needs class targets in the batches (see `batch_keys: {target: ...}`).")
+        # validate/test hooks run under torch.inference_mode, which enable_grad alone does not lift
+        with torch.inference_mode(False):
+            return self._evaluate(pl_module, trainer, stage)
+
+    def _evaluate(self, pl_module: Any, trainer: Any, stage: str) -> dict[str, Any]:
+        from captum.robust import FGSM, PGD
+
+        assert self.sample is not None and self.sample.targets is not None
         start = time.perf_counter()
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        x = self.sample.inputs.to(device)
-        y = self.sample.targets.to(device).long()
+        x = self.sample.inputs.to(device).clone()
+        y = self.sample.targets.to(device).long().clone()
         low, high = self.input_range or [float(self.sample.inputs.min()), float(self.sample.inputs.max())]
         n = len(x)
         size = self.batch_size or n
