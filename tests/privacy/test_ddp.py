@@ -59,3 +59,25 @@ def test_dp_under_ddp_accounts_the_global_sample_rate(tmp_path):
     assert r0["sizes"] != r1["sizes"] and len(set(r0["sizes"])) > 1
     assert r0["param_sum"] == pytest.approx(r1["param_sum"], abs=1e-9)
     assert not any(r0["sync"]) and not any(r1["sync"])  # Lightning's own all-reduce of raw gradients is off
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ghost_clipping_under_ddp(tmp_path):
+    results = run_ddp(
+        """
+        from lightning_trust.privacy import DifferentialPrivacy
+
+        pl.seed_everything(0)
+        dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-5, grad_sample_mode="ghost")
+        trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=3, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, callbacks=[dp])
+        model = TabularMLP()
+        trainer.fit(model, AdultDataModule(batch_size=256))
+        save_result({"steps": dp.steps, "param_sum": float(sum(p.detach().double().sum() for p in model.parameters()))})
+        """,
+        tmp_path,
+    )
+    assert results[0]["steps"] == results[1]["steps"] == 3
+    assert results[0]["param_sum"] == pytest.approx(results[1]["param_sum"], abs=1e-9)

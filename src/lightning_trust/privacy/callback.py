@@ -848,7 +848,13 @@ class DifferentialPrivacy(Callback):
     def _capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._pause_depth or not module.training or not torch.is_grad_enabled():
             return
-        self._ghost_outputs.extend(t for t in _tensors(output) if t.requires_grad)
+        # dim >= 1: under DDP Lightning routes training_step itself through the module's __call__, and its
+        # scalar loss must not count as a model output; each tensor once
+        seen = {id(t) for t in self._ghost_outputs}
+        for tensor in _tensors(output):
+            if tensor.requires_grad and tensor.dim() >= 1 and id(tensor) not in seen:
+                self._ghost_outputs.append(tensor)
+                seen.add(id(tensor))
 
     def _ghost_backward(self, pl_module: pl.LightningModule, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         outputs, self._ghost_outputs = self._ghost_outputs, []
