@@ -437,6 +437,9 @@ class QuantizationAwareTraining(Callback):
                 results["speedup"] = results["latency_fp32_ms"] / results["latency_int8_ms"]
                 results["int8_compiled"] = self.compile
             self._results = results
+            numbers = {f"quantization/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for logger in trainer.loggers:
+                logger.log_metrics(numbers, step=trainer.global_step)
             self._figures = {"int8_vs_fp32": str(folder / "int8_vs_fp32.png")}
             write_json(folder / "quantization.json", self.report())
             save_figure(trainer, self._figure(), folder / "int8_vs_fp32.png", tag="quantization/int8_vs_fp32")
