@@ -259,3 +259,25 @@ def test_every_n_epochs_and_standalone_validate():
     trainer(callbacks=[robust, attribution]).test(model, dm.val_dataloader(), verbose=False)  # under inference_mode
     assert robust.report()["robust_accuracy"]["fgsm"]["0"] == robust.report()["clean_accuracy"]
     assert attribution.history[-1]["stage"] == "test_end"
+
+
+@pytest.mark.parametrize("bar", ["rich", "tqdm"])
+def test_progress_in_the_trainers_bar_style(bar, monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from lightning_trust.explain import _common
+
+    seen = []
+    original = _common.Progress.advance
+
+    def advance(self, n=1):
+        seen.append(self._rich is not None or self._tqdm is not None)
+        original(self, n)
+
+    monkeypatch.setattr(_common.Progress, "advance", advance)
+    cb = _fast(num_samples=8, batch_size=4, figures="never")  # two Captum calls: progress shown
+    progress_bar = RichProgressBar() if bar == "rich" else TQDMProgressBar()
+    trainer(max_epochs=1, enable_progress_bar=True, callbacks=[progress_bar, cb]).fit(
+        TabularMLP(input_dim=8, hidden_dims=[8]), Synthetic(n=256)
+    )
+    assert seen == [True, True] and len(cb.history) == 1
