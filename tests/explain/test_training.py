@@ -199,3 +199,21 @@ def test_ddp_two_processes_complete_with_attribution(tmp_path):
     assert results[0]["steps"] == results[1]["steps"]
     assert results[0]["param_sum"] == pytest.approx(results[1]["param_sum"])
     assert (tmp_path / "logs" / "version_0" / "lightning_trust" / "explain" / "heatmaps.png").is_file()
+
+
+@pytest.mark.slow
+def test_works_on_pruned_and_fake_quantized_models(digits):
+    from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining
+
+    for compression in (ProgressivePruning(), QuantizationAwareTraining(measure_latency=False, compile=False)):
+        attribution = Attribution(num_samples=8, method_kwargs={"n_steps": 16}, sensitivity_samples=2, figures="never")
+        robust = AdversarialRobustness(epsilons=[0.0, 0.1], num_samples=32, pgd_steps=2)
+        torch.manual_seed(0)
+        model = SmallCNN(channels=[8, 16])
+        trainer(max_epochs=2, callbacks=[compression, attribution, robust]).fit(model, DigitsSubset(digits, n_train=256, n_val=64))
+        report = attribution.report()
+        assert len(attribution.history) == 2 and report["sensitivity_max"] is not None
+        assert torch.isfinite(attribution.last.attributions).all() and attribution.last.attributions.abs().sum() > 0
+        # completeness holds on the compressed model: the delta is small next to the attributions
+        assert report["convergence_delta"] < 0.1 * float(attribution.last.attributions.flatten(1).sum(1).abs().mean())
+        assert robust.report()["robust_accuracy"]["fgsm"]["0"] == robust.report()["clean_accuracy"]
