@@ -62,7 +62,7 @@ class TinyModule(pl.LightningModule):
 def trainer(tmp_path: Any = None, **kwargs: Any) -> pl.Trainer:
     options = dict(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10,
     )
     if tmp_path is not None:
         options["default_root_dir"] = str(tmp_path)

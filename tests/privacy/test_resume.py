@@ -19,7 +19,7 @@ class Kill(Callback):
 
 
 def _dp():
-    return DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
+    return DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp", log_every_n_steps=1)
 
 
 @pytest.mark.slow
