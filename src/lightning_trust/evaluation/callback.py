@@ -546,7 +546,12 @@ class CrossDomainEvaluation(Callback):
         if stage == "validate":
             self.history.append({k: result[k] for k in ("epoch", "step", "average", "worst", "worst_domain", "ood_gap")})
         self._log(pl_module, result)
-        self._write_tables(trainer, stage, result)
+        # `trainer.log_dir` is a collective under DDP: every process asks, only rank zero writes
+        folder = artifact_dir(trainer, "evaluation")
+        result["tables"] = {"csv": str(folder / f"domains_{stage}.csv"), "markdown": str(folder / f"domains_{stage}.md")}
+        if "corruption" in result:
+            result["tables"]["corruption_errors"] = str(folder / f"corruption_errors_{stage}.json")
+        self._write_tables(folder, stage, result)
 
     def _corruption_summary(self, per_domain: dict[str, dict[str, Optional[float]]], sizes: dict[str, int]) -> dict[str, Any]:
         clean = [n for n in self._names if n in (self._side_names if self.domain_key else [self.base_domain])]
@@ -630,33 +635,35 @@ class CrossDomainEvaluation(Callback):
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
 
     @rank_zero_only
-    def _write_tables(self, trainer: pl.Trainer, stage: str, result: dict[str, Any]) -> None:
-        folder = artifact_dir(trainer, "evaluation")
-        tables = write_tables(folder / f"domains_{stage}", result["per_domain"], result["sizes"], self.metric_names,
-                              self._in_names, result)  # fmt: skip
-        result["tables"] = tables
+    def _write_tables(self, folder: Path, stage: str, result: dict[str, Any]) -> None:
+        write_tables(folder / f"domains_{stage}", result["per_domain"], result["sizes"], self.metric_names,
+                     self._in_names, result)  # fmt: skip
         if "corruption" in result:
-            path = folder / f"corruption_errors_{stage}.json"
-            write_json(path, result["corruption"])
-            result["tables"]["corruption_errors"] = str(path)
+            write_json(folder / f"corruption_errors_{stage}.json", result["corruption"])
+
+    def _write_figures(self, trainer: pl.Trainer, stage: str) -> None:
+        folder = artifact_dir(trainer, "evaluation")  # on every process (a collective under DDP)
+        suffix = "" if stage == "validate" else "_test"
+        result = self.results[stage]
+        for metric in self.metric_names:
+            self._figures[f"domain_{metric}{suffix}"] = str(folder / f"domain_{metric}{suffix}.png")
+        for name in result.get("reliability", {}):
+            self._figures[f"reliability_{_safe(name)}{suffix}"] = str(folder / f"reliability_{_safe(name)}{suffix}.png")
+        self._draw_figures(trainer, folder, stage, suffix)
 
     @rank_zero_only
-    def _write_figures(self, trainer: pl.Trainer, stage: str) -> None:
+    def _draw_figures(self, trainer: pl.Trainer, folder: Path, stage: str, suffix: str) -> None:
         result = self.results[stage]
-        folder = artifact_dir(trainer, "evaluation")
-        suffix = "" if stage == "validate" else "_test"
         for metric in self.metric_names:
             reference = result.get("in_domain", {}).get(metric)
             fig = bar_chart(metric, result["per_domain"], self._in_names, reference)
             path = folder / f"domain_{metric}{suffix}.png"
             save_figure(trainer, fig, path, tag=f"evaluation/domain_{metric}{suffix}")
-            self._figures[f"domain_{metric}{suffix}"] = str(path)
         for name, bins in result.get("reliability", {}).items():
             ece = next((v for m, v in result["per_domain"][name].items() if m == "ece"), None)
             fig = reliability_diagram(name, bins["accuracy"], bins["confidence"], bins["proportion"], ece)
             path = folder / f"reliability_{_safe(name)}{suffix}.png"
             save_figure(trainer, fig, path, tag=f"evaluation/reliability_{_safe(name)}{suffix}")
-            self._figures[f"reliability_{_safe(name)}{suffix}"] = str(path)
 
     # report and checkpoint --------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
