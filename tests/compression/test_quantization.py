@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining, quantize_prepare
+from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining, load_pruned_checkpoint, quantize_prepare
 from lightning_trust.compression.quantization import QAT_ATTR, set_batchnorm_training
 from lightning_trust.demo import SmallCNN, TabularMLP
 from tests.compression.helpers import trainer as make_trainer
@@ -139,6 +139,9 @@ def test_pruning_then_qat_chained_in_one_trainer_and_resumed_from_a_qat_checkpoi
     assert resumed.callbacks[1].report()["agreement"] >= 0.99
     tested = make_trainer(tmp_path, 1, callbacks()).test(SmallCNN(), digits, ckpt_path=str(tmp_path / "epoch=3.ckpt"), verbose=False)
     assert tested[0]["test/acc"] > 0.8
+    # outside Lightning, the float pruned model loads from a QAT-stage checkpoint (fake-quant state left out)
+    float_model = load_pruned_checkpoint(SmallCNN, tmp_path / "epoch=3.ckpt")
+    assert not hasattr(float_model, QAT_ATTR) and float_model.features[0].out_channels == model.features[0].out_channels
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from lightning_trust.batch import BatchContract
 
+#: Name under which QuantizationAwareTraining registers the fake-quantized graph on the LightningModule.
+QAT_ATTR = "lightning_trust_qat"
 #: Samples kept as the example input in checkpoints: enough to trace, small enough to store.
 EXAMPLE_ROWS = 4
 

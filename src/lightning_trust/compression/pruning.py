@@ -20,6 +20,7 @@ from torch_pruning import ops as tp_ops
 
 from lightning_trust.batch import BatchContract, Key
 from lightning_trust.compression._common import (
+    QAT_ATTR,
     callback_state,
     collect_predictions,
     cpu_copy,
@@ -229,7 +230,9 @@ def load_pruned_checkpoint(
 
     ``load_from_checkpoint`` on the plain class builds the unpruned shapes and fails on a size
     mismatch; this builds the model from the saved hyperparameters (``kwargs`` override them),
-    rebuilds the pruned structure, then loads the weights. Works without a Trainer.
+    rebuilds the pruned structure, then loads the float weights (a checkpoint written during
+    quantization-aware training also holds the fake-quant graph's state, which is left out: the
+    int8 model is the exported ``.pt2``). Works without a Trainer.
 
     Example:
         >>> model = load_pruned_checkpoint(SmallCNN, "runs/digits/last.ckpt")
@@ -249,7 +252,10 @@ def load_pruned_checkpoint(
     model = cls(**hparams)
     restore_pruned_structure(model, checkpoint, customized_pruners=customized_pruners)
     model.on_load_checkpoint(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"], strict=strict)
+    # a checkpoint written during QuantizationAwareTraining also holds the fake-quant graph's state:
+    # the float model loads its own weights (the int8 model is the exported .pt2)
+    weights = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(f"{QAT_ATTR}.")}
+    model.load_state_dict(weights, strict=strict)
     if map_location is not None:
         model = model.to(map_location)
     return model

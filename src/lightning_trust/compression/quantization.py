@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_trust.batch import BatchContract, Key
 from lightning_trust.compression._common import (
+    QAT_ATTR,
     callback_state,
     collect_predictions,
     example_from,
@@ -47,8 +48,6 @@ from lightning_trust.compression._common import (
 )
 from lightning_trust.utils import artifact_dir, find_callback, new_figure, save_figure, write_json
 
-#: Name under which the fake-quantized graph is registered on the LightningModule.
-QAT_ATTR = "lightning_trust_qat"
 _BN_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default")
 
 
