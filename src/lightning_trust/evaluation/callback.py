@@ -630,9 +630,20 @@ class CrossDomainEvaluation(Callback):
         for key in ("corruption_error", "relative_corruption_error"):
             if key in result and not math.isnan(result[key]):
                 values[f"domain/summary/{key}"] = result[key]
-        if values:
-            # every process holds the same synced values; sync_dist only keeps Lightning's DDP check quiet
-            pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=True)
+        if not values:
+            return
+        # Every process holds the same synced numbers, so they go straight to the loggers (rank zero)
+        # and to `callback_metrics` (for ModelCheckpoint/EarlyStopping monitors): `self.log` would
+        # build a reducing result object per key, costing more than the whole evaluation.
+        trainer = pl_module.trainer
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        self._log_to_loggers(trainer, values)
+
+    @staticmethod
+    @rank_zero_only
+    def _log_to_loggers(trainer: pl.Trainer, values: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
 
     @rank_zero_only
     def _write_tables(self, folder: Path, stage: str, result: dict[str, Any]) -> None:
