@@ -317,6 +317,10 @@ figcaption{color:var(--muted);font-size:12.5px;margin-top:4px}
 pre{background:var(--bg);padding:10px;border-radius:6px;overflow:auto;font-size:12.5px}
 details summary{cursor:pointer;font-weight:600}
 .headline{max-width:760px}.headline td:first-child{white-space:nowrap;width:45%}
+.evidence{display:grid;grid-template-columns:minmax(0,1fr) 400px;gap:18px;align-items:start}
+.evidence .headline{min-width:0}.evidence .headline td:first-child{white-space:normal;overflow-wrap:anywhere;width:62%}
+.evidence .figures{grid-template-columns:repeat(auto-fill,minmax(300px,1fr));margin-top:0}
+.evidence .headline td{font-size:12.5px}
 """
 
 
@@ -401,24 +405,27 @@ def render_html(card: Mapping[str, Any]) -> str:
     figures = _figures_by_section(card)
     for name, section in card["sections"].items():
         parts.append(f'<section id="section-{_e(name)}"><h2>{_e(section_title(name))}</h2>')
-        if figures.get(name):
-            parts.append('<div class="figures">')
-            for figure in figures[name]:
-                if figure["data"]:
-                    parts.append(
-                        f'<figure><img class="card-figure" data-key="{_e(figure["key"])}" alt="{_e(figure["key"])}" '
-                        f'src="data:{figure["media_type"]};base64,{figure["data"]}"><figcaption>{_e(figure["key"])}'
-                        "</figcaption></figure>"
-                    )
-                else:
-                    parts.append(f"<figure><figcaption>figure {_e(figure['key'])} was missing</figcaption></figure>")
-            parts.append("</div>")
+        gallery = ""
+        for figure in figures.get(name, []):
+            if figure["data"]:
+                gallery += (
+                    f'<figure><img class="card-figure" data-key="{_e(figure["key"])}" alt="{_e(figure["key"])}" '
+                    f'src="data:{figure["media_type"]};base64,{figure["data"]}"><figcaption>{_e(figure["key"])}'
+                    "</figcaption></figure>"
+                )
+            else:
+                gallery += f"<figure><figcaption>figure {_e(figure['key'])} was missing</figcaption></figure>"
         headline = [
             [f"<code>{_e(name)}.{_e(k)}</code>", _e(_value_text(v))]
             for k, v in section.items() if not isinstance(v, (Mapping, list, tuple))
         ][:_HEADLINE_ROWS]  # fmt: skip
-        if headline:
-            parts.append('<div class="headline">' + _html_table(["", ""], headline, raw=True) + "</div>")
+        numbers = _html_table(["", ""], headline, raw=True) if headline else ""
+        if gallery and numbers:
+            parts.append(f'<div class="evidence"><div class="figures">{gallery}</div><div class="headline">{numbers}</div></div>')
+        elif gallery:
+            parts.append(f'<div class="figures">{gallery}</div>')
+        elif numbers:
+            parts.append(f'<div class="headline">{numbers}</div>')
         rows, tables = section_rows(section, name)
         inner = ""
         if rows:
