@@ -98,3 +98,26 @@ def test_image_run_with_heatmaps_corruptions_pruning_and_int8(digits, tmp_path):
     assert card["model"]["params"] == sum(p.numel() for p in model.parameters()) == card["sections"]["compression"]["params_after"]
     assert card["model"]["macs"] and card["model"]["macs"] < card["sections"]["compression"]["macs_before"]
     assert json.loads(report.paths["json"].read_text())["stage"] == "fit"
+
+
+def test_fairness_mitigation_callbacks_are_numbered_sections(adult, tmp_path):
+    from lightning_trust.fairness import FairnessPenalty, ThresholdOptimizer
+
+    metrics = FairnessMetrics(sensitive_features=["sex"])
+    penalty = FairnessPenalty(sensitive_feature="sex", lam=1.0)
+    thresholds = ThresholdOptimizer(sensitive_feature="sex")
+    standards = {
+        "fairness_mitigation.lam": {"min": 1.0},  # the penalty's section
+        "fairness_mitigation_2.after.demographic_parity_difference": {"max": 1.0},  # the threshold optimizer's
+        "fairness_mitigation_2.after.accuracy": {"min": 1.01},  # made to fail
+    }
+    report = TrustReport(standards=standards, verbose=False)
+    t = trainer(tmp_path, [metrics, penalty, thresholds, report], max_epochs=1, limit_train_batches=5, limit_val_batches=4)
+    t.fit(TabularMLP(), adult)
+    card = load_card(report.paths["json"])
+    assert list(card["sections"]) == ["fairness", "fairness_mitigation", "fairness_mitigation_2"]
+    assert card["sections"]["fairness_mitigation_2"]["after"] == pytest.approx(
+        {k: v for k, v in thresholds.report()["after"].items()}, nan_ok=True
+    )
+    verdicts = {s["name"]: s["status"] for s in card["standards"]}
+    assert verdicts == dict(zip(standards, ["met", "met", "not_met"]))

@@ -134,7 +134,7 @@ def test_report_cli_errors_clearly_on_missing_or_foreign_files(tmp_path, capsys)
     assert "schema 7.0" in capsys.readouterr().err
 
 
-def test_unknown_section_fails_at_setup_listing_sections(adult, tmp_path):
+def test_unknown_section_fails_before_training_listing_sections(adult, tmp_path):
     report = TrustReport(standards={"privacy.epsilon": {"max": 8}})
     with pytest.raises(UnknownStandardError, match=r"name sections no callback.*'data', 'metrics', 'model', 'training'"):
         trainer(tmp_path, [report]).fit(TabularMLP(), adult)

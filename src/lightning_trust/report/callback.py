@@ -110,7 +110,9 @@ class TrustReport(Callback):
     # ------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
-        # fail early on a standard whose section nothing in this Trainer reports
+
+    def _check_sections(self, trainer: pl.Trainer) -> None:
+        """Fail before any work on a standard whose section nothing in this Trainer reports."""
         sections = set(FACT_SECTIONS)
         counts: dict[str, int] = {}
         for callback in reportable_callbacks(trainer):
@@ -125,7 +127,16 @@ class TrustReport(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not in setup: strategies may add their reporting callbacks while setting up
+        self._check_sections(trainer)
         self._fit_started = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._check_sections(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_sections(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fit_started is not None:
