@@ -217,12 +217,13 @@ class CrossDomainEvaluation(Callback):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"Domain names must be unique; {duplicates} appear twice. Rename the extra `domains`.")
+        if names != self._names:
+            self._metrics = None  # built on the first predictions; kept (and reset) across stages otherwise
         self._names = names
         self._in_names = self._resolve_in_domain(extra)
         if self.baseline_errors is not None and self._baseline is None:
             self._baseline = _load_baseline(self.baseline_errors)
         self._loaders = {}
-        self._metrics = None
         self._reset_buffers()
 
     def _resolve_side_domains(self, trainer: pl.Trainer) -> tuple[list[Any], list[str]]:
