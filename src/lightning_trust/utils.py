@@ -21,6 +21,9 @@ def artifact_dir(trainer: Any, area: str) -> Path:
 
     ``log_dir`` is the first logger's run folder (``lightning_logs/version_N``) or the Trainer's
     ``default_root_dir`` when there is no logger. Created on first use.
+
+    Under DDP ``trainer.log_dir`` is a collective (a broadcast from rank zero): call this on every
+    rank (e.g. in ``setup``) and keep the path, never from rank-zero-only code, or the run hangs.
     """
     base = getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or os.getcwd()
     path = Path(base) / "lightning_trust" / area
@@ -115,6 +118,8 @@ def isolated_eval(module: nn.Module, trainer: Any = None, grad: bool = False) ->
         stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
         for callback in pausers:
             stack.enter_context(callback.paused())
+        if grad:  # validate/test run under inference_mode, where autograd cannot be re-enabled
+            stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
         try:
             module.eval()
