@@ -358,3 +358,21 @@ def test_pruning_under_ddp_on_two_cpu_processes(tmp_path):
 def test_restore_refuses_a_checkpoint_without_pruning():
     with pytest.raises(KeyError, match="no pruning structure"):
         restore_pruned_structure(SmallCNN(), {"state_dict": {}})
+
+
+def test_refuses_to_run_with_differential_privacy(adult, tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_trust.compression import ProgressivePruning
+    from lightning_trust.demo import TabularMLP
+    from lightning_trust.privacy import DifferentialPrivacy
+
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0),
+                                    ProgressivePruning(pruning_ratio=0.5, start_epoch=1, end_epoch=2)])
+    model = TabularMLP()
+    before = [p.shape for p in model.parameters()]
+    with pytest.raises(ValueError, match="same `fit` as DifferentialPrivacy.*separate fit"):
+        trainer.fit(model, adult)
+    assert [p.shape for p in model.parameters()] == before

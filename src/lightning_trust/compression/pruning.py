@@ -450,6 +450,14 @@ class ProgressivePruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
         if stage == "fit":
+            if any(getattr(cb, "report_section", None) == "privacy" for cb in trainer.callbacks):
+                # pruning swaps the parameter tensors that Opacus's per-sample-gradient hooks and DP optimizer hold
+                raise ValueError(
+                    "ProgressivePruning cannot run in the same `fit` as DifferentialPrivacy: structural pruning "
+                    "replaces the parameters that the DP optimizer and Opacus's per-sample-gradient hooks hold. "
+                    "Prune in a separate fit (before DP training, or after it on the DP checkpoint with DP off), "
+                    "or remove one of the two callbacks."
+                )
             events = self.events(trainer.max_epochs)
             if trainer.max_epochs is not None and trainer.max_epochs > 0 and events[-1] >= trainer.max_epochs:
                 raise ValueError(
