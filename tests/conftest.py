@@ -24,3 +24,14 @@ def digits():
     dm = DigitsDataModule(batch_size=64)
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_modes():
+    """A Trainer(deterministic=True) run inside a test leaves torch's global determinism on; undo it."""
+    import torch
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

@@ -76,3 +76,15 @@ def test_to_jsonable_and_unwrap():
             self._module = inner
 
     assert unwrap_module(Wrapper()) is inner
+
+
+def test_isolated_eval_relaxes_then_restores_determinism():
+    net = nn.Sequential(nn.Linear(2, 2))
+    torch.use_deterministic_algorithms(True)
+    try:
+        with isolated_eval(net, grad=True):
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -99,7 +99,8 @@ def isolated_eval(module: nn.Module, trainer: Any = None, grad: bool = False) ->
 
     Inside: every pack callback that can pause (DP hooks, see :class:`~lightning_trust.protocol.Pausable`)
     is paused, the module is in eval mode, gradients are enabled only when ``grad=True``, the
-    parameters' ``.grad`` are saved and the random number generators are forked (so sampling
+    parameters' ``.grad`` are saved, deterministic-algorithm mode only warns (Captum's DeepLift
+    unpools max-pooling, which has no deterministic kernel), and the random number generators are forked (so sampling
     baselines or noise here does not change the training run's noise or dropout). After: the modes
     of every submodule, the grad mode, each parameter's ``requires_grad`` and ``.grad`` and the RNG
     states are restored.
@@ -121,6 +122,10 @@ def isolated_eval(module: nn.Module, trainer: Any = None, grad: bool = False) ->
         if grad:  # validate/test run under inference_mode, where autograd cannot be re-enabled
             stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        if deterministic:  # e.g. Captum's DeepLift unpools max-pooling, which has no deterministic kernel
+            torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             module.eval()
             for p in params:
@@ -132,6 +137,8 @@ def isolated_eval(module: nn.Module, trainer: Any = None, grad: bool = False) ->
             for p, g, r in zip(params, saved_grads, saved_requires):
                 p.grad = g
                 p.requires_grad_(r)
+            if deterministic:
+                torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:
