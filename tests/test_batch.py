@@ -114,3 +114,14 @@ def test_predictions_from_step_outputs():
 def test_batch_size_of():
     assert batch_size_of({"x": torch.ones(7, 2), "y": torch.ones(7)}) == 7
     assert batch_size_of((torch.ones(3, 1, 8, 8), torch.ones(3))) == 3
+
+
+def test_read_column_from_map_style_datasets():
+    from lightning_trust.batch import read_column
+    from lightning_trust.demo import DictDataset
+
+    ds = DictDataset({"x": torch.randn(10, 2), "y": torch.arange(10) % 2, "sex": torch.arange(10) % 3})
+    assert read_column(ds).tolist() == [i % 2 for i in range(10)]
+    assert read_column(ds, BatchContract(), "sex", chunk=3).tolist() == [i % 3 for i in range(10)]
+    tuples = torch.utils.data.TensorDataset(torch.randn(4, 2), torch.tensor([3, 1, 2, 0]), torch.tensor([1, 1, 0, 0]))
+    assert read_column(tuples, BatchContract(columns={"client": 2}), "client").tolist() == [1, 1, 0, 0]

@@ -32,7 +32,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
+import numpy as np
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 
 Key = Union[str, int]
 
@@ -270,3 +272,22 @@ def _batch_size(inputs: Any) -> Optional[int]:
 def batch_size_of(batch: Any, contract: Optional[BatchContract] = None) -> Optional[int]:
     """Number of samples in a batch (from its inputs)."""
     return _batch_size((contract or BatchContract()).inputs(batch))
+
+
+def read_column(dataset: Any, contract: Optional[BatchContract] = None, name: str = "target", chunk: int = 4096) -> np.ndarray:
+    """One column of a map-style dataset (``"target"`` or a side-column name) as a 1-D numpy array.
+
+    Samples are read in chunks (``__getitems__`` when the dataset has it), collated like a
+    DataLoader would and read with the batch contract.
+    """
+    contract = contract or BatchContract()
+    n = len(dataset)
+    values = []
+    getitems = getattr(dataset, "__getitems__", None)
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(start + chunk, n)))
+        samples = getitems(idx) if getitems is not None else [dataset[i] for i in idx]
+        batch = default_collate(samples)
+        column = contract.target(batch) if name == "target" else contract.side(batch, name)
+        values.append(torch.as_tensor(column).reshape(len(idx), -1)[:, 0].cpu().numpy())
+    return np.concatenate(values) if values else np.zeros(0, dtype=np.int64)

@@ -16,31 +16,11 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
-from torch.utils.data._utils.collate import default_collate
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.batch import BatchContract, read_column
 
 __all__ = ["Partitioner", "IID", "Dirichlet", "ByKey", "resolve_partition", "read_column", "partition_summary"]
-
-
-def read_column(dataset: Dataset, contract: BatchContract, name: str = "target", chunk: int = 4096) -> np.ndarray:
-    """One column of a map-style dataset (``"target"`` or a side-column name) as a 1-D numpy array.
-
-    Samples are read in chunks (``__getitems__`` when the dataset has it), collated like a
-    DataLoader would and read with the batch contract.
-    """
-    n = len(dataset)  # type: ignore[arg-type]
-    values = []
-    getitems = getattr(dataset, "__getitems__", None)
-    for start in range(0, n, chunk):
-        idx = list(range(start, min(start + chunk, n)))
-        samples = getitems(idx) if getitems is not None else [dataset[i] for i in idx]
-        batch = default_collate(samples)
-        column = contract.target(batch) if name == "target" else contract.side(batch, name)
-        values.append(torch.as_tensor(column).reshape(len(idx), -1)[:, 0].cpu().numpy())
-    return np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
 
 
 class Partitioner:
