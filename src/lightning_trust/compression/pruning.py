@@ -148,11 +148,16 @@ def _build_graph(model: nn.Module, example_input: Any, customized_pruners: Optio
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, customized_pruners=customized_pruners)
     except Exception as err:  # tracing failures surface as many exception types
-        raise RuntimeError(
-            f"torch-pruning could not trace {type(model).__name__} with an example input of "
-            f"{_describe(example_input)}: {type(err).__name__}: {err}. Pass `example_input` (a tensor or a shape) that "
-            "the model's forward accepts, or `batch_keys` if the inputs are not found in the batch."
-        ) from err
+        raise _trace_error(model, example_input, err) from err
+
+
+def _trace_error(model: nn.Module, example_input: Any, err: Exception) -> RuntimeError:
+    """The refusal for a model torch-pruning cannot trace, naming the input tried and the fix."""
+    return RuntimeError(
+        f"torch-pruning could not trace {type(model).__name__} with an example input of "
+        f"{_describe(example_input)}: {type(err).__name__}: {err}. Pass `example_input` (a tensor or a shape) that "
+        "the model's forward accepts, or `batch_keys` if the inputs are not found in the batch."
+    )
 
 
 def _describe(value: Any) -> str:
@@ -563,11 +568,7 @@ class ProgressivePruning(Callback):
             with isolated_eval(pl_module):
                 pl_module(example)
         except Exception as err:
-            raise RuntimeError(
-                f"torch-pruning could not trace {type(pl_module).__name__} with an example input of {_describe(example)}: "
-                f"{type(err).__name__}: {err}. Pass `example_input` (a tensor or a shape) that the model's forward "
-                "accepts, or `batch_keys` if the inputs are not found in the batch."
-            ) from err
+            raise _trace_error(pl_module, example, err) from err
         ignored = self._resolve_ignored(pl_module, example)
         self._check_pruners(pl_module, example, ignored)
         modules = dict(pl_module.named_modules())
@@ -591,10 +592,7 @@ class ProgressivePruning(Callback):
                 **kwargs,
             )
         except Exception as err:
-            raise RuntimeError(
-                f"torch-pruning could not trace {type(pl_module).__name__} with an example input of {_describe(example)}: "
-                f"{type(err).__name__}: {err}. Pass `example_input` that the model's forward accepts."
-            ) from err
+            raise _trace_error(pl_module, example, err) from err
         # the schedule's ratios are relative to the dense model: after a resume the pruner is traced on the
         # pruned model, so restore the dense channel counts it ranks against (torch-pruning keeps them per scope)
         names = {m: n for n, m in modules.items()}
