@@ -104,17 +104,17 @@ def _fresh_callback(**kwargs):
 
 def test_custom_layer_without_pruner_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"'features\.1' \(_Scale\).*ignored_layers"):
-        _fresh_callback()._build_pruner(_CustomCNN())
+        _fresh_callback()._build_pruner(None, _CustomCNN())
 
 
 def test_untraceable_model_is_refused_with_the_fix():
     with pytest.raises(RuntimeError, match="could not trace _Untraceable.*example_input"):
-        _fresh_callback()._build_pruner(_Untraceable())
+        _fresh_callback()._build_pruner(None, _Untraceable())
 
 
 def test_unknown_ignored_layer_is_refused():
     with pytest.raises(ValueError, match="classifer"):
-        _fresh_callback(ignored_layers=["classifer"])._build_pruner(SmallCNN())
+        _fresh_callback(ignored_layers=["classifer"])._build_pruner(None, SmallCNN())
 
 
 # one pruning step --------------------------------------------------------------------------
@@ -360,19 +360,17 @@ def test_restore_refuses_a_checkpoint_without_pruning():
         restore_pruned_structure(SmallCNN(), {"state_dict": {}})
 
 
-def test_refuses_to_run_with_differential_privacy(adult, tmp_path):
-    import lightning.pytorch as pl
-
-    from lightning_trust.compression import ProgressivePruning
-    from lightning_trust.demo import TabularMLP
-    from lightning_trust.privacy import DifferentialPrivacy
-
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0),
-                                    ProgressivePruning(pruning_ratio=0.5, start_epoch=1, end_epoch=2)])
-    model = TabularMLP()
-    before = [p.shape for p in model.parameters()]
-    with pytest.raises(ValueError, match="same `fit` as DifferentialPrivacy.*separate fit"):
-        trainer.fit(model, adult)
-    assert [p.shape for p in model.parameters()] == before
+def test_restoring_a_pruned_structure_keeps_the_training_mode(tmp_path, digits):
+    # torch-pruning's trace switches the model to eval mode; a resumed fit must keep training with dropout etc.
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    pruning = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=0, end_epoch=0,
+                                 measure_latency=False, evaluate=False)
+    make_trainer(tmp_path, 1, [pruning, checkpoint], enable_checkpointing=True, limit_train_batches=2).fit(SmallCNN(), digits)
+    model = SmallCNN().train()
+    restore_pruned_structure(model, tmp_path / "epoch=0.ckpt")
+    assert model.features[0].out_channels < SmallCNN().features[0].out_channels
+    assert all(m.training for m in model.modules())
+    frozen = SmallCNN().eval()
+    restore_pruned_structure(frozen, tmp_path / "epoch=0.ckpt")
+    assert not any(m.training for m in frozen.modules())

@@ -45,8 +45,14 @@ def first_tensor(value: Any) -> Optional[Tensor]:
     return None
 
 
-def example_from(inputs: Any, rows: int = EXAMPLE_ROWS) -> Any:
-    """A few detached CPU rows of a batch's inputs, to store and to trace with."""
+def example_from(inputs: Any, rows: int = EXAMPLE_ROWS, private: bool = False) -> Any:
+    """A few detached CPU rows of a batch's inputs, to store and to trace with.
+
+    ``private=True`` keeps only shapes and dtypes (zeros): under differential privacy no training
+    record may be stored in the checkpoint next to the DP model.
+    """
+    if private:
+        return map_tensors(inputs, lambda t: torch.zeros((rows, *t.shape[1:]) if t.ndim else (), dtype=t.dtype))
     return map_tensors(inputs, lambda t: t[:rows].detach().cpu().clone())
 
 

@@ -35,7 +35,8 @@ from lightning_trust.compression._common import (
     rewrap_ddp,
     val_dataloaders,
 )
-from lightning_trust.utils import artifact_dir, isolated_eval, new_figure, save_figure, write_json
+from lightning_trust.privacy import DifferentialPrivacy
+from lightning_trust.utils import artifact_dir, find_callback, isolated_eval, new_figure, save_figure, write_json
 
 Schedule = Literal["cubic", "linear", "one_shot"]
 ImportanceName = Literal["group_magnitude", "taylor", "lamp", "bn_scale", "hessian", "random"]
@@ -146,7 +147,8 @@ def _find_module(model: nn.Module, name: str) -> nn.Module:
 
 def _build_graph(model: nn.Module, example_input: Any, customized_pruners: Optional[dict[Any, Any]] = None) -> tp.DependencyGraph:
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, customized_pruners=customized_pruners)
+        with isolated_eval(model, grad=True):  # torch-pruning's trace leaves the model in eval mode otherwise
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, customized_pruners=customized_pruners)
     except Exception as err:  # tracing failures surface as many exception types
         raise _trace_error(model, example_input, err) from err
 
@@ -301,6 +303,11 @@ class ProgressivePruning(Callback):
     real batch); the optimizers keep working on the new parameters with their state (momentum,
     Adam moments) carried over for the kept channels.
 
+    Works in the same ``fit`` as :class:`~lightning_trust.privacy.DifferentialPrivacy`: the DP
+    callback re-attaches Opacus's per-sample-gradient hooks to the pruned layers, the DP optimizer
+    keeps the pruned parameters, and the importances (weights, or the noised gradients) are
+    post-processing of the private model, so ε is unchanged.
+
     Args:
         pruning_ratio: final share of channels removed from each prunable layer (or globally with
             ``global_pruning``). Exclusive with ``target_macs_ratio``/``target_speedup``.
@@ -321,7 +328,8 @@ class ProgressivePruning(Callback):
         sparsity_regularization: > 0 trains with torch-pruning's group-norm regularizer
             (``GroupNormPruner``; ``BNScalePruner`` for ``"bn_scale"``) pushing unimportant groups to zero.
         example_input: a tensor, or a shape like ``[1, 1, 8, 8]``; default: the first training
-            batch's inputs (read through the batch contract).
+            batch's inputs (read through the batch contract); with ``DifferentialPrivacy`` in the
+            Trainer only their shapes (zeros), so no training record is stored in the checkpoint.
         batch_keys: where inputs/targets are in a batch (see :class:`~lightning_trust.batch.BatchContract`).
         measure_latency: measure dense vs pruned CPU latency for the report.
         evaluate: compute validation accuracy before the first step and at the end.
@@ -410,6 +418,7 @@ class ProgressivePruning(Callback):
         self.customized_pruners = customized_pruners
 
         self._contract: Optional[BatchContract] = None
+        self._private = False  # a DifferentialPrivacy callback trains in the same fit
         self._pruner: Optional[tp.pruner.BasePruner] = None
         self._skeleton: Optional[nn.Module] = None  # the dense model, kept to un-prune for test(ckpt_path=...)
         self._ignored_resolved: Optional[list[str]] = None
@@ -454,14 +463,14 @@ class ProgressivePruning(Callback):
     # lifecycle -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
+        self._private = find_callback(trainer, DifferentialPrivacy) is not None
         if stage == "fit":
-            if any(getattr(cb, "report_section", None) == "privacy" for cb in trainer.callbacks):
-                # pruning swaps the parameter tensors that Opacus's per-sample-gradient hooks and DP optimizer hold
+            if self._private and self.sparsity_regularization > 0:
                 raise ValueError(
-                    "ProgressivePruning cannot run in the same `fit` as DifferentialPrivacy: structural pruning "
-                    "replaces the parameters that the DP optimizer and Opacus's per-sample-gradient hooks hold. "
-                    "Prune in a separate fit (before DP training, or after it on the DP checkpoint with DP off), "
-                    "or remove one of the two callbacks."
+                    f"ProgressivePruning(sparsity_regularization={self.sparsity_regularization}) cannot train with "
+                    "DifferentialPrivacy: the DP optimizer replaces each gradient by its clipped, noised per-sample sum, "
+                    "so the regularizer's gradient would be silently dropped. Set `sparsity_regularization: 0` (pruning "
+                    "by importance works under DP)."
                 )
             events = self.events(trainer.max_epochs)
             if trainer.max_epochs is not None and trainer.max_epochs > 0 and events[-1] >= trainer.max_epochs:
@@ -498,11 +507,11 @@ class ProgressivePruning(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._example is None:
             inputs = self.example_input if self.example_input is not None else self._contract.inputs(batch)  # type: ignore[union-attr]
-            self._example = example_from(inputs)
+            self._example = example_from(inputs, private=self._private)
             first = inputs if isinstance(inputs, Tensor) else None
             self._latency_batch = int(first.shape[0]) if first is not None and first.ndim > 0 else 1
         if self._pruner is None and (self.sparsity_regularization > 0 or self._done < len(self.events(trainer.max_epochs))):
-            self._pruner = self._build_pruner(pl_module)
+            self._pruner = self._build_pruner(trainer, pl_module)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.sparsity_regularization > 0 and self._pruner is not None and self._done < len(self.events(trainer.max_epochs)):
@@ -562,11 +571,15 @@ class ProgressivePruning(Callback):
             self._ignored_resolved = list(dict.fromkeys(output_layers(pl_module, example) + self.ignored_layers))
         return self._ignored_resolved
 
-    def _build_pruner(self, pl_module: pl.LightningModule) -> tp.pruner.BasePruner:
+    def _build_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tp.pruner.BasePruner:
+        # tracing runs forward/backward passes that must leave no trace on training (DP hooks, RNG, modes)
+        with isolated_eval(pl_module, trainer, grad=True):
+            return self._trace_pruner(pl_module)
+
+    def _trace_pruner(self, pl_module: pl.LightningModule) -> tp.pruner.BasePruner:
         example = self._device_example(pl_module)
         try:
-            with isolated_eval(pl_module):
-                pl_module(example)
+            pl_module(example)
         except Exception as err:
             raise _trace_error(pl_module, example, err) from err
         ignored = self._resolve_ignored(pl_module, example)
@@ -621,7 +634,7 @@ class ProgressivePruning(Callback):
         ran: list[nn.Module] = []
         handles = [m.register_forward_hook(lambda mod, i, o: ran.append(mod)) for m in pl_module.modules() if m is not pl_module]
         try:
-            with isolated_eval(pl_module):
+            with torch.no_grad():
                 pl_module(example)
         finally:
             for h in handles:
@@ -649,7 +662,7 @@ class ProgressivePruning(Callback):
     # one pruning step ------------------------------------------------------------------------
     def _prune_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
         if self._pruner is None:
-            self._pruner = self._build_pruner(pl_module)
+            self._pruner = self._build_pruner(trainer, pl_module)
         example = self._device_example(pl_module)
         if not self._before:
             self._measure_before(trainer, pl_module, example)

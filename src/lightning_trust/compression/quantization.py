@@ -46,6 +46,7 @@ from lightning_trust.compression._common import (
     tensor_bytes,
     val_dataloaders,
 )
+from lightning_trust.privacy import DifferentialPrivacy
 from lightning_trust.utils import artifact_dir, find_callback, new_figure, save_figure, write_json
 
 _BN_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default")
@@ -303,6 +304,13 @@ class QuantizationAwareTraining(Callback):
         from lightning_trust.compression.pruning import ProgressivePruning
 
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
+        if stage == "fit" and find_callback(trainer, DifferentialPrivacy) is not None:
+            raise ValueError(
+                "QuantizationAwareTraining cannot train in the same `fit` as DifferentialPrivacy: the fake-quantized "
+                "graph runs instead of the layers where Opacus computes per-sample gradients, so clipping would have "
+                "nothing to clip. Train privately first; quantization-aware fine-tuning on the private data afterwards "
+                "is not covered by ε (fine-tune on public data, or keep the DP model in float)."
+            )
         pruning = find_callback(trainer, ProgressivePruning)
         if pruning is not None:
             if trainer.callbacks.index(pruning) > trainer.callbacks.index(self):

@@ -15,6 +15,10 @@ How Opacus is attached to an unchanged LightningModule:
   ``configure_optimizers`` is wrapped in Opacus's ``DPOptimizer`` (``DistributedDPOptimizer`` under
   DDP, per-layer and fast-gradient-clipping variants as configured) whose step hook feeds the
   accountant.
+* When another callback replaces the module's parameters (structural pruning swaps each pruned
+  ``nn.Parameter`` for a smaller one), the next training batch finds parameters the hooks have not
+  seen: the hooks are re-attached to the new structure and the DP optimizer is checked to hold
+  exactly the new trainable parameters, so clipping and noise cover the pruned model.
 * Under DDP, Lightning's own DDP gradient all-reduce is switched off for every training step
   (``require_backward_grad_sync = False``): the ``DistributedDPOptimizer`` clips locally, adds noise
   on rank 0 only and all-reduces the noisy sum once. Lightning's all-reduce of the raw, unclipped
@@ -59,6 +63,10 @@ SUPPORTED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
 _PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "_forward_counter", "_norm_sample", "summed_grad")
 _MODULE_ATTRS = ("activations", "max_batch_len")
 _MISSING = object()
+
+
+def _same_objects(first: list[Any], second: list[Any]) -> bool:
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second))
 
 
 class _SafeHooks(GradSampleHooks):
@@ -238,6 +246,7 @@ class DifferentialPrivacy(Callback):
         self._curve: list[tuple[int, float]] = []
         self._restored: Optional[dict[str, Any]] = None
         self._hooks: Optional[GradSampleHooks] = None
+        self._hooked_params: list[nn.Parameter] = []
         self._module: Optional[pl.LightningModule] = None
         self._optimizer: Optional[DPOptimizer] = None
         self._max_total_steps: Optional[int] = None
@@ -424,6 +433,8 @@ class DifferentialPrivacy(Callback):
                 "(min_epochs / min_steps?). Refusing to exceed the privacy budget; lower min_epochs/min_steps."
             )
         self._ghost_outputs = []
+        if self._hooks is not None and not _same_objects(self._hooked_params, list(pl_module.parameters())):
+            self._reattach_hooks(pl_module)
         model = trainer.strategy.model
         if isinstance(model, DistributedDataParallel):
             model.require_backward_grad_sync = False  # see the module docstring: one (noisy) all-reduce only
@@ -468,16 +479,7 @@ class DifferentialPrivacy(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self._hooks is not None:
-            self._hooks.cleanup()
-            for m in pl_module.modules():
-                for name in _MODULE_ATTRS:
-                    if name in m.__dict__:
-                        delattr(m, name)
-            for p in pl_module.parameters():
-                if "summed_grad" in p.__dict__:
-                    delattr(p, "summed_grad")
-            self._hooks = None
+        self._detach_hooks(pl_module)
         if self._ghost_handle is not None:
             self._ghost_handle.remove()
             self._ghost_handle = None
@@ -560,12 +562,47 @@ class DifferentialPrivacy(Callback):
             if self.grad_sample_mode == "ghost":
                 norm = self.max_grad_norm if isinstance(self.max_grad_norm, float) else 1.0
                 self._hooks = _SafeGhostHooks(pl_module, max_grad_norm=norm, use_ghost_clipping=True, **common)
-                self._ghost_handle = pl_module.register_forward_hook(self._capture_output)
-                pl_module.backward = partial(self._ghost_backward, pl_module)  # instance attribute, removed at teardown
+                if self._ghost_handle is None:
+                    self._ghost_handle = pl_module.register_forward_hook(self._capture_output)
+                    pl_module.backward = partial(self._ghost_backward, pl_module)  # instance attribute, removed at teardown
             else:
                 self._hooks = _SafeHooks(pl_module, force_functorch=self.grad_sample_mode == "functorch", **common)
         except (NotImplementedError, ValueError) as err:
             raise ValueError(f"Opacus cannot compute per-sample gradients of {type(pl_module).__name__}: {err}") from err
+        self._hooked_params = list(pl_module.parameters())
+
+    def _detach_hooks(self, pl_module: pl.LightningModule) -> None:
+        if self._hooks is None:
+            return
+        self._hooks.cleanup()
+        for m in pl_module.modules():
+            for name in _MODULE_ATTRS:
+                if name in m.__dict__:
+                    delattr(m, name)
+        for p in list(pl_module.parameters()) + self._hooked_params:
+            for name in _PARAM_ATTRS:
+                if name in p.__dict__:
+                    delattr(p, name)
+        self._hooks = None
+        self._hooked_params = []
+
+    def _reattach_hooks(self, pl_module: pl.LightningModule) -> None:
+        """The module's parameters were replaced (structural pruning): hook the new structure."""
+        self._detach_hooks(pl_module)
+        self._check_module(pl_module)
+        self._attach_hooks(pl_module)
+        if self._optimizer is None:
+            return
+        current = {id(p) for p in pl_module.parameters()}
+        stale = [p for p in self._optimizer.params if id(p) not in current]
+        if stale:
+            raise RuntimeError(
+                f"The module's parameters were replaced during training, but the DP optimizer still holds {len(stale)} "
+                "of the old ones: their clipped, noised gradients would not reach the model. A callback that changes the "
+                "model's structure must point the optimizer's param_groups at the new parameters (as "
+                "ProgressivePruning does)."
+            )
+        rank_zero_info("DifferentialPrivacy: the module's parameters changed (structural pruning); re-attached Opacus's hooks.")
 
     def _private_loader(self, trainer: pl.Trainer, loader: Any) -> Any:
         """Build the Poisson-sampled loader for ``loader`` and, the first time, the DP optimizer."""
