@@ -65,6 +65,18 @@ def test_qat_must_start_after_pruning_ends(tmp_path, digits):
         make_trainer(tmp_path, 4, callbacks).fit(SmallCNN(), digits)
 
 
+def test_fast_dev_run_smoke_tests_a_config_whose_schedules_start_later(tmp_path, digits):
+    # a schedule past max_epochs is refused in a real fit, but fast_dev_run (max_epochs=1) is a smoke test
+    callbacks = [ProgressivePruning(start_epoch=1, end_epoch=2), QuantizationAwareTraining(start_epoch=3)]
+    model = SmallCNN()
+    before = [p.shape for p in model.parameters()]
+    pl.Trainer(fast_dev_run=True, callbacks=callbacks, default_root_dir=tmp_path, enable_progress_bar=False,
+               enable_model_summary=False).fit(model, digits)
+    assert [p.shape for p in model.parameters()] == before and not callbacks[1].active
+    with pytest.raises(ValueError, match="never starts with max_epochs=1"):
+        make_trainer(tmp_path, 1, [QuantizationAwareTraining(start_epoch=3)]).fit(SmallCNN(), digits)
+
+
 def test_batchnorm_freeze_is_reapplied_after_train_mode():
     model = SmallCNN(batch_norm=True)
     prepared = quantize_prepare(model, torch.rand(4, 1, 8, 8))

@@ -19,8 +19,10 @@ def _callbacks(config: str) -> dict:
 
 def test_adult_job_declares_the_documented_callbacks_and_standards():
     callbacks = _callbacks("adult.yaml")
-    assert {"DifferentialPrivacy", "FairnessMetrics", "Attribution", "CrossDomainEvaluation", "TrustReport"} <= set(callbacks)
+    assert {"DifferentialPrivacy", "FairnessMetrics", "Attribution", "CrossDomainEvaluation", "ProgressivePruning",
+            "TrustReport"} <= set(callbacks)
     assert callbacks["DifferentialPrivacy"]["target_epsilon"] == 3.0
+    assert callbacks["ProgressivePruning"]["pruning_ratio"] == 0.5
     assert callbacks["FairnessMetrics"]["sensitive_features"] == ["sex", "race"]
     assert callbacks["CrossDomainEvaluation"]["domain_key"] == "native_region"
     assert callbacks["TrustReport"]["standards"]["privacy.epsilon"] == {"max": 3.0}
@@ -35,8 +37,9 @@ def test_digits_job_declares_the_documented_callbacks_and_standards():
 
 @pytest.mark.slow
 def test_adult_job_shortened_ends_with_the_card_path_and_the_verdicts(tmp_path):
-    args = [SCRIPT, "fit", "--config", str(ROOT / "configs/adult.yaml"), "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=20", "--trainer.limit_val_batches=5", "--trainer.enable_progress_bar=false",
+    # five short epochs: the pruning schedule (epochs 2-4) runs to its end inside the private run
+    args = [SCRIPT, "fit", "--config", str(ROOT / "configs/adult.yaml"), "--trainer.max_epochs=5",
+            "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=3", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -44,7 +47,9 @@ def test_adult_job_shortened_ends_with_the_card_path_and_the_verdicts(tmp_path):
     standards = _callbacks("adult.yaml")["TrustReport"]["standards"]
     assert [s["name"] for s in card["standards"]] == list(standards)
     assert all(s["status"] in ("met", "not_met") for s in card["standards"])
-    assert {"privacy", "fairness", "explain", "evaluation"} <= set(card["sections"])
+    assert {"privacy", "fairness", "explain", "evaluation", "compression"} <= set(card["sections"])
+    assert card["sections"]["compression"]["steps_done"] == 3 and card["sections"]["compression"]["macs_ratio"] < 0.5
+    assert "re-attached Opacus's hooks" in proc.stdout + proc.stderr
     tail = proc.stdout.strip().splitlines()[-(len(standards) + 2):]
     assert tail[0].startswith("Model card: ") and tail[0].endswith("model_card.html (and .md, .json)")
     assert tail[1].startswith("Standards: ")

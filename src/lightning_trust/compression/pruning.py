@@ -26,6 +26,7 @@ from lightning_trust.compression._common import (
     cpu_copy,
     example_from,
     example_from_spec,
+    map_tensors,
     measure_latency,
     on_checkpoint_load,
     peek_checkpoint,
@@ -133,11 +134,13 @@ def _tensors(value: Any) -> list[Tensor]:
 
 
 def count_macs_params(model: nn.Module, example_input: Any) -> tuple[float, int]:
-    """MACs and parameters of one forward pass, by torch-pruning's counter (``tp.utils.count_ops_and_params``).
+    """MACs of one sample (the first row of ``example_input``) and parameters, by torch-pruning's counter.
 
-    MACs are per ``example_input`` batch and may be fractional (pooling counts half operations).
+    One row, because ``tp.utils.count_ops_and_params`` averages layers over the batch but not
+    element-wise ops; MACs may be fractional (pooling counts half operations).
     """
-    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    sample = map_tensors(example_input, lambda t: t[:1] if t.ndim else t)
+    macs, params = tp.utils.count_ops_and_params(model, sample)
     return float(macs), int(params)
 
 
@@ -473,7 +476,10 @@ class ProgressivePruning(Callback):
                     "by importance works under DP)."
                 )
             events = self.events(trainer.max_epochs)
-            if trainer.max_epochs is not None and trainer.max_epochs > 0 and events[-1] >= trainer.max_epochs:
+            unfinished = trainer.max_epochs is not None and trainer.max_epochs > 0 and events[-1] >= trainer.max_epochs
+            if unfinished and trainer.fast_dev_run:
+                rank_zero_info(f"fast_dev_run: ProgressivePruning's steps at epochs {events} are cut short.")
+            elif unfinished:
                 raise ValueError(
                     f"The pruning schedule's last step is at epoch {events[-1]}, but max_epochs={trainer.max_epochs}: "
                     f"the final ratio would never be reached. Lower `end_epoch`/`start_epoch` or raise `max_epochs`."
@@ -654,8 +660,6 @@ class ProgressivePruning(Callback):
                 )
 
     def _device_example(self, pl_module: nn.Module) -> Any:
-        from lightning_trust.compression._common import map_tensors
-
         device = next(iter(pl_module.parameters()), torch.empty(0)).device
         return map_tensors(self._example, lambda t: t.to(device))
 

@@ -324,7 +324,10 @@ class QuantizationAwareTraining(Callback):
                     f"step at epoch {pruning.events(trainer.max_epochs)[-1]}): the quantized graph fixes the layer "
                     "shapes. Set `start_epoch` after the pruning's `end_epoch`."
                 )
-        if stage == "fit" and trainer.max_epochs is not None and 0 < trainer.max_epochs <= self.start_epoch:
+        never = stage == "fit" and trainer.max_epochs is not None and 0 < trainer.max_epochs <= self.start_epoch
+        if never and trainer.fast_dev_run:
+            rank_zero_info(f"fast_dev_run: QuantizationAwareTraining(start_epoch={self.start_epoch}) does not start.")
+        elif never:
             raise ValueError(
                 f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never starts with max_epochs={trainer.max_epochs}."
             )
