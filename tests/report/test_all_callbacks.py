@@ -43,7 +43,7 @@ def _check(report, callbacks, standards, expected):
     return card
 
 
-def test_tabular_run_with_privacy_fairness_explanations_robustness_domains(adult, tmp_path):
+def test_tabular_run_with_privacy_fairness_explanations_robustness_domains_pruning(adult, tmp_path):
     torch.manual_seed(0)
     callbacks = [
         DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, target_delta=1e-5),
@@ -51,6 +51,7 @@ def test_tabular_run_with_privacy_fairness_explanations_robustness_domains(adult
         Attribution(num_samples=16, progress=False),
         AdversarialRobustness(attacks=["fgsm"], epsilons=[0.1], num_samples=32, progress=False),
         CrossDomainEvaluation(domain_key="native_region", in_domain=["United-States"], metrics=["accuracy"]),
+        ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=1, end_epoch=1, measure_latency=False),
     ]
     standards = {
         "privacy.epsilon": {"max": 1000.0},  # made to pass
@@ -58,6 +59,7 @@ def test_tabular_run_with_privacy_fairness_explanations_robustness_domains(adult
         "explain.infidelity": {"min": 0.0},
         "robustness.robust_accuracy.fgsm.0.1": {"max": 1.0},
         "fairness.demographic_parity_difference": {"min": 0.0, "max": 1.0},
+        "compression.macs_ratio": {"max": 0.5},
     }
     report = TrustReport(standards=standards, fail_on_breach=True, sensitive_features=["sex", "race"],
                          domain_key="native_region", verbose=False)  # fmt: skip
@@ -66,7 +68,8 @@ def test_tabular_run_with_privacy_fairness_explanations_robustness_domains(adult
     expected = dict.fromkeys(standards, "met") | {"evaluation.worst.accuracy": "not_met"}
     card = _check(report, callbacks, standards, expected)
     assert report.exit_code == 1
-    assert {"privacy.epsilon_curve", "explain.feature_importance"} <= {f["key"] for f in card["figures"]}
+    assert {"privacy.epsilon_curve", "explain.feature_importance", "compression.pruning_curve"} <= {f["key"] for f in card["figures"]}
+    assert card["model"]["macs"] == card["sections"]["compression"]["macs_after"]  # one counter, per sample
 
 
 def test_federated_run_reports_its_rounds(adult, tmp_path):
