@@ -43,6 +43,21 @@ def save_result(data):
 '''
 
 
+EPILOGUE = '''
+
+# Reached only when the body succeeded. Leave without the interpreter's shutdown: a gloo/TCPStore thread
+# destroyed there occasionally aborts the process ("terminate called without an active exception", exit -6)
+# after every result was saved.
+import torch.distributed as _dist
+if _dist.is_available() and _dist.is_initialized():
+    _dist.barrier()
+    _dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+'''
+
+
 def run_ddp(body: str, tmp_path: Path, world_size: int = 2, timeout: float = 600) -> list[dict[str, Any]]:
     """Run ``body`` (after :data:`PRELUDE`) as a script; return each rank's saved result, rank order.
 
@@ -51,7 +66,7 @@ def run_ddp(body: str, tmp_path: Path, world_size: int = 2, timeout: float = 600
     out = tmp_path / "ddp_out"
     out.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "ddp_script.py"
-    script.write_text(PRELUDE + textwrap.dedent(body))
+    script.write_text(PRELUDE + textwrap.dedent(body) + EPILOGUE)
     env = {**os.environ, "LT_DDP_OUT": str(out), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(

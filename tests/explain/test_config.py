@@ -45,7 +45,7 @@ def test_adult_attribution_snippet_uses_real_feature_names(tmp_path):
     path = tmp_path / "adult_explain.yaml"
     path.write_text(config)
     code = main([
-        "fit", "--config", str(path), "--trainer.max_epochs=1", "--trainer.limit_train_batches=5",
+        "fit", "--config", str(path), "--trainer.max_epochs=5", "--trainer.limit_train_batches=5",
         "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ])
