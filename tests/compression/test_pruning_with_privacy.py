@@ -11,8 +11,7 @@ from opacus.accountants import create_accountant
 from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining
 from lightning_trust.demo import TabularMLP
 from lightning_trust.privacy import DifferentialPrivacy
-from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, trainer
-from tests.privacy.test_clipping import _hand_update
+from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, hand_update, trainer
 
 
 class GradSampleShapes(Callback):
@@ -75,7 +74,7 @@ def test_update_after_pruning_is_the_mean_of_clipped_per_sample_gradients(tmp_pa
     for before, after, (x, y) in zip(recorder.before, recorder.after, recorder.batches):
         if [b.shape for b in before] != [p.shape for p in model.parameters()] or len(y) == 0:
             continue  # steps before the prune (and the prune step itself, whose `before` is dense)
-        grads = _hand_update(pruned, before, x, y, 0.05, dp.expected_batch_size)
+        grads = hand_update(pruned, before, x, y, 0.05, dp.expected_batch_size)
         for b, a, g in zip(before, after, grads):
             torch.testing.assert_close(a, b - g, atol=1e-6, rtol=1e-5)
         checked += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -84,3 +85,23 @@ class BatchRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.after.append([p.detach().clone() for p in pl_module.parameters()])
+
+
+def hand_update(model, before, x, y, max_grad_norm, expected_batch_size, per_layer=False):
+    """sum_i clip(grad_i) / expected_batch_size, from one autograd call per sample."""
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+        if per_layer:
+            bound = max_grad_norm / math.sqrt(len(params))
+            factors = [min(1.0, bound / (g.norm().item() + 1e-6)) for g in grads]
+        else:
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+            factors = [min(1.0, max_grad_norm / (norm + 1e-6))] * len(grads)
+        for t, g, f in zip(total, grads, factors):
+            t += f * g
+    return [t / expected_batch_size for t in total]

@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import default_collate
 
 from lightning_trust.privacy import DifferentialPrivacy
-from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, trainer
-from tests.privacy.test_clipping import _hand_update
+from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, hand_update, trainer
 
 
 def _tagging_collate(samples: list[Any]) -> Any:
@@ -71,7 +70,7 @@ def test_accumulate_grad_batches_is_one_noisy_step_per_logical_batch(tmp_path):
     for step in range(2):
         (x1, y1), (x2, y2) = recorder.batches[2 * step : 2 * step + 2]
         x, y = torch.cat([x1, x2]), torch.cat([y1, y2])
-        grads = _hand_update(TinyModule(hidden=5), recorder.before[2 * step], x, y, 0.05, 48.0)
+        grads = hand_update(TinyModule(hidden=5), recorder.before[2 * step], x, y, 0.05, 48.0)
         for b, a, g in zip(recorder.before[2 * step], recorder.after[2 * step + 1], grads):
             torch.testing.assert_close(a, b - g, atol=1e-6, rtol=1e-5)
 
@@ -93,7 +92,7 @@ def test_virtual_batches_split_logical_batches_and_step_once(tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(after, before))
         x = torch.cat([b[0] for b in recorder.batches[chunk]])
         y = torch.cat([b[1] for b in recorder.batches[chunk]])
-        grads = _hand_update(TinyModule(hidden=5), recorder.before[chunk][0], x, y, 0.05, 24.0)
+        grads = hand_update(TinyModule(hidden=5), recorder.before[chunk][0], x, y, 0.05, 24.0)
         for b, a, g in zip(recorder.before[chunk][0], recorder.after[chunk][-1], grads):
             torch.testing.assert_close(a, b - g, atol=1e-6, rtol=1e-5)
 
@@ -133,6 +132,6 @@ def test_virtual_batches_with_ghost_clipping(tmp_path):
     assert dp.steps == 2 and t.global_step == 10  # 5 physical batches per logical batch
     x = torch.cat([b[0] for b in recorder.batches[:5]])
     y = torch.cat([b[1] for b in recorder.batches[:5]])
-    grads = _hand_update(TinyModule(hidden=5), recorder.before[0], x, y, 0.05, 24.0)
+    grads = hand_update(TinyModule(hidden=5), recorder.before[0], x, y, 0.05, 24.0)
     for b, a, g in zip(recorder.before[0], recorder.after[4], grads):
         torch.testing.assert_close(a, b - g, atol=1e-6, rtol=1e-5)

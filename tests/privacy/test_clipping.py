@@ -4,30 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_trust.privacy import DifferentialPrivacy
-from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, trainer
-
-
-def _hand_update(model, before, x, y, max_grad_norm, expected_batch_size, per_layer=False):
-    """sum_i clip(grad_i) / expected_batch_size, from one autograd call per sample."""
-    with torch.no_grad():
-        for p, b in zip(model.parameters(), before):
-            p.copy_(b)
-    params = list(model.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    for i in range(len(y)):
-        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
-        if per_layer:
-            bound = max_grad_norm / math.sqrt(len(params))
-            factors = [min(1.0, bound / (g.norm().item() + 1e-6)) for g in grads]
-        else:
-            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
-            factors = [min(1.0, max_grad_norm / (norm + 1e-6))] * len(grads)
-        for t, g, f in zip(total, grads, factors):
-            t += f * g
-    return [t / expected_batch_size for t in total]
+from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, hand_update, trainer
 
 
 @pytest.mark.parametrize(
@@ -43,7 +22,7 @@ def test_update_is_mean_of_clipped_per_sample_gradients(tmp_path, mode, clipping
     assert dp.expected_batch_size == pytest.approx(24.0)
     for step in range(2):
         x, y = recorder.batches[step]
-        grads = _hand_update(TinyModule(hidden=5), recorder.before[step], x, y, 0.05, 24.0, clipping == "per_layer")
+        grads = hand_update(TinyModule(hidden=5), recorder.before[step], x, y, 0.05, 24.0, clipping == "per_layer")
         for b, a, g in zip(recorder.before[step], recorder.after[step], grads):
             torch.testing.assert_close(a, b - 1.0 * g, atol=1e-6, rtol=1e-5)
     # the bound really bit: unclipped per-sample gradients are larger than 0.05

@@ -17,8 +17,9 @@ How Opacus is attached to an unchanged LightningModule:
   accountant.
 * When another callback replaces the module's parameters (structural pruning swaps each pruned
   ``nn.Parameter`` for a smaller one), the next training batch finds parameters the hooks have not
-  seen: the hooks are re-attached to the new structure and the DP optimizer is checked to hold
-  exactly the new trainable parameters, so clipping and noise cover the pruned model.
+  seen: the hooks are re-attached to the new structure (Opacus validates it again) and the DP
+  optimizer is checked to hold none of the replaced parameters, so clipping and noise cover the
+  pruned model.
 * Under DDP, Lightning's own DDP gradient all-reduce is switched off for every training step
   (``require_backward_grad_sync = False``): the ``DistributedDPOptimizer`` clips locally, adds noise
   on rank 0 only and all-reduces the noisy sum once. Lightning's all-reduce of the raw, unclipped
@@ -589,8 +590,7 @@ class DifferentialPrivacy(Callback):
     def _reattach_hooks(self, pl_module: pl.LightningModule) -> None:
         """The module's parameters were replaced (structural pruning): hook the new structure."""
         self._detach_hooks(pl_module)
-        self._check_module(pl_module)
-        self._attach_hooks(pl_module)
+        self._attach_hooks(pl_module)  # Opacus's strict validation runs on the new structure here
         if self._optimizer is None:
             return
         current = {id(p) for p in pl_module.parameters()}

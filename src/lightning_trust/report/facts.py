@@ -49,11 +49,11 @@ def model_facts(module: nn.Module, trainer: Any, example_input: Optional[Tensor]
 
 def count_macs(module: nn.Module, trainer: Any, example_input: Tensor) -> Optional[int]:
     """MACs of one forward pass on ``example_input`` (one sample), with every pack callback paused."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from lightning_trust.compression.pruning import count_macs_params
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    from torch.utils.flop_counter import FlopCounterMode
-
     try:
         with isolated_eval(module, trainer, grad=False) as model:
             macs, _ = count_macs_params(model, example_input.to(device))
