@@ -175,3 +175,19 @@ def test_dp_and_pruning_under_ddp_on_two_cpu_processes(tmp_path):
         reference.step(noise_multiplier=1.0, sample_rate=r0["sample_rate"])
     assert r0["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), abs=1e-9)
     assert r0["acc"] == pytest.approx(r1["acc"]) and r0["acc"] > 0.75
+
+
+class _ReplaceWithoutOptimizer(Callback):
+    """A structural change done badly: a new parameter object, the optimizer left pointing at the old one."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            layer = pl_module.net[0]
+            layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+
+
+def test_a_stale_parameter_in_the_dp_optimizer_is_refused_not_skipped(tmp_path):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3)
+    with pytest.raises(RuntimeError, match="DP optimizer still holds 1 of the old ones.*param_groups at the new parameters"):
+        trainer(tmp_path, max_steps=5, callbacks=[dp, _ReplaceWithoutOptimizer()]).fit(TinyModule(hidden=8), TinyData())
+    assert dp.steps == 2  # no noisy step ran on the inconsistent model
