@@ -7,7 +7,7 @@ import torch_pruning as tp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.compression import (
     ProgressivePruning,
     count_macs_params,

@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_trust.batch import BatchKeyError
+from lightning_trust.core.batch import BatchKeyError
 from lightning_trust.demo import AdultDataModule, DigitsDataModule, SmallCNN, TabularMLP
 from lightning_trust.evaluation import CrossDomainEvaluation, DomainSubset
-from lightning_trust.protocol import Reportable
+from lightning_trust.core.protocol import Reportable
 from tests.evaluation.helpers import probabilities, reference_metrics, trainer
 
 METRICS = ["accuracy", "f1", "auroc", "nll", "ece"]

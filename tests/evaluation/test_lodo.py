@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.evaluation import DomainSubset, HoldOutDomain
 from lightning_trust.evaluation.lodo import leave_one_domain_out
 

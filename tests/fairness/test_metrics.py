@@ -18,7 +18,7 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import accuracy_score
 
-from lightning_trust.batch import BatchKeyError
+from lightning_trust.core.batch import BatchKeyError
 from lightning_trust.fairness import METRICS, FairnessBreachError, FairnessMetrics
 from tests.fairness.helpers import LogitModule, SyntheticDataModule, binary_arrays, names, synthetic, trainer
 

@@ -5,7 +5,7 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.federated import IID, ByKey, ClientDP, ClientUpdate, Dirichlet, Server, partition_summary, resolve_partition
 from lightning_trust.federated.partition import read_column
 

@@ -5,8 +5,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_trust.privacy import DifferentialPrivacy
-from lightning_trust.protocol import Pausable
-from lightning_trust.utils import isolated_eval
+from lightning_trust.core.protocol import Pausable
+from lightning_trust.core import isolated_eval
 from tests.privacy.helpers import TinyData, TinyModule, trainer
 
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_trust.utils import artifact_dir, new_figure, save_figure
+from lightning_trust.core import artifact_dir, new_figure, save_figure
 
 
 class FakeSection(Callback):

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.core.batch import BatchContract
 
 #: Name under which QuantizationAwareTraining registers the fake-quantized graph on the LightningModule.
 QAT_ATTR = "lightning_trust_qat"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch_pruning import _helpers as tp_helpers
 from torch_pruning import ops as tp_ops
 
-from lightning_trust.batch import BatchContract, Key
+from lightning_trust.core.batch import BatchContract, Key
 from lightning_trust.compression._common import (
     QAT_ATTR,
     callback_state,
@@ -37,7 +37,7 @@ from lightning_trust.compression._common import (
     val_dataloaders,
 )
 from lightning_trust.privacy import DifferentialPrivacy
-from lightning_trust.utils import artifact_dir, find_callback, isolated_eval, new_figure, save_figure, write_json
+from lightning_trust.core import artifact_dir, find_callback, isolated_eval, new_figure, save_figure, write_json
 
 Schedule = Literal["cubic", "linear", "one_shot"]
 ImportanceName = Literal["group_magnitude", "taylor", "lamp", "bn_scale", "hessian", "random"]
@@ -333,7 +333,7 @@ class ProgressivePruning(Callback):
         example_input: a tensor, or a shape like ``[1, 1, 8, 8]``; default: the first training
             batch's inputs (read through the batch contract); with ``DifferentialPrivacy`` in the
             Trainer only their shapes (zeros), so no training record is stored in the checkpoint.
-        batch_keys: where inputs/targets are in a batch (see :class:`~lightning_trust.batch.BatchContract`).
+        batch_keys: where inputs/targets are in a batch (see :class:`~lightning_trust.core.batch.BatchContract`).
         measure_latency: measure dense vs pruned CPU latency for the report.
         evaluate: compute validation accuracy before the first step and at the end.
         customized_pruners: ``{layer type: tp.pruner.BasePruningFunc}`` for custom layers (Python only).

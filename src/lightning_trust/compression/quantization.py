@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from lightning_trust.batch import BatchContract, Key
+from lightning_trust.core.batch import BatchContract, Key
 from lightning_trust.compression._common import (
     QAT_ATTR,
     callback_state,
@@ -47,7 +47,7 @@ from lightning_trust.compression._common import (
     val_dataloaders,
 )
 from lightning_trust.privacy import DifferentialPrivacy
-from lightning_trust.utils import artifact_dir, find_callback, new_figure, save_figure, write_json
+from lightning_trust.core import artifact_dir, find_callback, new_figure, save_figure, write_json
 
 _BN_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default")
 
@@ -241,7 +241,7 @@ class QuantizationAwareTraining(Callback):
             patterns to real int8 kernels; without it the decomposed graph runs in fp32 arithmetic).
         measure_latency: measure fp32 vs int8 CPU latency for the report.
         example_input: a tensor or a shape list; default: the first training batch's inputs.
-        batch_keys: where inputs/targets are in a batch (see :class:`~lightning_trust.batch.BatchContract`).
+        batch_keys: where inputs/targets are in a batch (see :class:`~lightning_trust.core.batch.BatchContract`).
 
     Example:
         >>> trainer = pl.Trainer(max_epochs=8, callbacks=[ProgressivePruning(pruning_ratio=0.5, end_epoch=3),

@@ -19,11 +19,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import Metric
 
-from lightning_trust.batch import BatchContract, BatchKeyError, predictions_from_outputs
+from lightning_trust.core.batch import BatchContract, BatchKeyError, predictions_from_outputs
 from lightning_trust.evaluation.corruptions import SEVERITIES, corrupt, corruption_errors, resolve_corruptions
 from lightning_trust.evaluation.metrics import MetricSpec, higher_is_better, to_probabilities
 from lightning_trust.evaluation.summary import bar_chart, reliability_diagram, summarize, write_tables
-from lightning_trust.utils import artifact_dir, isolated_eval, save_figure, write_json
+from lightning_trust.core import artifact_dir, isolated_eval, save_figure, write_json
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.core.batch import BatchContract
 
 # One column of a map-style dataset, read through the batch contract (shared with federated's ByKey).
-from lightning_trust.batch import read_column
+from lightning_trust.core.batch import read_column
 
 __all__ = ["DomainSubset", "HoldOutDomain", "read_column", "domain_codes"]
 

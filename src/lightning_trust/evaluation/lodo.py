@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 
 from lightning_trust.evaluation.callback import CrossDomainEvaluation
 from lightning_trust.evaluation.data import HoldOutDomain
-from lightning_trust.utils import find_callback
+from lightning_trust.core import find_callback
 
 __all__ = ["leave_one_domain_out", "main"]
 

@@ -124,7 +124,7 @@ def bar_chart(
     reference: Optional[float],
 ) -> Any:
     """A bar per domain (in-domain ones highlighted) with a dashed line at the in-domain value."""
-    from lightning_trust.utils import new_figure
+    from lightning_trust.core import new_figure
 
     names = [d for d, v in per_domain.items() if _valid(v.get(metric))]
     values = [float(per_domain[d][metric]) for d in names]  # type: ignore[arg-type]
@@ -145,7 +145,7 @@ def bar_chart(
 def reliability_diagram(domain: str, accuracy: Sequence[float], confidence: Sequence[float],
                         proportion: Sequence[float], ece: Optional[float]) -> Any:  # fmt: skip
     """Accuracy vs confidence per bin (bars) against the diagonal, with the bin weights below."""
-    from lightning_trust.utils import new_figure
+    from lightning_trust.core import new_figure
 
     n = len(accuracy)
     width = 1.0 / n

@@ -14,8 +14,8 @@ from torch import Tensor
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from lightning_trust.batch import BatchContract
-from lightning_trust.utils import artifact_dir
+from lightning_trust.core.batch import BatchContract
+from lightning_trust.core import artifact_dir
 
 #: When a callback runs: at the end of each validation epoch, once at the end of fit, or after testing.
 STAGES: tuple[str, ...] = ("validation_end", "fit_end", "test_end")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.explain import plots
 from lightning_trust.explain._common import (
     FixedSample,
@@ -33,7 +33,7 @@ from lightning_trust.explain._common import (
     progress,
 )
 from lightning_trust.explain.methods import BASELINES, METHODS, build_explainer, make_baselines, split_options
-from lightning_trust.utils import isolated_eval, save_figure, to_jsonable, write_json
+from lightning_trust.core import isolated_eval, save_figure, to_jsonable, write_json
 
 Modality = Literal["auto", "tabular", "image", "text"]
 
@@ -98,7 +98,7 @@ class Attribution(ScheduledPass):
 
     At each trigger (``run_on``) the callback computes ``method``'s attributions on ``num_samples``
     samples drawn once (seeded, stratified by class) from the validation data through the batch
-    contract, in an isolated pass (:func:`~lightning_trust.utils.isolated_eval`: DP hooks paused,
+    contract, in an isolated pass (:func:`~lightning_trust.core.isolated_eval`: DP hooks paused,
     eval mode, forked RNGs, parameters frozen, modes and grads restored). It scores them (Captum's
     ``infidelity`` and ``sensitivity_max``, the convergence delta of IG/DeepLift/SHAP methods),
     tracks **drift** (Spearman rank correlation of the global importance with the previous pass),
@@ -142,7 +142,7 @@ class Attribution(ScheduledPass):
         sensitivity_at: compute ``sensitivity_max`` (``sensitivity_samples`` extra attributions: the
             costly metric) at ``"every"`` pass or only at the ``"end"``.
         progress: show progress (in the Trainer's progress bar style) for multi-step passes.
-        batch_keys: how to read batches (see :class:`~lightning_trust.batch.BatchContract`).
+        batch_keys: how to read batches (see :class:`~lightning_trust.core.batch.BatchContract`).
 
     Example:
         >>> Attribution(method="occlusion", method_kwargs={"sliding_window_shapes": [1, 2, 2]}, target="true")

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import Tensor
 
-from lightning_trust.utils import new_figure
+from lightning_trust.core import new_figure
 
 
 def importance_figure(names: Sequence[str], scores: Sequence[float], title: str) -> Any:

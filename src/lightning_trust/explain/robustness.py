@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.explain._common import (
     FixedSample,
     ScheduledPass,
@@ -26,7 +26,7 @@ from lightning_trust.explain._common import (
     log_metrics,
     progress,
 )
-from lightning_trust.utils import isolated_eval, new_figure, save_figure, to_jsonable, write_json
+from lightning_trust.core import isolated_eval, new_figure, save_figure, to_jsonable, write_json
 
 ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
 
@@ -69,7 +69,7 @@ class AdversarialRobustness(ScheduledPass):
         stratify: balance the sample over classes.
         batch_size: samples per attack call (``None``: all at once).
         progress: show progress in the Trainer's progress bar style.
-        batch_keys: how to read batches (see :class:`~lightning_trust.batch.BatchContract`).
+        batch_keys: how to read batches (see :class:`~lightning_trust.core.batch.BatchContract`).
     """
 
     report_section = "robustness"

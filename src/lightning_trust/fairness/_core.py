@@ -28,8 +28,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_trust.batch import BatchContract, batch_size_of, predictions_from_outputs
-from lightning_trust.utils import isolated_eval
+from lightning_trust.core.batch import BatchContract, batch_size_of, predictions_from_outputs
+from lightning_trust.core import isolated_eval
 
 FeatureEntry = Union[str, list[str]]
 INTERSECTION = "*"  # "sex*race" names the intersection of sex and race

@@ -44,7 +44,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_trust.batch import BatchContract, batch_size_of
+from lightning_trust.core.batch import BatchContract, batch_size_of
 from lightning_trust.fairness._core import (
     SUMMARIES,
     FairnessState,
@@ -60,7 +60,7 @@ from lightning_trust.fairness._core import (
     step_predictions,
     validate_metrics,
 )
-from lightning_trust.utils import artifact_dir, new_figure, save_figure, write_json
+from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
 
 Stage = Literal["validation", "test"]
 Activation = Literal["auto", "softmax", "sigmoid", "none"]
@@ -100,7 +100,7 @@ class FairnessMetrics(Callback):
             ``fail`` (raises :class:`FairnessBreachError` at the end of fit / test).
         min_group_size: groups with fewer samples are reported with ``small: true`` and flagged.
         log_groups: log every per-group number (else only the summaries).
-        batch_keys: batch contract overrides (see :class:`~lightning_trust.batch.BatchContract`).
+        batch_keys: batch contract overrides (see :class:`~lightning_trust.core.batch.BatchContract`).
     """
 
     report_section = "fairness"

@@ -49,7 +49,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import Bunch
 from torch import Tensor
 
-from lightning_trust.batch import BatchContract, batch_size_of, forward_no_grad
+from lightning_trust.core.batch import BatchContract, batch_size_of, forward_no_grad
 from lightning_trust.fairness._core import (
     SUMMARIES,
     FairnessState,
@@ -64,7 +64,7 @@ from lightning_trust.fairness._core import (
     step_predictions,
     table,
 )
-from lightning_trust.utils import artifact_dir, unwrap_module, write_json
+from lightning_trust.core import artifact_dir, unwrap_module, write_json
 
 Activation = Literal["auto", "softmax", "sigmoid", "none"]
 Constraint = Literal[

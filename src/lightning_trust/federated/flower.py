@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_trust.batch import BatchContract
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.federated.aggregators import Aggregator
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.partition import Partitioner, resolve_partition

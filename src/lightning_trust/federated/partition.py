@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from torch.utils.data import Dataset
 
-from lightning_trust.batch import BatchContract, read_column
+from lightning_trust.core.batch import BatchContract, read_column
 
 __all__ = ["Partitioner", "IID", "Dirichlet", "ByKey", "resolve_partition", "read_column", "partition_summary"]
 

@@ -40,12 +40,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
-from lightning_trust.batch import BatchContract, batch_size_of
+from lightning_trust.core.batch import BatchContract, batch_size_of
 from lightning_trust.federated.aggregators import Aggregator
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.partition import Partitioner, partition_summary, read_column, resolve_partition
 from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad, matches_any
-from lightning_trust.utils import artifact_dir, new_figure, save_figure, write_json
+from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
 
 State = dict[str, Tensor]
 

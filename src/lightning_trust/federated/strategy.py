@@ -34,7 +34,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_trust.batch import batch_size_of
+from lightning_trust.core.batch import batch_size_of
 from lightning_trust.federated.aggregators import Aggregator
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad, matches_any

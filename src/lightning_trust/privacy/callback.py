@@ -54,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_trust.privacy.samplers import AccumulationSampler, EvenDistributedPoissonSampler, VirtualBatchSampler
-from lightning_trust.utils import artifact_dir, new_figure, save_figure, write_json
+from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 CLIPPINGS = ("flat", "per_layer")
@@ -321,7 +321,7 @@ class DifferentialPrivacy(Callback):
         Inside, Opacus's hooks record nothing, and the per-sample gradient state (``grad_sample``,
         ``_current_grad_sample``, ``_norm_sample``, ``summed_grad``, activations) is restored on exit;
         the accountant only moves on optimizer steps, so it is untouched too. Re-entrant.
-        Use it through :func:`lightning_trust.utils.isolated_eval`.
+        Use it through :func:`lightning_trust.core.isolated_eval`.
         """
         hooks, module = self._hooks, self._module
         if hooks is None or module is None or self._pause_depth > 0:

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from lightning_trust.batch import BatchContract, BatchKeyError
-from lightning_trust.protocol import collect_reports, reportable_callbacks
+from lightning_trust.core.batch import BatchContract, BatchKeyError
+from lightning_trust.core.protocol import collect_reports, reportable_callbacks
 from lightning_trust.report import facts
 from lightning_trust.report.card import CARD_STEM, assemble_card, embed_figures, split_figures, write_card
 from lightning_trust.report.render import standards_summary
@@ -30,7 +30,7 @@ class TrustReport(Callback):
     and the met / not-met summary.
 
     The report knows no callback's internals: it reads every callback with a ``report_section`` and
-    a ``report()`` (:mod:`lightning_trust.protocol`). The run's facts: model (params, size, MACs),
+    a ``report()`` (:mod:`lightning_trust.core.protocol`). The run's facts: model (params, size, MACs),
     data (split sizes, class balance, group sizes of sensitive features and domains), training
     (epochs, steps, time, hardware, seed, package versions, configuration) and final metrics.
 
@@ -46,7 +46,7 @@ class TrustReport(Callback):
         sensitive_features: side columns shown as sensitive groups (default: every side column of
             dict batches, shown as plain groups).
         domain_key: side column holding the domain (shown as domains).
-        batch_keys: how to read batches (see :class:`~lightning_trust.batch.BatchContract`).
+        batch_keys: how to read batches (see :class:`~lightning_trust.core.batch.BatchContract`).
         max_data_samples: samples read per split for class balance when a dataset holds no tensors.
         verbose: print the card's path and the standards summary.
 

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from lightning_trust.protocol import FIGURES_KEY
+from lightning_trust.core.protocol import FIGURES_KEY
 from lightning_trust.report.render import render_html, render_markdown
 from lightning_trust.report.standards import (
     FACT_SECTIONS,

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_trust.batch import BatchContract, BatchKeyError
-from lightning_trust.utils import isolated_eval, to_jsonable, unwrap_module
+from lightning_trust.core.batch import BatchContract, BatchKeyError
+from lightning_trust.core import isolated_eval, to_jsonable, unwrap_module
 
 #: Distributions whose installed versions the card records (missing ones are left out).
 PACKAGES: tuple[str, ...] = (

@@ -1,10 +1,11 @@
 import contextlib
 
+import pytest
 import torch
 from torch import nn
 
-from lightning_trust.protocol import Pausable, Reportable, collect_reports
-from lightning_trust.utils import artifact_dir, isolated_eval, to_jsonable, unwrap_module
+from lightning_trust.core.protocol import DuplicateSectionError, Pausable, Reportable, collect_reports
+from lightning_trust.core import artifact_dir, isolated_eval, to_jsonable, unwrap_module
 
 
 class _Pauser:
@@ -59,7 +60,10 @@ def test_isolated_eval_restores_everything_and_pauses():
 def test_protocols_and_collect_reports(tmp_path):
     a, b = _Pauser(), _Pauser()
     assert isinstance(a, Pausable) and isinstance(a, Reportable)
-    assert collect_reports(_Trainer([a, object(), b])) == {"demo": {"value": 1.5}, "demo_2": {"value": 1.5}}
+    with pytest.raises(DuplicateSectionError, match=r"section 'demo'.*distinct `name`"):
+        collect_reports(_Trainer([a, object(), b]))
+    b.name = "demo_by_age"  # a user-given name: the section no longer depends on callback order
+    assert collect_reports(_Trainer([b, object(), a])) == {"demo_by_age": {"value": 1.5}, "demo": {"value": 1.5}}
     folder = artifact_dir(_Trainer([], log_dir=str(tmp_path)), "privacy")
     assert folder == tmp_path / "lightning_trust" / "privacy" and folder.is_dir()
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_trust.batch import BatchContract, BatchKeyError, batch_size_of, forward_no_grad, predictions_from_outputs
+from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of, forward_no_grad, predictions_from_outputs
 
 
 def test_tuple_batch_defaults():
@@ -117,7 +117,7 @@ def test_batch_size_of():
 
 
 def test_read_column_from_map_style_datasets():
-    from lightning_trust.batch import read_column
+    from lightning_trust.core.batch import read_column
     from lightning_trust.demo import DictDataset
 
     ds = DictDataset({"x": torch.randn(10, 2), "y": torch.arange(10) % 2, "sex": torch.arange(10) % 3})
