@@ -51,7 +51,9 @@ class AdultSubset(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(seed)
         train = adult.train_dataset
         count = len(train) if n_train is None else min(n_train, len(train))
-        rows = torch.randperm(len(train), generator=generator)[:count].tolist() if pick == "random" else list(range(count))
+        rows = (
+            torch.randperm(len(train), generator=generator)[:count].tolist() if pick == "random" else list(range(count))
+        )
         self.train: Dataset = Subset(train, rows)
         self.val: Dataset = _head(adult.val_dataset, n_val)
         self.test: Dataset = _head(getattr(adult, "test_dataset", adult.val_dataset), n_test)

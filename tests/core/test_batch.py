@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of, forward_no_grad, predictions_from_outputs
+from lightning_trust.core.batch import (
+    BatchContract,
+    BatchKeyError,
+    batch_size_of,
+    forward_no_grad,
+    predictions_from_outputs,
+)
 
 
 def test_tuple_batch_defaults():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_trust.core.protocol import DuplicateSectionError, Pausable, Reportable, collect_reports
 from lightning_trust.core import artifact_dir, isolated_eval, to_jsonable, unwrap_module
+from lightning_trust.core.protocol import DuplicateSectionError, Pausable, Reportable, collect_reports
 
 
 class _Pauser:
@@ -71,7 +71,11 @@ def test_protocols_and_collect_reports(tmp_path):
 def test_to_jsonable_and_unwrap():
     import numpy as np
 
-    assert to_jsonable({"a": torch.tensor(2.0), "b": np.float32(1.5), "c": [torch.ones(2)]}) == {"a": 2.0, "b": 1.5, "c": [[1.0, 1.0]]}
+    assert to_jsonable({"a": torch.tensor(2.0), "b": np.float32(1.5), "c": [torch.ones(2)]}) == {
+        "a": 2.0,
+        "b": 1.5,
+        "c": [[1.0, 1.0]],
+    }
     inner = nn.Linear(2, 2)
 
     class Wrapper(nn.Module):

@@ -92,7 +92,7 @@ class BatchKeyError(KeyError):
 def describe_keys(batch: Any) -> str:
     """Human-readable list of what a batch offers: its dict keys or its tuple positions."""
     if isinstance(batch, Mapping):
-        return ", ".join(repr(k) for k in batch.keys()) or "(empty mapping)"
+        return ", ".join(repr(k) for k in batch) or "(empty mapping)"
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
         return ", ".join(f"{i} ({_kind(v)})" for i, v in enumerate(batch)) or "(empty sequence)"
     return f"a single {_kind(batch)} (no keys)"
@@ -104,10 +104,11 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def forward_parameters(module: nn.Module) -> Optional[frozenset[str]]:
-    """The keyword names ``module.forward`` accepts, or ``None`` when it takes ``**kwargs``."""
+def forward_parameters(module: Any) -> Optional[frozenset[str]]:
+    """The keyword names ``module.forward`` (or a plain callable) accepts, or ``None`` when it
+    takes ``**kwargs``."""
     try:
-        signature = inspect.signature(module.forward)
+        signature = inspect.signature(getattr(module, "forward", module))
     except (TypeError, ValueError):
         return None
     names: set[str] = set()
@@ -188,7 +189,7 @@ class BatchContract:
     @classmethod
     def resolve(
         cls,
-        batch_keys: Union[None, Mapping[str, Any], BatchContract] = None,
+        batch_keys: Union[Mapping[str, Any], BatchContract, None] = None,
         trainer: Any = None,
         side_keys: Optional[Sequence[str]] = None,
     ) -> BatchContract:
@@ -260,8 +261,10 @@ class BatchContract:
 
     def keyword_inputs(self, batch: Any) -> bool:
         """Whether this batch's inputs are model keyword arguments (a dict passed as ``**inputs``)."""
-        return isinstance(batch, Mapping) and self.input_key is None and (
-            self.input_keys is not None or not any(k in batch for k in DEFAULT_INPUT_KEYS)
+        return (
+            isinstance(batch, Mapping)
+            and self.input_key is None
+            and (self.input_keys is not None or not any(k in batch for k in DEFAULT_INPUT_KEYS))
         )
 
     def _keyword_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,7 +280,8 @@ class BatchContract:
             chosen = {k: v for k, v in batch.items() if k in HF_INPUT_KEYS and k not in excluded}
         if not chosen:
             accepted = (
-                sorted(self.forward_params) if self.forward_params is not None
+                sorted(self.forward_params)
+                if self.forward_params is not None
                 else ("any keyword" if self._bound else list(HF_INPUT_KEYS))
             )
             raise BatchKeyError(
@@ -354,9 +358,7 @@ class BatchContract:
                 )
             if -len(batch) <= index < len(batch):
                 return batch[index]
-            raise BatchKeyError(
-                f"No {what} at position {index}; the batch has positions: {describe_keys(batch)}."
-            )
+            raise BatchKeyError(f"No {what} at position {index}; the batch has positions: {describe_keys(batch)}.")
         raise BatchKeyError(f"No {what} in {describe_keys(batch)}: expected a tuple/list or a dict batch.")
 
     # predictions ----------------------------------------------------------------------------
@@ -375,10 +377,13 @@ class BatchContract:
 
 
 def call_module(module: Any, inputs: Any) -> Any:
-    """Call a module on a batch's inputs: ``module(**inputs)`` for keyword inputs (a dict of model
-    arguments), ``module(inputs)`` otherwise."""
-    if isinstance(inputs, Mapping) and not any(k in inputs for k in DEFAULT_INPUT_KEYS):
-        return module(**inputs)
+    """Call a module on a batch's inputs: ``module(**inputs)`` for keyword inputs (a dict whose
+    keys the forward accepts by name, or a forward taking ``**kwargs``), ``module(inputs)``
+    otherwise (a tensor, or one dict the forward takes as a single argument)."""
+    if isinstance(inputs, Mapping):
+        accepted = forward_parameters(module)
+        if accepted is None or set(inputs) <= accepted:
+            return module(**inputs)
     return module(inputs)
 
 
@@ -448,7 +453,9 @@ def batch_size_of(batch: Any, contract: Optional[BatchContract] = None) -> Optio
     return int(found.shape[0]) if found is not None else None
 
 
-def read_column(dataset: Any, contract: Optional[BatchContract] = None, name: str = "target", chunk: int = 4096) -> np.ndarray:
+def read_column(
+    dataset: Any, contract: Optional[BatchContract] = None, name: str = "target", chunk: int = 4096
+) -> np.ndarray:
     """One column of a map-style dataset (``"target"`` or a side-column name) as a 1-D numpy array.
 
     Samples are read in chunks (``__getitems__`` when the dataset has it), collated like a

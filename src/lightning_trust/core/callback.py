@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
@@ -65,4 +65,3 @@ class TrustCallback(Callback):
     def report_name(self) -> str:
         """The report section this callback writes: its ``name``, else its ``report_section``."""
         return self.name or str(getattr(self, "report_section", type(self).__name__.lower()))
-

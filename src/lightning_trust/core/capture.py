@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from lightning_trust.core.batch import BatchContract, logits_or_none, batch_size_of, predictions_from_outputs
+from lightning_trust.core.batch import BatchContract, batch_size_of, logits_or_none, predictions_from_outputs
 from lightning_trust.core.passes import isolated_eval
 
 __all__ = ["ForwardCapture", "step_predictions"]

@@ -110,7 +110,7 @@ def warn_once(owner: Any, key: str, message: str, category: type[Warning] = User
     if key in warned:
         return False
     warned.add(key)
-    if rank_zero_only.rank == 0:
+    if getattr(rank_zero_only, "rank", 0) == 0:
         warnings.warn(message, category, stacklevel=3)
     return True
 

@@ -14,9 +14,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional
 
+from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource, _request_dataloader
 from torch import nn
 
 __all__ = [
@@ -36,32 +37,15 @@ __all__ = [
 # Lightning ------------------------------------------------------------------------------------
 
 
-def _source_class() -> type:
-    from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
+class _SwappedTrainSource(_DataLoaderSource):
+    """The fit loop's train-data source, giving ``wrap(user's loader)`` each time Lightning loads it."""
 
-    class _SwappedTrainSource(_DataLoaderSource):  # type: ignore[misc]
-        """The fit loop's train-data source, giving ``wrap(user's loader)`` each time Lightning loads it."""
+    def __init__(self, inner: _DataLoaderSource, owner: Any, wrap: Callable[[Any], Iterable[Any]]) -> None:
+        super().__init__(inner.instance, inner.name)
+        self.inner, self.owner, self.wrap = inner, owner, wrap
 
-        def __init__(self, inner: Any, owner: Any, wrap: Callable[[Any], Iterable[Any]]) -> None:
-            super().__init__(inner.instance, inner.name)
-            self.inner, self.owner, self.wrap = inner, owner, wrap
-
-        def dataloader(self) -> Any:
-            from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
-
-            return self.wrap(_request_dataloader(self.inner))
-
-    return _SwappedTrainSource
-
-
-_SOURCE_CLASS: Optional[type] = None
-
-
-def _swapped_source_class() -> type:
-    global _SOURCE_CLASS
-    if _SOURCE_CLASS is None:
-        _SOURCE_CLASS = _source_class()
-    return _SOURCE_CLASS
+    def dataloader(self) -> Any:
+        return self.wrap(_request_dataloader(self.inner))
 
 
 def swap_train_loader(
@@ -78,14 +62,14 @@ def swap_train_loader(
     """
     fit_loop = trainer.fit_loop
     source = fit_loop._data_source
-    if isinstance(source, _swapped_source_class()):
+    if isinstance(source, _SwappedTrainSource):
         if source.owner is owner:
             return
         raise RuntimeError(
             f"{type(owner).__name__} cannot replace the train loader: {type(source.owner).__name__} already did. "
             "Use one callback that chooses the training batches."
         )
-    fit_loop._data_source = _swapped_source_class()(source, owner, wrap)
+    fit_loop._data_source = _SwappedTrainSource(source, owner, wrap)
     fit_loop._combined_loader = None
     if sharded is not None:
         connector = trainer._data_connector
@@ -101,7 +85,7 @@ def restore_train_loader(trainer: Any, owner: Any) -> None:
     """Undo :func:`swap_train_loader` by ``owner`` (a no-op when it swapped nothing)."""
     fit_loop = trainer.fit_loop
     source = fit_loop._data_source
-    if isinstance(source, _swapped_source_class()) and source.owner is owner:
+    if isinstance(source, _SwappedTrainSource) and source.owner is owner:
         fit_loop._data_source = source.inner
         trainer._data_connector.__dict__.pop("_requires_distributed_sampler", None)
 
@@ -109,7 +93,7 @@ def restore_train_loader(trainer: Any, owner: Any) -> None:
 def train_loader_owner(trainer: Any) -> Optional[Any]:
     """The callback whose :func:`swap_train_loader` is in place, or ``None``."""
     source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
-    return source.owner if isinstance(source, _swapped_source_class()) else None
+    return source.owner if isinstance(source, _SwappedTrainSource) else None
 
 
 def rewrap_ddp(trainer: Any) -> None:
@@ -126,7 +110,10 @@ def rewrap_ddp(trainer: Any) -> None:
     strategy = getattr(trainer, "strategy", None)
     if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, nn.parallel.DistributedDataParallel):
         return
-    strategy.model = strategy._setup_model(strategy.lightning_module)
+    module = strategy.lightning_module
+    if module is None:
+        return
+    strategy.model = strategy._setup_model(module)
     strategy._register_ddp_hooks()
 
 
@@ -181,7 +168,7 @@ def pruner_initial_channels(pruner: Any) -> dict[Any, int]:
     ``_scope_initial_channels`` and offers no getter or setter; a resumed run must restore them or
     later steps prune relative to the already pruned model.
     """
-    return pruner._scope_initial_channels  # type: ignore[no-any-return]
+    return pruner._scope_initial_channels
 
 
 def pruning_graph_names(graph: Any) -> tuple[Mapping[Any, str], Mapping[Any, str]]:

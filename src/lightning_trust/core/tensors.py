@@ -17,14 +17,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
 
-__all__ = ["first_tensor", "iter_tensors", "map_tensors", "to_jsonable", "tensor_bytes"]
+__all__ = ["first_tensor", "iter_tensors", "map_tensors", "tensor_bytes", "to_jsonable"]
 
 
 def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
