@@ -36,7 +36,9 @@ def main(args: Optional[list[str]] = None) -> int:
 
         return report_main(argv[1:])
     import_callbacks()
-    cli = TrustCLI(args=argv)
+    # LightningCLI reads sys.argv itself; `args=` is only for calls from Python (it warns when given
+    # beside a command line), so pass it only when the caller gave arguments.
+    cli = TrustCLI() if args is None else TrustCLI(args=argv)
     return exit_code(cli)
 
 

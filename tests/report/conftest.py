@@ -5,7 +5,8 @@ import torch
 
 from lightning_trust.demo import TabularMLP
 from lightning_trust.report import TrustReport
-from tests.report.helpers import FakeSection, trainer
+from tests.report.helpers import LIMITS, FakeSection
+from tests.support import trainer
 
 STANDARDS = {
     "privacy.epsilon": {"max": 8},  # 2.5: met
@@ -26,9 +27,11 @@ def run(adult, tmp_path_factory):
     explain = FakeSection(
         "explain", {"method": "integrated_gradients", "top_features": [{"feature": "age", "score": 0.4}]}, figure=None
     )
-    report = TrustReport(standards=STANDARDS, fail_on_breach=True, sensitive_features=["sex", "race"], domain_key="native_region")
+    report = TrustReport(
+        standards=STANDARDS, fail_on_breach=True, sensitive_features=["sex", "race"], domain_key="native_region"
+    )
     model = TabularMLP()
-    t = trainer(tmp, [privacy, robustness, explain, report])
+    t = trainer(tmp, [privacy, robustness, explain, report], **LIMITS)
     t.fit(model, adult)
     after_fit = json.loads(report.paths["json"].read_text())
     md_after_fit = report.paths["md"].read_bytes()

@@ -1,4 +1,5 @@
-"""Small report-protocol callbacks for the report's tests (stand-ins for the pack's real callbacks)."""
+"""Small report-protocol callbacks for the report's tests (stand-ins for the pack's real callbacks)
+and the short run limits they train with."""
 
 from __future__ import annotations
 
@@ -37,11 +38,5 @@ class FakeSection(Callback):
         return out
 
 
-def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
-    options = dict(
-        max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2, accelerator="cpu",
-        default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, logger=False,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+#: The short runs of the report's tests (passed explicitly to ``tests.support.trainer``).
+LIMITS: dict[str, Any] = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=2)

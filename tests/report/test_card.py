@@ -17,7 +17,9 @@ from lightning_trust.report import (
     render_markdown,
 )
 from tests.report.conftest import STANDARDS
-from tests.report.helpers import FakeSection, trainer
+from tests.report.helpers import LIMITS, FakeSection
+from tests.support import trainer
+
 
 def test_writes_three_files_and_json_validates_against_the_shipped_schema(run):
     paths = run["report"].paths
@@ -35,7 +37,13 @@ def test_writes_three_files_and_json_validates_against_the_shipped_schema(run):
 def test_each_standard_appears_with_its_verdict(run):
     by_name = {s["name"]: s for s in run["fit"]["standards"]}
     assert list(by_name) == list(STANDARDS)
-    assert by_name["privacy.epsilon"] == {"name": "privacy.epsilon", "min": None, "max": 8.0, "value": 2.5, "status": "met"}
+    assert by_name["privacy.epsilon"] == {
+        "name": "privacy.epsilon",
+        "min": None,
+        "max": 8.0,
+        "value": 2.5,
+        "status": "met",
+    }
     assert by_name["robustness.robust_accuracy.fgsm.0.1"]["status"] == "not_met"
     assert by_name["robustness.robust_accuracy.fgsm.0.1"]["value"] == 0.7
     assert by_name["model.params"]["status"] == "met"
@@ -73,7 +81,9 @@ def test_run_facts_equal_direct_computation(run, adult):
     assert card["model"]["macs"] == int(macs) and card["model"]["input_shape"] == [1, adult.num_features]
     splits = card["data"]["splits"]
     assert {k: v["size"] for k, v in splits.items()} == {
-        "train": len(adult.train_dataset), "val": len(adult.val_dataset), "test": len(adult.test_dataset)
+        "train": len(adult.train_dataset),
+        "val": len(adult.val_dataset),
+        "test": len(adult.test_dataset),
     }
     y = adult.train_dataset.tensors["y"]
     assert splits["train"]["class_counts"] == {"0": int((y == 0).sum()), "1": int((y == 1).sum())}
@@ -136,15 +146,17 @@ def test_report_cli_errors_clearly_on_missing_or_foreign_files(tmp_path, capsys)
 
 def test_unknown_section_fails_before_training_listing_sections(adult, tmp_path):
     report = TrustReport(standards={"privacy.epsilon": {"max": 8}})
-    with pytest.raises(UnknownStandardError, match=r"name sections no callback.*'data', 'metrics', 'model', 'training'"):
-        trainer(tmp_path, [report]).fit(TabularMLP(), adult)
+    with pytest.raises(
+        UnknownStandardError, match=r"name sections no callback.*'data', 'metrics', 'model', 'training'"
+    ):
+        trainer(tmp_path, [report], **LIMITS).fit(TabularMLP(), adult)
 
 
 def test_unknown_name_is_an_error_listing_reported_names_after_writing_the_card(adult, tmp_path):
     fake = FakeSection("privacy", {"epsilon": 2.5}, figure=None)
     report = TrustReport(standards={"privacy.epsilom": {"max": 8}})
     with pytest.raises(UnknownStandardError) as err:
-        trainer(tmp_path, [fake, report]).fit(TabularMLP(), adult)
+        trainer(tmp_path, [fake, report], **LIMITS).fit(TabularMLP(), adult)
     text = str(err.value)
     assert "privacy.epsilom (did you mean privacy.epsilon?)" in text
     assert "\n  model.params\n" in text and "\n  privacy.epsilon\n" in text
@@ -167,11 +179,12 @@ def test_training_time_accumulates_over_a_resumed_run(adult, tmp_path):
 
     first = TrustReport(verbose=False)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path, [first, ckpt], enable_checkpointing=True).fit(TabularMLP(), adult)
+    trainer(tmp_path, [first, ckpt], **LIMITS, enable_checkpointing=True).fit(TabularMLP(), adult)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]["TrustReport"]
     assert saved["duration_s"] > 0
     second = TrustReport(verbose=False)
-    t = trainer(tmp_path / "resumed", [second, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=2,
+    t = trainer(tmp_path / "resumed", [second, ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+                **{**LIMITS, "max_epochs": 2},
                 enable_checkpointing=True)  # fmt: skip
     t.fit(TabularMLP(), adult, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert second.card["training"]["duration_s"] > saved["duration_s"]

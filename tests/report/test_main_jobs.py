@@ -19,8 +19,14 @@ def _callbacks(config: str) -> dict:
 
 def test_adult_job_declares_the_documented_callbacks_and_standards():
     callbacks = _callbacks("adult.yaml")
-    assert {"DifferentialPrivacy", "FairnessMetrics", "Attribution", "CrossDomainEvaluation", "ProgressivePruning",
-            "TrustReport"} <= set(callbacks)
+    assert {
+        "DifferentialPrivacy",
+        "FairnessMetrics",
+        "Attribution",
+        "CrossDomainEvaluation",
+        "ProgressivePruning",
+        "TrustReport",
+    } <= set(callbacks)
     assert callbacks["DifferentialPrivacy"]["target_epsilon"] == 3.0
     assert callbacks["ProgressivePruning"]["pruning_ratio"] == 0.5
     assert callbacks["FairnessMetrics"]["sensitive_features"] == ["sex", "race"]
@@ -30,7 +36,13 @@ def test_adult_job_declares_the_documented_callbacks_and_standards():
 
 def test_digits_job_declares_the_documented_callbacks_and_standards():
     callbacks = _callbacks("digits.yaml")
-    assert {"Attribution", "CrossDomainEvaluation", "ProgressivePruning", "QuantizationAwareTraining", "TrustReport"} <= set(callbacks)
+    assert {
+        "Attribution",
+        "CrossDomainEvaluation",
+        "ProgressivePruning",
+        "QuantizationAwareTraining",
+        "TrustReport",
+    } <= set(callbacks)
     assert callbacks["CrossDomainEvaluation"]["corruptions"]
     assert "quantization.agreement" in callbacks["TrustReport"]["standards"]
 
@@ -50,7 +62,7 @@ def test_adult_job_shortened_ends_with_the_card_path_and_the_verdicts(tmp_path):
     assert {"privacy", "fairness", "explain", "evaluation", "compression"} <= set(card["sections"])
     assert card["sections"]["compression"]["steps_done"] == 3 and card["sections"]["compression"]["macs_ratio"] < 0.5
     assert "re-attached Opacus's hooks" in proc.stdout + proc.stderr
-    tail = proc.stdout.strip().splitlines()[-(len(standards) + 2):]
+    tail = proc.stdout.strip().splitlines()[-(len(standards) + 2) :]
     assert tail[0].startswith("Model card: ") and tail[0].endswith("model_card.html (and .md, .json)")
     assert tail[1].startswith("Standards: ")
     assert [line.split("]")[1].split()[0] for line in tail[2:]] == list(standards)

@@ -14,9 +14,13 @@ from lightning_trust.report.standards import (
 
 
 def test_parse_standards_accepts_min_max_and_both():
-    parsed = parse_standards({"privacy.epsilon": {"max": 8}, "metrics.val/acc": {"min": 0.8}, "a.b": {"min": 0, "max": 1}})
+    parsed = parse_standards(
+        {"privacy.epsilon": {"max": 8}, "metrics.val/acc": {"min": 0.8}, "a.b": {"min": 0, "max": 1}}
+    )
     assert parsed == [
-        Standard("privacy.epsilon", None, 8.0), Standard("metrics.val/acc", 0.8, None), Standard("a.b", 0.0, 1.0)
+        Standard("privacy.epsilon", None, 8.0),
+        Standard("metrics.val/acc", 0.8, None),
+        Standard("a.b", 0.0, 1.0),
     ]
     assert parsed[0].section == "privacy"
     assert [s.requirement() for s in parsed] == ["<= 8", ">= 0.8", "between 0 and 1"]
@@ -60,7 +64,13 @@ def test_judge_inclusive_bounds_nan_and_missing():
     assert judge(Standard("a.x", 8, None), numbers)["status"] == "met"
     breach = judge(Standard("a.x", None, 7.5), numbers)
     assert breach == {"name": "a.x", "min": None, "max": 7.5, "value": 8.0, "status": "not_met"}
-    assert judge(Standard("a.nan", 0, None), numbers) == {"name": "a.nan", "min": 0, "max": None, "value": None, "status": "not_met"}
+    assert judge(Standard("a.nan", 0, None), numbers) == {
+        "name": "a.nan",
+        "min": 0,
+        "max": None,
+        "value": None,
+        "status": "not_met",
+    }
     assert judge(Standard("a.y", 0, None), numbers)["status"] == "not_measured"
     entries = [judge(Standard("a.x", None, 8), numbers), breach]
     assert summarize(entries) == {"standards": 2, "met": 1, "not_met": 1, "not_measured": 0, "all_met": False}
@@ -75,5 +85,13 @@ def test_unknown_message_suggests_close_names_and_lists_all():
 
 def test_format_number_is_compact_and_stable():
     assert [format_number(v) for v in (None, True, 3, 27146, 8.0, 0.123456, 1e-5, 12345.67, math.nan)] == [
-        "n/a", "true", "3", "27,146", "8", "0.1235", "1e-05", "12,345.7", "nan"
+        "n/a",
+        "true",
+        "3",
+        "27,146",
+        "8",
+        "0.1235",
+        "1e-05",
+        "12,345.7",
+        "nan",
     ]

@@ -7,7 +7,9 @@ Example:
 
 from lightning_trust.report.callback import TrustReport
 from lightning_trust.report.card import SCHEMA_VERSION, card_schema, load_card, validate_card, write_card, write_renders
-from lightning_trust.report.render import diff_cards, render_diff_markdown, render_html, render_markdown
+from lightning_trust.report.diff import diff_cards, render_diff_markdown
+from lightning_trust.report.render_html import render_html
+from lightning_trust.report.render_markdown import render_markdown
 from lightning_trust.report.standards import Standard, UnknownStandardError, parse_standards
 
 __all__ = [

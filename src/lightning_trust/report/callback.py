@@ -7,19 +7,31 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch import Tensor
+from typing_extensions import override
 
 from lightning_trust.core.batch import BatchContract, BatchKeyError
-from lightning_trust.core.protocol import collect_reports, reportable_callbacks
+from lightning_trust.core.callback import TrustCallback
+from lightning_trust.core.compat import Capability
+from lightning_trust.core.protocol import collect_reports, section_names
+from lightning_trust.core.tensors import first_tensor, map_tensors
 from lightning_trust.report import facts
 from lightning_trust.report.card import CARD_STEM, assemble_card, embed_figures, split_figures, write_card
-from lightning_trust.report.render import standards_summary
-from lightning_trust.report.standards import FACT_SECTIONS, UnknownStandardError, parse_standards, unknown_message
+from lightning_trust.report.rows import standards_summary
+from lightning_trust.report.standards import (
+    FACT_SECTIONS,
+    UnknownStandardError,
+    addressable,
+    flatten_numbers,
+    parse_standards,
+    unknown_message,
+)
+
+__all__ = ["TrustReport"]
 
 
-class TrustReport(Callback):
+class TrustReport(TrustCallback):
     """Collects every pack callback's ``report()`` and the run's facts into a model card, judged
     against declared ``standards``.
 
@@ -30,8 +42,9 @@ class TrustReport(Callback):
     and the met / not-met summary.
 
     The report knows no callback's internals: it reads every callback with a ``report_section`` and
-    a ``report()`` (:mod:`lightning_trust.core.protocol`). The run's facts: model (params, size, MACs),
-    data (split sizes, class balance, group sizes of sensitive features and domains), training
+    a ``report()`` (:mod:`lightning_trust.core.protocol`), each under its stable section name (the
+    callback's ``name``, else its ``report_section``; two callbacks with one name are refused).
+    The run's facts: model (params, size, MACs), data (split sizes, class balance, group sizes of sensitive features and domains), training
     (epochs, steps, time, hardware, seed, package versions, configuration) and final metrics.
 
     Args:
@@ -53,6 +66,8 @@ class TrustReport(Callback):
     Example:
         >>> report = TrustReport(standards={"privacy.epsilon": {"max": 8}, "metrics.val/acc": {"min": 0.8}},
         ...                      fail_on_breach=True)
+        >>> report.standards[0].name, report.fail_on_breach
+        ('privacy.epsilon', True)
         >>> trainer = pl.Trainer(callbacks=[DifferentialPrivacy(target_epsilon=3), report])  # doctest: +SKIP
 
     YAML::
@@ -64,6 +79,9 @@ class TrustReport(Callback):
               fairness.demographic_parity_difference: {max: 0.1}
             fail_on_breach: true
     """
+
+    #: Counting the model's MACs runs one isolated forward pass when the card is written.
+    capabilities = frozenset({Capability.EXTRA_PASSES})
 
     def __init__(
         self,
@@ -103,77 +121,86 @@ class TrustReport(Callback):
         self.card: Optional[dict[str, Any]] = None
         self.paths: dict[str, Path] = {}
         self._contract: Optional[BatchContract] = None
-        self._example: Optional[Tensor] = None
+        self._example: Any = None
         self._duration_s = 0.0
         self._fit_started: Optional[float] = None
 
     # ------------------------------------------------------------------------------ hooks
+    @staticmethod
+    def _should_skip(stage: str) -> bool:
+        """The one skip predicate: ``predict`` runs write no card and check nothing."""
+        return stage == TrainerFn.PREDICTING
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._should_skip(stage):
+            return
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
+        self._check_sections(trainer)
 
     def _check_sections(self, trainer: pl.Trainer) -> None:
         """Fail before any work on a standard whose section nothing in this Trainer reports."""
-        sections = set(FACT_SECTIONS)
-        counts: dict[str, int] = {}
-        for callback in reportable_callbacks(trainer):
-            name = callback.report_section
-            counts[name] = counts.get(name, 0) + 1
-            sections.add(name if counts[name] == 1 else f"{name}_{counts[name]}")
+        sections = set(FACT_SECTIONS) | set(section_names(trainer))
         missing = sorted({s.name for s in self.standards if s.section not in sections})
         if missing:
             raise UnknownStandardError(
                 f"TrustReport: standards {missing} name sections no callback in this Trainer reports. "
-                f"Sections available: {sorted(sections)}. Add the callback that reports them, or fix the name."
+                f"Sections available: {sorted(sections)}. Add the callback that reports them, or fix the name "
+                "(a callback given `name: x` reports under `x`)."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # here, not in setup: strategies may add their reporting callbacks while setting up
-        self._check_sections(trainer)
         self._fit_started = time.perf_counter()
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._check_sections(trainer)
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_sections(trainer)
-
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._fit_started is not None:
-            self._duration_s += time.perf_counter() - self._fit_started
-            self._fit_started = None
+        self._stop_clock()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._remember_example(batch)
 
+    @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._remember_example(batch)
 
+    @override
     def on_test_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._remember_example(batch)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # after every callback's on_fit_end / on_test_end: their reports are final
-        if stage == "predict":
+        if self._should_skip(stage):
             return
-        if self._fit_started is not None:  # fit interrupted before on_fit_end
-            self.on_fit_end(trainer, pl_module)
+        self._stop_clock()  # a fit interrupted before on_fit_end
         self.write(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------------------ the card
+    def _stop_clock(self) -> None:
+        if self._fit_started is not None:
+            self._duration_s += time.perf_counter() - self._fit_started
+            self._fit_started = None
+
     def _remember_example(self, batch: Any) -> None:
+        """Keep one sample's inputs (a tensor, or a dict of model keyword arguments) for the MAC count."""
         if self._example is not None or self._contract is None:
             return
         try:
             inputs = self._contract.inputs(batch)
         except BatchKeyError:
             return
-        if isinstance(inputs, Tensor) and inputs.ndim >= 1 and len(inputs):
-            self._example = inputs[:1].detach().clone()
+        first = first_tensor(inputs, min_ndim=1)
+        if first is not None and len(first):
+            self._example = map_tensors(inputs, lambda t: t[:1].detach().clone() if t.ndim else t.detach().clone())
 
     def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> tuple[dict[str, Any], list[str]]:
         """The card of this run as it stands, and the standard names it does not report."""
@@ -182,13 +209,17 @@ class TrustReport(Callback):
         sections, figure_paths = split_figures(collect_reports(trainer))
         model = facts.model_facts(pl_module, trainer, self._example)
         title = self.title or (
-            f"{type(pl_module).__name__} on {type(datamodule).__name__}" if datamodule is not None else type(pl_module).__name__
+            f"{type(pl_module).__name__} on {type(datamodule).__name__}"
+            if datamodule is not None
+            else type(pl_module).__name__
         )
         return assemble_card(
             title=title,
             stage=stage,
             model=model,
-            data=facts.data_facts(datamodule, trainer, contract, self.sensitive_features, self.domain_key, self.max_data_samples),
+            data=facts.data_facts(
+                datamodule, trainer, contract, self.sensitive_features, self.domain_key, self.max_data_samples
+            ),
             training=facts.training_facts(trainer, self._duration_s, facts.run_config(trainer, pl_module, datamodule)),
             metrics=facts.final_metrics(trainer),
             sections=sections,
@@ -215,20 +246,21 @@ class TrustReport(Callback):
                 bar.teardown(trainer, pl_module, stage)  # close a live (rich) bar so the summary is the last output
             _print_rank_zero(standards_summary(card, str(self.paths["html"])))
         if unknown:
-            from lightning_trust.report.standards import addressable, flatten_numbers
-
             raise UnknownStandardError(
-                f"TrustReport (card written to {directory}): " + unknown_message(unknown, flatten_numbers(addressable(card)))
+                f"TrustReport (card written to {directory}): "
+                + unknown_message(unknown, flatten_numbers(addressable(card)))
             )
         return card
 
     # ------------------------------------------------------------------------------ checkpointing
+    @override
     def state_dict(self) -> dict[str, Any]:
         elapsed = self._duration_s
         if self._fit_started is not None:
             elapsed += time.perf_counter() - self._fit_started
         return {"duration_s": elapsed}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._duration_s = float(state_dict.get("duration_s", 0.0))
 

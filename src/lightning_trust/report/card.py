@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning_trust.core.protocol import FIGURES_KEY
-from lightning_trust.report.render import render_html, render_markdown
+from lightning_trust.core.tensors import to_jsonable
+from lightning_trust.report.render_html import render_html
+from lightning_trust.report.render_markdown import render_markdown
 from lightning_trust.report.standards import (
     FACT_SECTIONS,
     Standard,
@@ -40,28 +42,15 @@ def validate_card(card: Mapping[str, Any]) -> None:
     jsonschema.validate(instance=card, schema=card_schema(), cls=jsonschema.Draft202012Validator)
 
 
-def _finite(value: Any) -> Any:
-    """NaN/inf become ``None`` so the card is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def split_figures(sections: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, Path]]]:
     """Sections without their ``figures`` entries, and ``(section, name, path)`` of every figure."""
-    from lightning_trust.report.facts import _plain
-
     clean: dict[str, Any] = {}
     figures: list[tuple[str, str, Path]] = []
     for section, report in sections.items():
         report = dict(report or {})
         for name, path in (report.pop(FIGURES_KEY, None) or {}).items():
             figures.append((section, str(name), Path(path)))
-        clean[section if section not in FACT_SECTIONS else f"{section}_section"] = _finite(_plain(report))
+        clean[section if section not in FACT_SECTIONS else f"{section}_section"] = to_jsonable(report, strict=True)
     return clean, figures
 
 
@@ -105,9 +94,9 @@ def assemble_card(
         "title": title,
         "created": created or datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "stage": stage,
-        "model": _finite(model),
+        "model": to_jsonable(model, strict=True),
         "data": data,
-        "training": _finite(training),
+        "training": to_jsonable(training, strict=True),
         "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
         "sections": sections,
         "figures": figures,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from lightning_trust.report.card import load_card, write_renders
-from lightning_trust.report.render import diff_cards, render_diff_markdown, standards_summary
+from lightning_trust.report.diff import diff_cards, render_diff_markdown
+from lightning_trust.report.rows import standards_summary
 
 
 def build_parser() -> argparse.ArgumentParser:

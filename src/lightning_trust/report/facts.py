@@ -1,4 +1,11 @@
-"""The run's facts for the model card: model size and MACs, data sizes and groups, training setup."""
+"""The run's facts for the model card: model size and MACs, data sizes and groups, training setup.
+
+Example:
+    >>> import torch
+    >>> facts = model_facts(torch.nn.Linear(3, 2), None, torch.ones(1, 3))
+    >>> facts["params"], facts["macs"], facts["input_shape"]
+    (8, 8, [1, 3])
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,23 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_trust.core.batch import BatchContract, BatchKeyError
-from lightning_trust.core import isolated_eval, to_jsonable, unwrap_module
+from lightning_trust.core.batch import DEFAULT_INPUT_KEYS, DEFAULT_TARGET_KEYS, BatchContract, BatchKeyError
+from lightning_trust.core.loaders import first_loader, split_loaders
+from lightning_trust.core.macs import count_macs
+from lightning_trust.core.passes import unwrap_module
+from lightning_trust.core.tensors import first_tensor, to_jsonable
+
+__all__ = [
+    "PACKAGES",
+    "SPLITS",
+    "data_facts",
+    "final_metrics",
+    "hardware",
+    "model_facts",
+    "package_versions",
+    "run_config",
+    "training_facts",
+]
 
 #: Distributions whose installed versions the card records (missing ones are left out).
 PACKAGES: tuple[str, ...] = (
@@ -25,11 +47,15 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 _MAX_GROUPS = 50  # a side column with more distinct values is an id, not a group
 
 
-def model_facts(module: nn.Module, trainer: Any, example_input: Optional[Tensor]) -> dict[str, Any]:
-    """Class, parameter counts, bytes and MACs (torch-pruning's counter, one sample) of ``module``."""
+def model_facts(module: nn.Module, trainer: Any, example_input: Any) -> dict[str, Any]:
+    """Class, parameter counts, bytes and MACs (:func:`lightning_trust.core.macs.count_macs`, one
+    sample) of ``module``. ``example_input`` is one sample's inputs: a tensor, or a dict of model
+    keyword arguments (its first tensor gives the input shape)."""
     inner = unwrap_module(module)
     params = list(inner.parameters())
-    size = sum(p.numel() * p.element_size() for p in params) + sum(b.numel() * b.element_size() for b in inner.buffers())
+    size = sum(p.numel() * p.element_size() for p in params) + sum(
+        b.numel() * b.element_size() for b in inner.buffers()
+    )
     facts: dict[str, Any] = {
         "class": f"{type(module).__module__}.{type(module).__qualname__}",
         "params": int(sum(p.numel() for p in params)),
@@ -38,50 +64,25 @@ def model_facts(module: nn.Module, trainer: Any, example_input: Optional[Tensor]
         "macs": None,
         "input_shape": None,
     }
-    if example_input is not None:
-        facts["input_shape"] = [int(d) for d in example_input.shape]
+    first = first_tensor(example_input)
+    if first is not None:
+        facts["input_shape"] = [int(d) for d in first.shape]
         facts["macs"] = count_macs(module, trainer, example_input)
     hparams = getattr(module, "hparams", None)
     if hparams:
-        facts["hyperparameters"] = _plain({k: v for k, v in dict(hparams).items() if not str(k).startswith("_")})
+        facts["hyperparameters"] = to_jsonable(
+            {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}, strict=True
+        )
     return facts
 
 
-def count_macs(module: nn.Module, trainer: Any, example_input: Tensor) -> Optional[int]:
-    """MACs of one forward pass on ``example_input`` (one sample), with every pack callback paused."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lightning_trust.compression.pruning import count_macs_params
-
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    try:
-        with isolated_eval(module, trainer, grad=False) as model:
-            macs, _ = count_macs_params(model, example_input.to(device))
-            if not macs:
-                # the forward bypasses the modules' hooks (e.g. a QAT graph): count aten ops instead
-                with FlopCounterMode(display=False) as counter:
-                    model(example_input.to(device))
-                macs = counter.get_total_flops() // 2
-    except Exception:  # a model the counter cannot trace still gets a card
-        return None
-    return int(macs) if macs else None
-
-
 def _dataset(datamodule: Any, trainer: Any, split: str) -> Optional[Dataset]:
+    """The datamodule's ``<split>_dataset``, else the dataset of the split's first loader."""
     dataset = getattr(datamodule, f"{split}_dataset", None)
     if dataset is not None:
         return dataset
-    loader = {
-        "train": lambda: trainer.train_dataloader,
-        "val": lambda: trainer.val_dataloaders,
-        "test": lambda: trainer.test_dataloaders,
-    }[split]
-    with contextlib.suppress(Exception):
-        found = loader()
-        if isinstance(found, (list, tuple)):
-            found = found[0] if found else None
-        return getattr(found, "dataset", None)
-    return None
+    loader = first_loader(split_loaders(trainer, split))
+    return getattr(loader, "dataset", None)
 
 
 def _whole(dataset: Dataset, limit: int) -> tuple[Any, int]:
@@ -98,7 +99,9 @@ def _whole(dataset: Dataset, limit: int) -> tuple[Any, int]:
     if isinstance(first, Mapping):
         return {k: torch.cat([b[k] for b in batches]) for k in first if isinstance(first[k], Tensor)}, n
     if isinstance(first, (tuple, list)):
-        return [torch.cat([b[i] for b in batches]) if isinstance(first[i], Tensor) else None for i in range(len(first))], n
+        return [
+            torch.cat([b[i] for b in batches]) if isinstance(first[i], Tensor) else None for i in range(len(first))
+        ], n
     return None, n
 
 
@@ -127,7 +130,9 @@ def data_facts(
     class_names = getattr(datamodule, "class_names", None)
     categories = getattr(datamodule, "categories", None) or {}
     facts: dict[str, Any] = {
-        "datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}" if datamodule is not None else None,
+        "datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+        if datamodule is not None
+        else None,
         "splits": {},
         "groups": {},
     }
@@ -166,7 +171,7 @@ def _groups(
     if named:
         columns = named
     elif isinstance(whole, Mapping):  # no names given: every side column of a dict dataset
-        skip = {contract.input_key, contract.target_key, "x", "input", "inputs", "y", "target", "label", "labels"}
+        skip = {contract.input_key, contract.target_key, *DEFAULT_INPUT_KEYS, *DEFAULT_TARGET_KEYS}
         columns = [k for k in whole if k not in skip] + [k for k in contract.columns if k not in whole]
     else:
         columns = list(contract.columns)
@@ -237,12 +242,13 @@ def run_config(trainer: Any, module: nn.Module, datamodule: Any) -> Optional[dic
                 dumped = callback.parser.dump(callback.config, skip_none=False, skip_check=True)
                 loaded = yaml.safe_load(dumped)
                 if isinstance(loaded, dict):
-                    return _plain(loaded)
+                    return to_jsonable(loaded, strict=True)
     config: dict[str, Any] = {}
-    if getattr(module, "hparams", None):
-        config["model"] = _plain(dict(module.hparams))
+    hparams = getattr(module, "hparams", None)
+    if hparams:
+        config["model"] = to_jsonable(dict(hparams), strict=True)
     if datamodule is not None and getattr(datamodule, "hparams", None):
-        config["data"] = _plain(dict(datamodule.hparams))
+        config["data"] = to_jsonable(dict(datamodule.hparams), strict=True)
     return config or None
 
 
@@ -255,15 +261,3 @@ def final_metrics(trainer: Any) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics[name] = float(value)
     return dict(sorted(metrics.items()))
-
-
-def _plain(value: Any) -> Any:
-    """JSON types only: tensors and numbers converted, anything else by its ``str``."""
-    value = to_jsonable(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)

@@ -73,7 +73,9 @@ def parse_standards(standards: Optional[Mapping[str, Any]]) -> list[Standard]:
         bounds: dict[str, Optional[float]] = {}
         for bound in _BOUNDS:
             value = spec.get(bound)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+            ):
                 raise ValueError(f"Standard {name!r}: `{bound}` must be a number, got {value!r}.")
             bounds[bound] = None if value is None else float(value)
         if bounds["min"] is None and bounds["max"] is None:
@@ -138,8 +140,10 @@ def unknown_message(names: list[str], numbers: Mapping[str, float]) -> str:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         lines.append(f"  {name}{hint}")
     return (
-        "These standards name numbers the run does not report:\n" + "\n".join(lines) +
-        f"\nThe run reports these {len(available)} names:\n  " + "\n  ".join(available)
+        "These standards name numbers the run does not report:\n"
+        + "\n".join(lines)
+        + f"\nThe run reports these {len(available)} names:\n  "
+        + "\n  ".join(available)
     )
 
 

@@ -1,0 +1,118 @@
+"""The model card as GitHub-flavoured Markdown (``model_card.md``); figures link to the copies beside it.
+
+Example:
+    >>> md_table(["Metric", "Value"], [["`val/acc`", "0.85"]])
+    ['| Metric | Value |', '| --- | --- |', '| `val/acc` | 0.85 |']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning_trust.report.rows import (
+    VERDICT,
+    balance_text,
+    config_text,
+    fact_rows,
+    figures_by_section,
+    groups_text,
+    requirement_text,
+    section_rows,
+    section_title,
+    split_metrics,
+    summary_line,
+)
+from lightning_trust.report.standards import format_number
+
+__all__ = ["md_table", "render_markdown"]
+
+_MD_MARK = {"met": "✅", "not_met": "❌", "not_measured": "⚠️"}
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(card: Mapping[str, Any]) -> str:
+    """The card as GitHub-flavoured Markdown; figures link to the copies next to the card."""
+    out = [f"# {card['title']}", ""]
+    out += [
+        f"Written by lightning-trust {card['generator']['version']} (model card schema {card['schema_version']}) "
+        f"at {card['created']}, after `{card['stage']}`.",
+        "",
+        "## Standards",
+        "",
+    ]
+    summary = card["summary"]
+    if summary["standards"]:
+        verdict = "All standards met." if summary["all_met"] else "Standards NOT met."
+        out += [f"**{verdict}** {summary_line(card)}", ""]
+        out += md_table(
+            ["Standard", "Required", "Measured", "Verdict"],
+            [[f"`{s['name']}`", requirement_text(s), format_number(s["value"], precise=True), f"{_MD_MARK[s['status']]} {VERDICT[s['status']]}"]
+             for s in card["standards"]],
+        )  # fmt: skip
+    else:
+        out.append("No standards declared.")
+    out.append("")
+    facts = fact_rows(card)
+    out += ["## Model", ""] + md_table(["", ""], [list(r) for r in facts["Model"]]) + [""]
+    out += ["## Data", ""] + _md_data(card["data"])
+    out += ["## Training", ""] + md_table(["", ""], [list(r) for r in facts["Training"]]) + [""]
+    out += ["## Final metrics", ""]
+    own, others = split_metrics(card["metrics"])
+    if own:
+        out += md_table(["Metric", "Value"], [[f"`{k}`", format_number(v)] for k, v in own.items()]) + [""]
+    if others:
+        out += [f"<details><summary>{len(others)} metrics logged by the callbacks</summary>", ""]
+        out += md_table(["Metric", "Value"], [[f"`{k}`", format_number(v)] for k, v in others.items()])
+        out += ["", "</details>", ""]
+    if not card["metrics"]:
+        out += ["No metrics logged.", ""]
+    figures = figures_by_section(card)
+    for name, section in card["sections"].items():
+        out += [f"## {section_title(name)}", ""]
+        rows, tables = section_rows(section, name)
+        if rows:
+            out += md_table(["Name", "Value"], [[f"`{k}`", v] for k, v in rows]) + [""]
+        for table_name, columns, body, total in tables:
+            out += [f"`{table_name}`:", ""] + md_table(columns, body) + [""]
+            if total > len(body):
+                out += [f"({total - len(body)} more rows in model_card.json.)", ""]
+        for figure in figures.get(name, []):
+            out += [
+                f"![{figure['key']}]({figure['file']})"
+                if figure["data"]
+                else f"(figure `{figure['key']}` was missing)",
+                "",
+            ]
+    out += ["## Packages", ""]
+    out += md_table(["Package", "Version"], [[k, v] for k, v in card["training"]["packages"].items()]) + [""]
+    if card["training"].get("config"):
+        out += ["## Configuration", "", "```yaml", config_text(card["training"]["config"]), "```", ""]
+    return "\n".join(out)
+
+
+def _md_data(data: Mapping[str, Any]) -> list[str]:
+    out = []
+    if data.get("datamodule"):
+        out += [f"DataModule: `{data['datamodule']}`", ""]
+    if data["splits"]:
+        out += md_table(
+            ["Split", "Samples", "Class balance"],
+            [[name, format_number(s["size"]), balance_text(s)] for name, s in data["splits"].items()],
+        ) + [""]
+    if data["groups"]:
+        out += ["Groups in the training split:", ""]
+        out += md_table(
+            ["Column", "Role", "Group sizes"],
+            [[f"`{name}`", g["role"], groups_text(g["counts"])] for name, g in data["groups"].items()],
+        ) + [""]
+    return out or ["No data facts.", ""]
