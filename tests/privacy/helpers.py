@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests import support
+
 
 def tiny_data(n: int = 240, features: int = 4, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
@@ -61,14 +63,11 @@ class TinyModule(pl.LightningModule):
 
 
 def trainer(tmp_path: Any = None, **kwargs: Any) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10,
-    )
-    if tmp_path is not None:
-        options["default_root_dir"] = str(tmp_path)
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    """The one test Trainer (:func:`tests.support.trainer`) as the privacy tests use it: no validation
+    loop unless a test asks for one, and ε logged every 10 noisy steps unless a test says otherwise."""
+    kwargs.setdefault("limit_val_batches", 0)
+    kwargs.setdefault("log_every_n_steps", 10)
+    return support.trainer(tmp_path, **kwargs)
 
 
 class BatchRecorder(pl.Callback):

@@ -2,20 +2,12 @@
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from opacus.accountants import create_accountant
 
 from lightning_trust.privacy import DifferentialPrivacy
 from tests.privacy.helpers import TinyData, TinyModule, trainer
-
-
-class Kill(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("killed")
+from tests.support import Kill
 
 
 def _dp():
@@ -31,7 +23,7 @@ def test_kill_and_resume_ends_with_the_same_epsilon(tmp_path):
     first = _dp()
     saver = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=7, save_top_k=-1, filename="{step}")
     with pytest.raises(RuntimeError, match="killed"):
-        trainer(tmp_path / "a", max_steps=25, enable_checkpointing=True, callbacks=[first, saver, Kill(17)]).fit(
+        trainer(tmp_path / "a", max_steps=25, enable_checkpointing=True, callbacks=[first, saver, Kill(at_step=17)]).fit(
             TinyModule(), TinyData()
         )
     assert first.steps == 17

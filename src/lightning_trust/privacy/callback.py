@@ -6,15 +6,17 @@ How Opacus is attached to an unchanged LightningModule:
   DP-incompatible layers are refused, or replaced with ``fix_module=True``) before
   ``configure_optimizers`` builds the optimizer from its parameters.
 * ``on_fit_start``: Opacus's ``GradSampleHooks`` (the hook half of ``GradSampleModule``, no wrapper)
-  are attached to the module, so the user's ``self(x)`` inside ``training_step`` records per-sample
-  gradients. The fit loop's train-data source is wrapped so the user's DataLoader is replaced by its
-  Poisson-sampled equivalent (Opacus's ``DPDataLoader``, distributed-aware under DDP), keeping the
-  dataset, ``collate_fn`` and workers.
+  are attached to the module (:mod:`~lightning_trust.privacy.hooks`), so the user's ``self(x)``
+  inside ``training_step`` records per-sample gradients. The fit loop's train loader is replaced
+  through the seam by its Poisson-sampled equivalent (:mod:`~lightning_trust.privacy.loader`:
+  Opacus's ``DPDataLoader``, distributed-aware under DDP), keeping the dataset, ``collate_fn`` and
+  workers.
 * When that loader is built, the sample rate and planned steps are known: the noise multiplier is
-  resolved (``get_noise_multiplier`` for a target ε), and the optimizer the Trainer got from
-  ``configure_optimizers`` is wrapped in Opacus's ``DPOptimizer`` (``DistributedDPOptimizer`` under
-  DDP, per-layer and fast-gradient-clipping variants as configured) whose step hook feeds the
-  accountant.
+  planned (:meth:`DifferentialPrivacy.noise_plan`, by default Opacus's ``get_noise_multiplier`` for
+  a target ε, see :mod:`~lightning_trust.privacy.accounting`), and the optimizer the Trainer got
+  from ``configure_optimizers`` is wrapped in Opacus's ``DPOptimizer`` (``DistributedDPOptimizer``
+  under DDP, per-layer and fast-gradient-clipping variants as configured, clipping bounds from
+  :meth:`DifferentialPrivacy.clip_plan`) whose step hook feeds the accountant.
 * When another callback replaces the module's parameters (structural pruning swaps each pruned
   ``nn.Parameter`` for a smaller one), the next training batch finds parameters the hooks have not
   seen: the hooks are re-attached to the new structure (Opacus validates it again) and the DP
@@ -24,85 +26,60 @@ How Opacus is attached to an unchanged LightningModule:
   (``require_backward_grad_sync = False``): the ``DistributedDPOptimizer`` clips locally, adds noise
   on rank 0 only and all-reduces the noisy sum once. Lightning's all-reduce of the raw, unclipped
   gradients would be thrown away anyway; skipping it avoids a second all-reduce per step.
+
+Example:
+    >>> dp = DifferentialPrivacy(target_epsilon=3.0, target_delta=1e-5, name="privacy_main")
+    >>> dp.report_name, sorted(dp.logged_keys)
+    ('privacy_main', ['privacy/delta', 'privacy/epsilon', 'privacy/noise_multiplier'])
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
-import warnings
-from collections.abc import Iterator
-from functools import partial
-from typing import Any, Literal, Optional, Union
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
-from opacus.grad_sample.grad_sample_module import GradSampleHooks
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
-from opacus.optimizers import DPOptimizer, get_optimizer_class
-from opacus.validators import ModuleValidator
-from torch import Tensor, nn
+from opacus.optimizers import DPOptimizer
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
 
-from lightning_trust.privacy.samplers import AccumulationSampler, EvenDistributedPoissonSampler, VirtualBatchSampler
-from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
+from lightning_trust.core import (
+    Capability,
+    TrustCallback,
+    artifact_dir,
+    new_figure,
+    save_figure,
+    warn_once,
+    write_json,
+)
+from lightning_trust.privacy import loader as private_loader
+from lightning_trust.privacy.accounting import (
+    ACCOUNTANTS,
+    epsilon_of,
+    noise_for_epsilon,
+    planned_steps,
+    sample_rate_for,
+    steps_of,
+    steps_within_budget,
+)
+from lightning_trust.privacy.hooks import GRAD_SAMPLE_MODES, PerSampleGradients, check_module
+from lightning_trust.privacy.optimizer import CLIPPINGS, default_clip, unwrap_optimizers, wrap_optimizer
+from lightning_trust.privacy.samplers import VirtualBatchSampler
 
-ACCOUNTANTS = ("prv", "rdp", "gdp")
-CLIPPINGS = ("flat", "per_layer")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+__all__ = ["DifferentialPrivacy"]
+
 SUPPORTED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
-# per-parameter / per-module state Opacus keeps between a forward and the optimizer step
-_PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "_forward_counter", "_norm_sample", "summed_grad")
-_MODULE_ATTRS = ("activations", "max_batch_len")
-_MISSING = object()
 
 
-def _same_objects(first: list[Any], second: list[Any]) -> bool:
-    return len(first) == len(second) and all(a is b for a, b in zip(first, second))
-
-
-class _SafeHooks(GradSampleHooks):
-    """Opacus's hooks, except that a backward pass with no recorded forward (eval mode, grads on, as in
-    an attribution run outside :meth:`DifferentialPrivacy.paused`) is ignored instead of failing."""
-
-    def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
-        if not getattr(module, "activations", None):
-            return
-        super().capture_backprops_hook(module, *args, **kwargs)
-
-
-class _SafeGhostHooks(GradSampleHooksFastGradientClipping):
-    """Opacus's fast-gradient-clipping hooks with the same guard as :class:`_SafeHooks`."""
-
-    def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
-        if not getattr(module, "activations", None):
-            return
-        super().capture_backprops_hook(module, *args, **kwargs)
-
-
-class _PrivateTrainSource(_DataLoaderSource):
-    """The fit loop's train-data source, returning the callback's private version of the user's loader."""
-
-    def __init__(self, inner: _DataLoaderSource, callback: DifferentialPrivacy, trainer: pl.Trainer) -> None:
-        super().__init__(inner.instance, inner.name)
-        self.inner = inner
-        self.callback = callback
-        self.trainer = trainer
-
-    def dataloader(self) -> Any:
-        return self.callback._private_loader(self.trainer, self.inner.dataloader())
-
-
-class DifferentialPrivacy(Callback):
+class DifferentialPrivacy(TrustCallback):
     r"""Train an unchanged LightningModule with differentially private SGD (Opacus).
 
     Per-sample gradients are clipped to ``max_grad_norm``, Gaussian noise of standard deviation
@@ -140,6 +117,20 @@ class DifferentialPrivacy(Callback):
         epsilon_tolerance: precision of the noise-multiplier search (Opacus's ``epsilon_tolerance``).
         dataset_size: the training set size N, for datasets without ``len`` (``IterableDataset``).
         log_every_n_steps: compute and log ε every this many noisy steps (default: the Trainer's).
+        name: the report section (default ``"privacy"``), for standards such as ``privacy.epsilon``.
+
+    Policy (override in a subclass):
+
+    * :meth:`noise_plan` ``(sample_rate, steps) -> float``: the noise multiplier for the planned run
+      (``steps`` noisy steps at ``sample_rate``; ``None`` when the Trainer sets no length). Called
+      once, when the first train loader is built; a resumed run keeps the checkpoint's noise.
+      Default: ``noise_multiplier``, or Opacus's ``get_noise_multiplier`` for ``target_epsilon``.
+    * :meth:`clip_plan` ``(params) -> float | list[float]``: the clipping bound(s) for the DP
+      optimizer's parameters (in optimizer order): one number for ``clipping="flat"``, one per
+      parameter for ``"per_layer"``. Default: from ``max_grad_norm``.
+
+    The accountant counts whatever noise the plan returns, so ε stays exact; a ``stop_at_epsilon``
+    budget still stops the run before it is exceeded.
 
     Resuming: the accountant history, noise multiplier, sample rate, δ and the ε curve are saved in
     the checkpoint, so a resumed run continues the same ε curve. A DP checkpoint loaded without this
@@ -147,6 +138,18 @@ class DifferentialPrivacy(Callback):
     without the callback is not private, and a later private run would not count the earlier steps.
 
     Example:
+        >>> class Margin(DifferentialPrivacy):
+        ...     def noise_plan(self, sample_rate: float, steps: Optional[int]) -> float:
+        ...         return 1.1 * super().noise_plan(sample_rate, steps)  # 10% more noise than the target needs
+        >>> class TightFirstLayer(DifferentialPrivacy):
+        ...     def clip_plan(self, params: Sequence[nn.Parameter]) -> Union[float, list[float]]:
+        ...         return [0.1] + [1.0] * (len(params) - 1)  # one bound per parameter
+        >>> dp = Margin(target_epsilon=3.0, target_delta=1e-5, accountant="rdp")
+        >>> base = DifferentialPrivacy(target_epsilon=3.0, target_delta=1e-5, accountant="rdp")
+        >>> dp.noise_plan(0.1, 30) == 1.1 * base.noise_plan(0.1, 30)
+        True
+        >>> TightFirstLayer(noise_multiplier=1.0, clipping="per_layer").clip_plan(list(nn.Linear(3, 2).parameters()))
+        [0.1, 1.0]
         >>> trainer = pl.Trainer(max_epochs=3, callbacks=[DifferentialPrivacy(target_epsilon=3.0, target_delta=1e-5)])
         >>> trainer.fit(TabularMLP(), AdultDataModule())  # doctest: +SKIP
         >>> trainer.callbacks[0].epsilon_spent  # doctest: +SKIP
@@ -154,6 +157,40 @@ class DifferentialPrivacy(Callback):
     """
 
     report_section = "privacy"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.PER_SAMPLE_GRADIENTS, Capability.REPLACES_TRAIN_LOADER, Capability.NEEDS_INDEPENDENT_LOSSES}
+    )
+    # DP refuses no other pack callback itself: the callbacks that cannot train beside per-sample
+    # gradients or a replaced train loader declare so; a second loader replacer is refused by the seam.
+    refuses: ClassVar[Mapping[Capability, str]] = {}
+    logged_keys: ClassVar[dict[str, str]] = {
+        "privacy/epsilon": "ε spent so far at δ (Opacus's accountant), every log_every_n_steps noisy steps",
+        "privacy/delta": "δ of the guarantee",
+        "privacy/noise_multiplier": "noise multiplier σ of the noisy steps",
+    }
+    report_keys: ClassVar[dict[str, str]] = {
+        "mechanism": "the DP mechanism: the subsampled Gaussian mechanism of DP-SGD",
+        "accountant": "Opacus accountant that computed ε: prv, rdp or gdp",
+        "epsilon": "ε spent at δ over every noisy step (resumed runs included)",
+        "delta": "δ of the guarantee",
+        "noise_multiplier": "noise multiplier σ (noise std = σ · max_grad_norm)",
+        "max_grad_norm": "per-sample clipping bound C (per-layer bounds: their Euclidean total)",
+        "steps": "noisy optimizer steps accounted",
+        "sample_rate": "Poisson sample rate q of a logical batch",
+        "sampling": "poisson, or shuffle when Poisson sampling was switched off",
+        "target_epsilon": "the ε the noise was planned for (null with a fixed noise multiplier)",
+        "stop_at_epsilon": "the budget training stops before exceeding (null: none)",
+        "stopped_at_budget": "whether training stopped at the budget",
+        "clipping": "flat or per_layer clipping",
+        "grad_sample_mode": "how per-sample gradients were computed: hooks, functorch or ghost",
+        "expected_batch_size": "expected logical batch size per rank",
+        "dataset_size": "training set size N",
+        "world_size": "number of DDP ranks",
+        "planned_steps": "noisy steps planned for the run (null: unbounded)",
+        "secure_rng": "whether noise and sampling used a cryptographically secure generator",
+        "guarantee": "the guarantee in words, with its assumptions",
+        "epsilon_curve": "[noisy steps, ε] at every logged step",
+    }
 
     def __init__(
         self,
@@ -172,12 +209,14 @@ class DifferentialPrivacy(Callback):
         epsilon_tolerance: float = 0.01,
         dataset_size: Optional[int] = None,
         log_every_n_steps: Optional[int] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name)
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ValueError(
                 "DifferentialPrivacy needs exactly one of `target_epsilon` (the noise is computed from it) or "
-                f"`noise_multiplier` (fixed noise); got target_epsilon={target_epsilon}, noise_multiplier={noise_multiplier}."
+                f"`noise_multiplier` (fixed noise); got target_epsilon={target_epsilon}, "
+                f"noise_multiplier={noise_multiplier}."
             )
         if target_epsilon is not None and not target_epsilon > 0:
             raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
@@ -218,6 +257,7 @@ class DifferentialPrivacy(Callback):
 
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
+        self.fixed_noise_multiplier = noise_multiplier
         self.max_grad_norm = list(max_grad_norm) if isinstance(max_grad_norm, (list, tuple)) else float(max_grad_norm)
         self.accountant = accountant
         self.poisson_sampling = poisson_sampling
@@ -238,6 +278,7 @@ class DifferentialPrivacy(Callback):
         self.expected_batch_size: Optional[float] = None
         self.planned_steps: Optional[int] = None
         self.num_samples: Optional[int] = None
+        self.clip_norms: Optional[Union[float, list[float]]] = None
         self.world_size = 1
         self.stopped_at_budget = False
         self.checkpoint_path: Optional[str] = None
@@ -246,39 +287,35 @@ class DifferentialPrivacy(Callback):
         self._accountant: Any = create_accountant(accountant)
         self._curve: list[tuple[int, float]] = []
         self._restored: Optional[dict[str, Any]] = None
-        self._hooks: Optional[GradSampleHooks] = None
-        self._hooked_params: list[nn.Parameter] = []
-        self._module: Optional[pl.LightningModule] = None
+        self._noise_planned = False
+        norm = self.max_grad_norm if isinstance(self.max_grad_norm, float) else 1.0
+        self._grads = PerSampleGradients(grad_sample_mode, max_grad_norm=norm, optimizer_params=self._dp_params)
+        self._fitting = False
         self._optimizer: Optional[DPOptimizer] = None
         self._max_total_steps: Optional[int] = None
         self._accumulate = 1
         self._physical_parts = 1
         self._remaining: Optional[int] = None
-        self._pause_depth = 0
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._last_seen_steps = 0
-        self._saved_source: Optional[_DataLoaderSource] = None
-        self._patched_connector: Any = None
-        self._ghost_outputs: list[Tensor] = []
-        self._ghost_handle: Any = None
         self._loader_ids: set[int] = set()
 
     # ------------------------------------------------------------------ public read-outs
     @property
     def steps(self) -> int:
         """Noisy optimizer steps accounted so far (resumed runs included)."""
-        return int(sum(entry[2] for entry in self._accountant.history))
+        return steps_of(self._accountant.history)
 
     @property
     def epsilon_spent(self) -> float:
         """ε spent so far at :attr:`delta` (0 before the first step, ``inf`` with no noise)."""
         steps = self.steps
         if self._epsilon_cache[0] != steps:
-            self._epsilon_cache = (steps, self._epsilon_of(self._accountant.history))
+            self._epsilon_cache = (steps, epsilon_of(self._accountant.history, self.delta, self.accountant))
         return self._epsilon_cache[1]
 
     def report(self) -> dict[str, Any]:
-        """Plain-JSON summary for the standards report (section ``privacy``)."""
+        """Plain-JSON summary for the standards report (keys: :attr:`report_keys`)."""
         sampling = "poisson" if self.poisson_sampling else "shuffle"
         guarantee = (
             f"({self.epsilon_spent:.4g}, {self.delta:.3g})-DP for the training examples"
@@ -293,9 +330,7 @@ class DifferentialPrivacy(Callback):
             "epsilon": float(self.epsilon_spent),
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
-            "max_grad_norm": self.max_grad_norm if isinstance(self.max_grad_norm, float) else float(
-                math.sqrt(sum(c * c for c in self.max_grad_norm))
-            ),
+            "max_grad_norm": self._total_clip(),
             "steps": self.steps,
             "sample_rate": self.sample_rate,
             "sampling": sampling,
@@ -314,7 +349,7 @@ class DifferentialPrivacy(Callback):
             "figures": dict(self.figures),
         }
 
-    @contextlib.contextmanager
+    @contextmanager
     def paused(self) -> Iterator[None]:
         """Run extra forward/backward passes that leave no trace in DP state.
 
@@ -323,44 +358,170 @@ class DifferentialPrivacy(Callback):
         the accountant only moves on optimizer steps, so it is untouched too. Re-entrant.
         Use it through :func:`lightning_trust.core.isolated_eval`.
         """
-        hooks, module = self._hooks, self._module
-        if hooks is None or module is None or self._pause_depth > 0:
-            self._pause_depth += 1
-            try:
-                yield
-            finally:
-                self._pause_depth -= 1
-            return
-        was_enabled = hooks.hooks_enabled
-        saved_params = [(p, {a: getattr(p, a, _MISSING) for a in _PARAM_ATTRS}) for p in module.parameters()]
-        saved_modules = []
-        for m in module.modules():
-            state = {a: getattr(m, a, _MISSING) for a in _MODULE_ATTRS}
-            if isinstance(state["activations"], list):
-                state["activations"] = list(state["activations"])
-            saved_modules.append((m, state))
-        saved_outputs = list(self._ghost_outputs)
-        self._pause_depth += 1
-        hooks.disable_hooks()
-        try:
+        with self._grads.paused():
             yield
-        finally:
-            self._pause_depth -= 1
-            for obj, state in saved_params + saved_modules:
-                for name, value in state.items():
-                    if value is _MISSING:
-                        if name in obj.__dict__:
-                            delattr(obj, name)
-                    else:
-                        setattr(obj, name, value)
-            self._ghost_outputs = saved_outputs
-            if was_enabled:
-                hooks.enable_hooks()
+
+    # ------------------------------------------------------------------ policy
+    def noise_plan(self, sample_rate: float, steps: Optional[int]) -> float:
+        """The noise multiplier for a run of ``steps`` noisy steps at ``sample_rate`` (``steps`` is
+        ``None`` when the Trainer sets no length). Override to choose the noise another way; the
+        accountant counts what this returns.
+
+        Default: the fixed ``noise_multiplier``, else the smallest noise that keeps ε within
+        ``target_epsilon`` at δ after ``steps`` steps (Opacus's ``get_noise_multiplier``).
+        """
+        if self.target_epsilon is None:
+            return float(self.fixed_noise_multiplier or 0.0)
+        return noise_for_epsilon(
+            self.target_epsilon,
+            self.delta if self.delta is not None else float(self.target_delta or 0.0),
+            sample_rate,
+            steps,
+            accountant=self.accountant,
+            epsilon_tolerance=self.epsilon_tolerance,
+        )
+
+    def clip_plan(self, params: Sequence[nn.Parameter]) -> Union[float, list[float]]:
+        """The per-sample clipping bound(s) for the DP optimizer's ``params`` (optimizer order): one
+        number for ``clipping="flat"``, one per parameter for ``"per_layer"``. Override to bound
+        layers differently; noise scales with the bound(s).
+
+        Default: ``max_grad_norm``; per-layer with one number ``C``: ``C / sqrt(#params)`` each.
+        """
+        return default_clip(self.max_grad_norm, self.clipping, params)
 
     # ------------------------------------------------------------------ Lightning hooks
+    def _should_skip(self, trainer: pl.Trainer) -> bool:
+        """DP acts on fitting only (validation, test and predict run the plain module)."""
+        return trainer.state.fn != TrainerFn.FITTING
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        super().setup(trainer, pl_module, stage)
+        if self._should_skip(trainer):
             return
+        self._check_trainer(trainer)
+        check_module(pl_module, self.fix_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored is None and trainer.ckpt_path:
+            warn_once(
+                self,
+                "resume_without_state",
+                f"Resuming from {trainer.ckpt_path}, which holds no DifferentialPrivacy state: the ε reported counts "
+                "only the steps from now on, not any training that produced this checkpoint.",
+            )
+        self._fitting = True
+        self._grads.attach(pl_module)
+        private_loader.install(
+            trainer, self, lambda loader: self._private_loader(trainer, loader), lambda dl: id(dl) in self._loader_ids
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._optimizer is None:
+            if trainer.limit_train_batches == 0:
+                return
+            raise RuntimeError("DifferentialPrivacy did not see the train dataloader; cannot train privately.")
+        if self._budget_spent():
+            warn_once(
+                self,
+                "budget_spent",
+                f"The privacy budget ε={self.stop_at_epsilon} is already spent ({self.steps} steps); stopping.",
+            )
+            self.stopped_at_budget = True
+            trainer.should_stop = True
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._budget_spent():
+            raise RuntimeError(
+                f"Another noisy step would exceed stop_at_epsilon={self.stop_at_epsilon}, but the Trainer keeps training "
+                "(min_epochs / min_steps?). Refusing to exceed the privacy budget; lower min_epochs/min_steps."
+            )
+        self._grads.begin_batch()
+        if self._grads.structure_changed(pl_module):
+            self._follow_structure(pl_module)
+        self._set_ddp_sync(trainer, False)  # see the module docstring: one (noisy) all-reduce only
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._accumulate > 1 and self._optimizer is not None:
+            self._undo_loss_scaling()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        steps = self.steps
+        if steps == self._last_seen_steps:
+            return
+        self._last_seen_steps = steps
+        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 1
+        if steps % every == 0:
+            self._log(pl_module, steps)
+        if self._budget_spent() and not self.stopped_at_budget:
+            self._stop_at_budget(trainer, pl_module, steps)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_outputs(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._fitting:
+            self._restore(trainer)  # leave the user's module and Trainer as they were
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._should_skip(trainer):
+            self._restore(trainer)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": dict(self._accountant.state_dict()),
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "dataset_size": self.num_samples,
+            "max_grad_norm": self.max_grad_norm,
+            "curve": [list(point) for point in self._curve],
+            "stopped_at_budget": self.stopped_at_budget,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mechanism = state_dict["accountant"].get("mechanism")
+        if mechanism != self.accountant:
+            raise ValueError(
+                f"The checkpoint's privacy accounting used the {mechanism!r} accountant, this callback "
+                f"{self.accountant!r}; set `accountant={mechanism!r}` to continue the same budget."
+            )
+        self._restored = dict(state_dict)
+        self._accountant.load_state_dict(state_dict["accountant"])
+        self._accountant.history = [tuple(entry) for entry in self._accountant.history]
+        self._curve = [(int(s), float(e)) for s, e in state_dict.get("curve", [])]
+        if self.target_epsilon is not None or self.noise_multiplier is None:
+            self.noise_multiplier = state_dict["noise_multiplier"]  # the noise planned for this run's target
+            self._noise_planned = True
+        elif self.noise_multiplier != state_dict["noise_multiplier"]:
+            warn_once(
+                self,
+                "noise_changed",
+                f"Resuming with noise_multiplier={self.noise_multiplier}; the checkpoint's steps used "
+                f"{state_dict['noise_multiplier']}. The accountant composes both.",
+            )
+        self.delta = state_dict["delta"]
+        self._last_seen_steps = self.steps
+
+    # ------------------------------------------------------------------ setup and teardown
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
+        """Refuse Trainer settings that break DP-SGD; read ``accumulate_grad_batches``."""
         if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
                 f"DifferentialPrivacy supports single-device and DDP training, not {type(trainer.strategy).__name__}; "
@@ -374,8 +535,8 @@ class DifferentialPrivacy(Callback):
             )
         if trainer.gradient_clip_val:
             raise ValueError(
-                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips the summed gradient, which DP-SGD replaces "
-                "by per-sample clipping; remove it and set `DifferentialPrivacy(max_grad_norm=...)` instead."
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips the summed gradient, which DP-SGD "
+                "replaces by per-sample clipping; remove it and set `DifferentialPrivacy(max_grad_norm=...)` instead."
             )
         self._accumulate = int(trainer.accumulate_grad_batches)
         if self._accumulate > 1 and self.grad_sample_mode == "ghost":
@@ -389,208 +550,34 @@ class DifferentialPrivacy(Callback):
                 "Use either Trainer(accumulate_grad_batches) or DifferentialPrivacy(max_physical_batch_size) to split "
                 "logical batches, not both."
             )
-        self._check_module(pl_module)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._restored is None and trainer.ckpt_path:
-            rank_zero_warn(
-                f"Resuming from {trainer.ckpt_path}, which holds no DifferentialPrivacy state: the ε reported counts only "
-                "the steps from now on, not any training that produced this checkpoint.",
-                category=UserWarning,
-            )
-        self._module = pl_module
-        self._attach_hooks(pl_module)
-        fit_loop = trainer.fit_loop
-        self._saved_source = fit_loop._data_source
-        fit_loop._data_source = _PrivateTrainSource(fit_loop._data_source, self, trainer)
-        fit_loop._combined_loader = None  # a tuner may have built the plain loader already
-        connector = trainer._data_connector
-        original = connector._requires_distributed_sampler
-
-        def requires_distributed_sampler(dataloader: Any) -> bool:
-            # our Poisson loader is distributed already; Lightning must not inject a DistributedSampler
-            return False if id(dataloader) in self._loader_ids else original(dataloader)
-
-        connector._requires_distributed_sampler = requires_distributed_sampler
-        self._patched_connector = connector
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._optimizer is None:
-            if trainer.limit_train_batches == 0:
-                return
-            raise RuntimeError("DifferentialPrivacy did not see the train dataloader; cannot train privately.")
-        if self._max_total_steps is not None and self.steps >= self._max_total_steps:
-            rank_zero_warn(
-                f"The privacy budget ε={self.stop_at_epsilon} is already spent ({self.steps} steps); stopping.",
-                category=UserWarning,
-            )
-            self.stopped_at_budget = True
-            trainer.should_stop = True
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._max_total_steps is not None and self.steps >= self._max_total_steps:
-            raise RuntimeError(
-                f"Another noisy step would exceed stop_at_epsilon={self.stop_at_epsilon}, but the Trainer keeps training "
-                "(min_epochs / min_steps?). Refusing to exceed the privacy budget; lower min_epochs/min_steps."
-            )
-        self._ghost_outputs = []
-        if self._hooks is not None and not _same_objects(self._hooked_params, list(pl_module.parameters())):
-            self._reattach_hooks(pl_module)
-        model = trainer.strategy.model
-        if isinstance(model, DistributedDataParallel):
-            model.require_backward_grad_sync = False  # see the module docstring: one (noisy) all-reduce only
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._accumulate > 1 and self._optimizer is not None:
-            # Lightning divided the loss by accumulate_grad_batches; clip the true per-sample gradients
-            for p in self._optimizer.params:
-                samples = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
-                for g in samples:
-                    if g is not None:
-                        g.mul_(self._accumulate)
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        steps = self.steps
-        if steps == self._last_seen_steps:
-            return
-        self._last_seen_steps = steps
-        every = self.log_every_n_steps or trainer.log_every_n_steps or 1
-        if steps % every == 0:
-            self._log(pl_module, steps)
-        if self._max_total_steps is not None and steps >= self._max_total_steps and not self.stopped_at_budget:
-            self._stop_at_budget(trainer, pl_module, steps)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        steps = self.steps
-        if steps and (not self._curve or self._curve[-1][0] != steps):
-            self._curve.append((steps, self.epsilon_spent))
-        folder = artifact_dir(trainer, "privacy")
-        if self._curve and trainer.is_global_zero:
-            path = folder / "epsilon_curve.png"
-            save_figure(trainer, self._figure(), path, tag="privacy/epsilon_curve")
-            self.figures["epsilon_curve"] = str(path)
-        write_json(folder / "privacy.json", self.report())
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._module is not None:
-            self.teardown(trainer, pl_module, "fit")  # leave the user's module and Trainer as they were
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._detach_hooks(pl_module)
-        if self._ghost_handle is not None:
-            self._ghost_handle.remove()
-            self._ghost_handle = None
-            pl_module.__dict__.pop("backward", None)
-        if self._saved_source is not None:
-            trainer.fit_loop._data_source = self._saved_source
-            self._saved_source = None
-        if self._patched_connector is not None:
-            self._patched_connector.__dict__.pop("_requires_distributed_sampler", None)
-            self._patched_connector = None
+    def _restore(self, trainer: pl.Trainer) -> None:
+        """Hooks off, the user's loader and optimizer back, Lightning's DDP all-reduce on again."""
+        self._grads.detach()
+        private_loader.uninstall(trainer, self)
         if self._optimizer is not None:
-            trainer.strategy.optimizers = [
-                opt.original_optimizer if isinstance(opt, DPOptimizer) else opt for opt in trainer.strategy.optimizers
-            ]
+            trainer.strategy.optimizers = unwrap_optimizers(trainer.strategy.optimizers)
             self._optimizer = None
+        self._set_ddp_sync(trainer, True)
+        self._fitting = False
+
+    @staticmethod
+    def _set_ddp_sync(trainer: pl.Trainer, sync: bool) -> None:
         model = trainer.strategy.model
         if isinstance(model, DistributedDataParallel):
-            model.require_backward_grad_sync = True
-        self._module = None
+            model.require_backward_grad_sync = sync
 
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "accountant": dict(self._accountant.state_dict()),
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "delta": self.delta,
-            "dataset_size": self.num_samples,
-            "max_grad_norm": self.max_grad_norm,
-            "curve": [list(point) for point in self._curve],
-            "stopped_at_budget": self.stopped_at_budget,
-        }
+    # ------------------------------------------------------------------ training steps
+    def _dp_params(self) -> list[nn.Parameter]:
+        return list(self._optimizer.params) if self._optimizer is not None else []
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        mechanism = state_dict["accountant"].get("mechanism")
-        if mechanism != self.accountant:
-            raise ValueError(
-                f"The checkpoint's privacy accounting used the {mechanism!r} accountant, this callback {self.accountant!r}; "
-                f"set `accountant={mechanism!r}` to continue the same budget."
-            )
-        self._restored = dict(state_dict)
-        self._accountant.load_state_dict(state_dict["accountant"])
-        self._accountant.history = [tuple(entry) for entry in self._accountant.history]
-        self._curve = [(int(s), float(e)) for s, e in state_dict.get("curve", [])]
-        if self.target_epsilon is not None or self.noise_multiplier is None:
-            self.noise_multiplier = state_dict["noise_multiplier"]  # the noise planned for this run's target
-        elif self.noise_multiplier != state_dict["noise_multiplier"]:
-            rank_zero_warn(
-                f"Resuming with noise_multiplier={self.noise_multiplier}; the checkpoint's steps used "
-                f"{state_dict['noise_multiplier']}. The accountant composes both.",
-                category=UserWarning,
-            )
-        self.delta = state_dict["delta"]
-        self._last_seen_steps = self.steps
+    def _budget_spent(self) -> bool:
+        return self._max_total_steps is not None and self.steps >= self._max_total_steps
 
-    # ------------------------------------------------------------------ internals
-    def _check_module(self, pl_module: pl.LightningModule) -> None:
-        errors = [e for e in ModuleValidator.validate(pl_module, strict=False) if "training mode" not in str(e)]
-        if errors and self.fix_module:
-            for name, child in list(pl_module.named_children()):
-                if [e for e in ModuleValidator.validate(child, strict=False) if "training mode" not in str(e)]:
-                    setattr(pl_module, name, ModuleValidator.fix(child))
-            errors = [e for e in ModuleValidator.validate(pl_module, strict=False) if "training mode" not in str(e)]
-            rank_zero_info("DifferentialPrivacy: replaced DP-incompatible layers with Opacus's ModuleValidator fixes.")
-        if errors:
-            listing = "\n".join(f"  - {e}" for e in errors)
-            raise ValueError(
-                f"{type(pl_module).__name__} has layers that break per-sample gradients (DP-SGD):\n{listing}\n"
-                "Set `DifferentialPrivacy(fix_module=True)` to replace them (BatchNorm -> GroupNorm, ...) before the "
-                "optimizer is built, or change the model."
-            )
-
-    def _attach_hooks(self, pl_module: pl.LightningModule) -> None:
-        if self._hooks is not None:
-            return
-        common = {"batch_first": True, "loss_reduction": "mean", "strict": True}
-        # torch warns when a hooked first layer gets an input without grad; that is the normal case here
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-        try:
-            if self.grad_sample_mode == "ghost":
-                norm = self.max_grad_norm if isinstance(self.max_grad_norm, float) else 1.0
-                self._hooks = _SafeGhostHooks(pl_module, max_grad_norm=norm, use_ghost_clipping=True, **common)
-                if self._ghost_handle is None:
-                    self._ghost_handle = pl_module.register_forward_hook(self._capture_output)
-                    pl_module.backward = partial(self._ghost_backward, pl_module)  # instance attribute, removed at teardown
-            else:
-                self._hooks = _SafeHooks(pl_module, force_functorch=self.grad_sample_mode == "functorch", **common)
-        except (NotImplementedError, ValueError) as err:
-            raise ValueError(f"Opacus cannot compute per-sample gradients of {type(pl_module).__name__}: {err}") from err
-        self._hooked_params = list(pl_module.parameters())
-
-    def _detach_hooks(self, pl_module: pl.LightningModule) -> None:
-        if self._hooks is None:
-            return
-        self._hooks.cleanup()
-        for m in pl_module.modules():
-            for name in _MODULE_ATTRS:
-                if name in m.__dict__:
-                    delattr(m, name)
-        for p in list(pl_module.parameters()) + self._hooked_params:
-            for name in _PARAM_ATTRS:
-                if name in p.__dict__:
-                    delattr(p, name)
-        self._hooks = None
-        self._hooked_params = []
-
-    def _reattach_hooks(self, pl_module: pl.LightningModule) -> None:
-        """The module's parameters were replaced (structural pruning): hook the new structure."""
-        self._detach_hooks(pl_module)
-        self._attach_hooks(pl_module)  # Opacus's strict validation runs on the new structure here
+    def _follow_structure(self, pl_module: pl.LightningModule) -> None:
+        """The module's parameters were replaced (structural pruning): hook the new structure and
+        check the DP optimizer holds the new parameters."""
+        self._grads.reattach(pl_module)
         if self._optimizer is None:
             return
         current = {id(p) for p in pl_module.parameters()}
@@ -598,49 +585,36 @@ class DifferentialPrivacy(Callback):
         if stale:
             raise RuntimeError(
                 f"The module's parameters were replaced during training, but the DP optimizer still holds {len(stale)} "
-                "of the old ones: their clipped, noised gradients would not reach the model. A callback that changes the "
-                "model's structure must point the optimizer's param_groups at the new parameters (as "
+                "of the old ones: their clipped, noised gradients would not reach the model. A callback that changes "
+                "the model's structure must point the optimizer's param_groups at the new parameters (as "
                 "ProgressivePruning does)."
             )
-        rank_zero_info("DifferentialPrivacy: the module's parameters changed (structural pruning); re-attached Opacus's hooks.")
+        rank_zero_info(
+            "DifferentialPrivacy: the module's parameters changed (structural pruning); re-attached Opacus's hooks."
+        )
 
+    def _undo_loss_scaling(self) -> None:
+        """Lightning divided the loss by ``accumulate_grad_batches``; clip the true per-sample gradients."""
+        assert self._optimizer is not None
+        for p in self._optimizer.params:
+            samples = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
+            for g in samples:
+                if g is not None:
+                    g.mul_(self._accumulate)
+
+    def _on_noisy_step(self, optimizer: DPOptimizer) -> None:
+        self._accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
+
+    # ------------------------------------------------------------------ the private loader and plan
     def _private_loader(self, trainer: pl.Trainer, loader: Any) -> Any:
         """Build the Poisson-sampled loader for ``loader`` and, the first time, the DP optimizer."""
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                f"DifferentialPrivacy needs exactly one train DataLoader, got {type(loader).__name__}; "
-                "combine several datasets into one Dataset first."
-            )
-        dataset = loader.dataset
-        iterable = isinstance(dataset, IterableDataset)
-        if iterable and self.poisson_sampling:
-            raise ValueError(
-                f"The train loader reads an IterableDataset ({type(dataset).__name__}), which cannot be Poisson sampled, "
-                "and the DP guarantee assumes Poisson sampling. Use a map-style Dataset, or accept a guarantee that "
-                "assumes shuffling with `DifferentialPrivacy(poisson_sampling=False, dataset_size=N)`."
-            )
-        size = self.dataset_size
-        if size is None:
-            try:
-                size = len(dataset)  # type: ignore[arg-type]
-            except TypeError:
-                size = None
-        if size is None and self.target_delta is None and self.delta is None:
-            raise ValueError(
-                "No `target_delta` was given and the training set size is unknown (the dataset has no len), so the "
-                "default δ = 1/N cannot be set. Pass `target_delta` (e.g. 1e-5) or `dataset_size`."
-            )
-        if size is None:
-            raise ValueError(
-                "The training set size N is needed for the sample rate; pass `DifferentialPrivacy(dataset_size=N)`."
-            )
-        batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
-        if not batch_size:
-            raise ValueError("The train DataLoader needs a `batch_size` (the expected Poisson batch size).")
+        _, size, batch_size = private_loader.training_set(
+            loader, self.dataset_size, self.poisson_sampling, delta_known=self.delta is not None
+        )
         world = int(trainer.world_size)
-        sample_rate = 1.0 / math.ceil(size / (batch_size * world * self._accumulate))
+        sample_rate = sample_rate_for(size, batch_size, world, self._accumulate)
         if self.sample_rate is None:
-            self._resolve(trainer, size, sample_rate, world)
+            self._resolve(size, sample_rate, world)
         elif sample_rate != self.sample_rate or size != self.num_samples:
             raise ValueError(
                 f"The train loader gives sample rate {sample_rate} over N={size}, the first gave "
@@ -652,51 +626,30 @@ class DifferentialPrivacy(Callback):
             self._max_total_steps = self._budget_steps()
         if not self.poisson_sampling:
             return loader
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + trainer.global_rank)
-        if self.secure_rng:
-            import torchcsprng
-
-            generator = torchcsprng.create_random_device_generator("/dev/urandom")
-        options = {
-            "num_workers": loader.num_workers,
-            "pin_memory": loader.pin_memory,
-            "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn,
-            "multiprocessing_context": loader.multiprocessing_context,
-            "persistent_workers": loader.persistent_workers,
-        }
-        if loader.num_workers > 0:
-            options["prefetch_factor"] = loader.prefetch_factor
-        dp_loader = DPDataLoader(
-            dataset, sample_rate=self.sample_rate, collate_fn=loader.collate_fn, generator=generator,
-            distributed=world > 1, **options,
+        dp_loader = private_loader.poisson_loader(
+            loader,
+            sample_rate,
+            private_loader.sampling_generator(trainer.global_rank, self.secure_rng),
+            world_size=world,
+            max_physical_batch_size=self.max_physical_batch_size,
+            optimizer=self._optimizer,
+            physical_parts=self._physical_parts,
+            accumulate=self._accumulate,
+            dataset_size=size,
         )
-        batch_sampler: Any = dp_loader.batch_sampler
-        if world > 1:
-            batch_sampler = EvenDistributedPoissonSampler(
-                total_size=size, sample_rate=self.sample_rate, generator=generator
-            )
-        if self.max_physical_batch_size is not None:
-            batch_sampler = VirtualBatchSampler(
-                sampler=batch_sampler, max_batch_size=self.max_physical_batch_size, optimizer=self._optimizer,
-                parts=self._physical_parts,
-            )
-        elif self._accumulate > 1:
-            batch_sampler = AccumulationSampler(batch_sampler, self._accumulate)
-        if batch_sampler is not dp_loader.batch_sampler:
-            dp_loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=dp_loader.collate_fn, **options)
         self._loader_ids.add(id(dp_loader))
         return dp_loader
 
-    def _resolve(self, trainer: pl.Trainer, size: int, sample_rate: float, world: int) -> None:
+    def _resolve(self, size: int, sample_rate: float, world: int) -> None:
         """Fix N, q, δ and the expected batch size (first loader this callback sees)."""
         self.num_samples, self.sample_rate, self.world_size = size, sample_rate, world
         restored = self._restored or {}
         if restored and restored.get("sample_rate") not in (None, sample_rate):
-            rank_zero_warn(
-                f"The sample rate changed from {restored['sample_rate']} (checkpoint) to {sample_rate}; the accountant "
-                "composes both.",
-                category=UserWarning,
+            warn_once(
+                self,
+                "sample_rate_changed",
+                f"The sample rate changed from {restored['sample_rate']} (checkpoint) to {sample_rate}; the "
+                "accountant composes both.",
             )
         if self.delta is None:
             self.delta = 1.0 / size
@@ -708,138 +661,83 @@ class DifferentialPrivacy(Callback):
         if self.max_physical_batch_size is not None:
             self._physical_parts = VirtualBatchSampler.parts_for(self.expected_batch_size, self.max_physical_batch_size)
 
-    def _remaining_steps(self, trainer: pl.Trainer) -> Optional[int]:
-        """Noisy steps this fit can still take at most (``None``: unbounded)."""
-        limits = []
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            # global_step is restored on resume; it counts physical batches with virtual batching
-            limits.append(max(int(trainer.max_steps) - trainer.global_step, 0) // self._physical_parts)
-        if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            steps_per_epoch = int(1 / self.sample_rate)  # type: ignore[operator]
-            limits.append(max(int(trainer.max_epochs) - trainer.current_epoch, 0) * steps_per_epoch)
-        return min(limits) if limits else None
-
     def _plan(self, trainer: pl.Trainer) -> None:
-        """Planned steps of this fit and, for a target ε, the noise multiplier that reaches it."""
-        remaining = self._remaining_steps(trainer)
+        """Planned steps of this fit and, the first time, the noise multiplier (:meth:`noise_plan`)."""
+        assert self.sample_rate is not None
+        remaining = planned_steps(
+            self.sample_rate,
+            max_steps=trainer.max_steps,
+            max_epochs=trainer.max_epochs,
+            global_step=trainer.global_step,  # restored on resume; counts physical batches with virtual batching
+            current_epoch=trainer.current_epoch,
+            physical_parts=self._physical_parts,
+        )
         self._remaining = remaining
         self.planned_steps = None if remaining is None else self.steps + remaining
-        sample_rate = self.sample_rate
-        if self.noise_multiplier is None:
-            if remaining is None:
-                raise ValueError(
-                    "`target_epsilon` needs a planned training length to find the noise: set Trainer(max_epochs=...) "
-                    "or Trainer(max_steps=...), or give `noise_multiplier` instead."
-                )
-            try:
-                self.noise_multiplier = float(
-                    get_noise_multiplier(
-                        target_epsilon=self.target_epsilon,
-                        target_delta=self.delta,
-                        sample_rate=sample_rate,
-                        steps=remaining,
-                        accountant=self.accountant,
-                        epsilon_tolerance=self.epsilon_tolerance,
-                    )
-                )
-            except ValueError as err:
-                raise ValueError(
-                    f"target_epsilon={self.target_epsilon} at δ={self.delta:.3g} cannot be reached in "
-                    f"{remaining} steps at sample rate {sample_rate:.4g} ({err}): no noise multiplier is large "
-                    "enough. Raise target_epsilon or target_delta, train fewer steps/epochs, or use a smaller batch."
-                ) from err
-        elif self.noise_multiplier == 0:
-            rank_zero_warn("DifferentialPrivacy(noise_multiplier=0): no noise, ε is infinite (debugging only).")
+        if not self._noise_planned:
+            noise = float(self.noise_plan(self.sample_rate, remaining))
+            if not (math.isfinite(noise) and noise >= 0):
+                raise ValueError(f"`noise_plan` must return a finite noise multiplier >= 0, got {noise}.")
+            self.noise_multiplier, self._noise_planned = noise, True
+        if self.noise_multiplier == 0:
+            warn_once(
+                self, "no_noise", "DifferentialPrivacy(noise_multiplier=0): no noise, ε is infinite (debugging only)."
+            )
         rank_zero_info(
-            f"DifferentialPrivacy: N={self.num_samples}, sample rate {sample_rate:.4g}, noise multiplier "
+            f"DifferentialPrivacy: N={self.num_samples}, sample rate {self.sample_rate:.4g}, noise multiplier "
             f"{self.noise_multiplier:.4g}, max_grad_norm {self.max_grad_norm}, {self.accountant} accountant, "
             f"planned steps {self.planned_steps}."
         )
 
     def _wrap_optimizer(self, trainer: pl.Trainer) -> None:
-        optimizers = [opt.original_optimizer if isinstance(opt, DPOptimizer) else opt for opt in trainer.strategy.optimizers]
+        optimizers = unwrap_optimizers(trainer.strategy.optimizers)
         if len(optimizers) != 1:
             raise ValueError(
                 f"DifferentialPrivacy wraps one optimizer; configure_optimizers returned {len(optimizers)}. Use one "
                 "optimizer with several param groups."
             )
         optimizer = optimizers[0]
-        mode = "ghost" if self.grad_sample_mode == "ghost" else "hooks"
-        cls = get_optimizer_class(clipping=self.clipping, distributed=self.world_size > 1, grad_sample_mode=mode)
-        max_grad_norm: Any = self.max_grad_norm
-        if self.clipping == "per_layer":
-            count = sum(len(group["params"]) for group in optimizer.param_groups)
-            if isinstance(max_grad_norm, list):
-                if len(max_grad_norm) != count:
-                    raise ValueError(f"`max_grad_norm` lists {len(max_grad_norm)} bounds for {count} parameters.")
-            else:
-                max_grad_norm = [max_grad_norm / math.sqrt(count)] * count
-        generator = None
-        if self.secure_rng:
-            import torchcsprng
-
-            generator = torchcsprng.create_random_device_generator("/dev/urandom")
-        self._optimizer = cls(
+        assert self.noise_multiplier is not None and self.expected_batch_size is not None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.clip_norms = self.clip_plan(params)
+        self._optimizer = wrap_optimizer(
             optimizer,
             noise_multiplier=self.noise_multiplier,
-            max_grad_norm=max_grad_norm,
+            max_grad_norm=self.clip_norms,
             expected_batch_size=self.expected_batch_size / self._accumulate,
-            loss_reduction="mean",
-            generator=generator,
-            secure_mode=self.secure_rng,
+            clipping=self.clipping,
+            distributed=self.world_size > 1,
+            grad_sample_mode=self.grad_sample_mode,
+            secure_rng=self.secure_rng,
+            step_hook=self._on_noisy_step,
         )
-        self._optimizer.attach_step_hook(self._on_noisy_step)
+        if isinstance(self.clip_norms, (int, float)):
+            self._grads.set_max_grad_norm(float(self.clip_norms))
         trainer.strategy.optimizers = [self._optimizer]
-
-    def _on_noisy_step(self, optimizer: DPOptimizer) -> None:
-        self._accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
-
-    def _history_plus(self, extra: int) -> list[tuple[float, float, int]]:
-        history = list(self._accountant.history)
-        if extra <= 0:
-            return history
-        if history and history[-1][0] == self.noise_multiplier and history[-1][1] == self.sample_rate:
-            sigma, rate, count = history[-1]
-            return history[:-1] + [(sigma, rate, count + extra)]
-        return history + [(self.noise_multiplier, self.sample_rate, extra)]
-
-    def _epsilon_of(self, history: list[tuple[float, float, int]]) -> float:
-        if not history or self.delta is None:
-            return 0.0
-        if any(sigma == 0 for sigma, _, _ in history):
-            return math.inf
-        accountant = create_accountant(self.accountant)
-        accountant.history = list(history)
-        return float(accountant.get_epsilon(delta=self.delta))
 
     def _budget_steps(self) -> Optional[int]:
         """Total noisy steps allowed by ``stop_at_epsilon`` (``None``: no limit within the plan)."""
-        if self.stop_at_epsilon is None:
-            return None
-        limit, taken = self.stop_at_epsilon, self.steps
-        if self.noise_multiplier == 0:
-            return taken
-        remaining = self._remaining
-        if remaining is not None and self._epsilon_of(self._history_plus(remaining)) <= limit:
-            return None
-        if self._epsilon_of(self._history_plus(1)) > limit:
-            return taken
-        low, high = 1, 2
-        if remaining is None:
-            while self._epsilon_of(self._history_plus(high)) <= limit:
-                low, high = high, high * 2
-                if high > 2**31:
-                    return None
-        else:
-            high = remaining
-        while high - low > 1:  # eps(low) <= limit < eps(high)
-            mid = (low + high) // 2
-            if self._epsilon_of(self._history_plus(mid)) <= limit:
-                low = mid
-            else:
-                high = mid
-        return taken + low
+        assert self.noise_multiplier is not None and self.sample_rate is not None
+        return steps_within_budget(
+            self._accountant.history,
+            self.noise_multiplier,
+            self.sample_rate,
+            self.delta,
+            self.accountant,
+            self.stop_at_epsilon,
+            self._remaining,
+        )
 
+    def _total_clip(self) -> float:
+        """The clipping bound of the whole gradient: the flat bound, or the Euclidean total of per-layer bounds."""
+        norms = self.clip_norms
+        if norms is None or type(self).clip_plan is DifferentialPrivacy.clip_plan:
+            norms = self.max_grad_norm  # the user's own number, not its rounded per-layer split
+        if isinstance(norms, (int, float)):
+            return float(norms)
+        return float(math.sqrt(sum(c * c for c in norms)))
+
+    # ------------------------------------------------------------------ logging and outputs
     def _log(self, pl_module: pl.LightningModule, steps: int) -> None:
         epsilon = self.epsilon_spent
         self._curve.append((steps, epsilon))
@@ -867,6 +765,18 @@ class DifferentialPrivacy(Callback):
             f"stop_at_epsilon={self.stop_at_epsilon}. Stopping; checkpoint saved to {path}."
         )
 
+    def _write_outputs(self, trainer: pl.Trainer) -> None:
+        """The last point of the ε curve, its figure, and ``privacy.json``."""
+        steps = self.steps
+        if steps and (not self._curve or self._curve[-1][0] != steps):
+            self._curve.append((steps, self.epsilon_spent))
+        folder = artifact_dir(trainer, "privacy")
+        if self._curve and trainer.is_global_zero:
+            path = folder / "epsilon_curve.png"
+            save_figure(trainer, self._figure(), path, tag="privacy/epsilon_curve")
+            self.figures["epsilon_curve"] = str(path)
+        write_json(folder / "privacy.json", self.report())
+
     def _figure(self) -> Any:
         fig = new_figure(figsize=(5, 3.2))
         ax = fig.add_subplot(1, 1, 1)
@@ -880,71 +790,3 @@ class DifferentialPrivacy(Callback):
         ax.set_title(f"Privacy spent (σ={self.noise_multiplier:.3g}, q={self.sample_rate:.3g})")
         ax.legend(loc="lower right")
         return fig
-
-    # ------------------------------------------------------------------ ghost clipping
-    def _capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._pause_depth or not module.training or not torch.is_grad_enabled():
-            return
-        # dim >= 1: under DDP Lightning routes training_step itself through the module's __call__, and its
-        # scalar loss must not count as a model output; each tensor once
-        seen = {id(t) for t in self._ghost_outputs}
-        for tensor in _tensors(output):
-            if tensor.requires_grad and tensor.dim() >= 1 and id(tensor) not in seen:
-                self._ghost_outputs.append(tensor)
-                seen.add(id(tensor))
-
-    def _ghost_backward(self, pl_module: pl.LightningModule, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        outputs, self._ghost_outputs = self._ghost_outputs, []
-        if self._pause_depth or self._hooks is None:
-            loss.backward(*args, **kwargs)
-            return
-        if not outputs:
-            raise RuntimeError(
-                "grad_sample_mode='ghost' needs the loss to be computed from the module's own output in "
-                "training_step (`logits = self(x)`); none was recorded. Use grad_sample_mode='hooks'."
-            )
-        grads: list[Optional[Tensor]] = [None] * len(outputs)
-
-        def keep(index: int, grad: Tensor) -> None:
-            grads[index] = grad
-
-        handles = [out.register_hook(partial(keep, i)) for i, out in enumerate(outputs)]
-        try:
-            loss.backward(retain_graph=True)  # first pass: the hooks compute per-sample gradient norms
-        finally:
-            for handle in handles:
-                handle.remove()
-        assert self._optimizer is not None
-        for p in self._optimizer.params:
-            p.grad = None
-        coeff = self._hooks.get_clipping_coef()  # type: ignore[attr-defined]
-        batch = coeff.shape[0]
-        pairs = []
-        for out, grad in zip(outputs, grads):
-            if grad is None:
-                continue
-            if grad.shape[0] != batch:
-                raise RuntimeError(
-                    f"grad_sample_mode='ghost': a module output has batch size {grad.shape[0]}, the batch {batch}."
-                )
-            # d(sum_i c_i L_i)/dz_i = c_i * n * d(mean_i L_i)/dz_i
-            scale = (coeff * batch).to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-            pairs.append((out, grad * scale))
-        self._hooks.disable_hooks()
-        try:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        finally:
-            self._hooks.enable_hooks()
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value] if value.is_floating_point() else []
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-__all__ = ["DifferentialPrivacy"]
