@@ -85,11 +85,3 @@ def binary_arrays(data: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray
 def names(data: dict[str, torch.Tensor], column: str) -> np.ndarray:
     return np.array(CATEGORIES[column], dtype=object)[data[column].numpy()]
 
-
-def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_epochs=1, enable_progress_bar=False, enable_model_summary=False,
-        logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)

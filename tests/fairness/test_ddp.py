@@ -5,7 +5,7 @@ import pytest
 from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference, equalized_odds_ratio
 
 from lightning_trust.fairness import METRICS
-from lightning_trust.fairness.mitigation import ThresholdOptimizer
+from lightning_trust.fairness import ThresholdOptimizer
 from tests.ddp_harness import run_ddp
 from tests.fairness.helpers import binary_arrays, names, synthetic
 
@@ -34,7 +34,7 @@ class RankData(pl.LightningDataModule):
         return DataLoader(self._part(), batch_size=64)
 
 metrics = FairnessMetrics(sensitive_features=["sex", ["sex", "race"]], metrics={list(METRICS)!r}, min_group_size=0)
-optimizer = ThresholdOptimizer("sex", constraint="demographic_parity")
+optimizer = ThresholdOptimizer("sex", constraint="demographic_parity", name="fairness_thresholds")
 penalty = FairnessPenalty("sex", lam=0.5)  # the patched training_step runs under DDP's forward redirection
 trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=3,
                      callbacks=[metrics, optimizer, penalty],

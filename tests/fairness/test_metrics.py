@@ -20,7 +20,8 @@ from sklearn.metrics import accuracy_score
 
 from lightning_trust.core.batch import BatchKeyError
 from lightning_trust.fairness import METRICS, FairnessBreachError, FairnessMetrics
-from tests.fairness.helpers import LogitModule, SyntheticDataModule, binary_arrays, names, synthetic, trainer
+from tests.fairness.helpers import LogitModule, SyntheticDataModule, binary_arrays, names, synthetic
+from tests.support import trainer
 
 FAIRLEARN_SUMMARIES = {
     "demographic_parity_difference": demographic_parity_difference,

@@ -12,28 +12,11 @@ from torch.utils.data import DataLoader
 from lightning_trust.demo import TabularMLP
 from lightning_trust.demo.data import DictDataset
 from lightning_trust.fairness import FairnessMetrics, FairnessPenalty, ThresholdOptimizer, ThresholdPredictor
-from lightning_trust.fairness.mitigation import _Scores, group_gap
-from tests.fairness.helpers import LogitModule, SyntheticDataModule, binary_arrays, names, synthetic, trainer
-
-
-class AdultSubset(pl.LightningDataModule):
-    """Slices of the session's Adult data (read-only) so the mitigation runs stay fast."""
-
-    def __init__(self, adult, n_train=8000, n_test=5000, batch_size=256, seed=0):
-        super().__init__()
-        self.categories, self.batch_keys = adult.categories, adult.batch_keys
-        cut = lambda ds, n: DictDataset({k: v[:n] for k, v in ds.tensors.items()})  # noqa: E731
-        self.train, self.val, self.test = cut(adult.train_dataset, n_train), adult.val_dataset, cut(adult.test_dataset, n_test)
-        self.batch_size, self.seed = batch_size, seed
-
-    def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
-
-    def val_dataloader(self):
-        return DataLoader(self.val, batch_size=1024)
-
-    def test_dataloader(self):
-        return DataLoader(self.test, batch_size=1024)
+from lightning_trust.core.compat import IncompatibleCallbacksError
+from lightning_trust.fairness.penalty import group_gap
+from lightning_trust.fairness.thresholds import PrefitScores
+from tests.fairness.helpers import LogitModule, SyntheticDataModule, binary_arrays, names, synthetic
+from tests.support import AdultSubset, trainer
 
 
 def _adult_run(tmp_path, dm, extra, checkpoint=False):
@@ -51,7 +34,7 @@ def _adult_run(tmp_path, dm, extra, checkpoint=False):
 
 @pytest.fixture(scope="module")
 def adult_runs(adult, tmp_path_factory):
-    dm = AdultSubset(adult)
+    dm = AdultSubset(adult, n_train=8000, n_val=None, n_test=5000, batch_size=256, shuffle=True, seed=0, eval_batch_size=1024)
     root = tmp_path_factory.mktemp("adult_fair")
     optimizer = ThresholdOptimizer("sex", constraint="demographic_parity")
     base, base_model = _adult_run(root / "none", dm, [optimizer], checkpoint=True)
@@ -101,7 +84,7 @@ def test_thresholds_equal_fairlearn_and_travel_in_checkpoint(adult_runs):
         model.eval()
         scores = torch.softmax(model(x), 1)[:, 1].numpy()
     groups = np.array(dm.categories["sex"], dtype=object)[sex]
-    reference = FairlearnThresholdOptimizer(estimator=_Scores(), constraints="demographic_parity", prefit=True, predict_method="predict")
+    reference = FairlearnThresholdOptimizer(estimator=PrefitScores(), constraints="demographic_parity", prefit=True, predict_method="predict")
     reference.fit(scores.reshape(-1, 1), y, sensitive_features=groups)
     for group, bunch in reference.interpolated_thresholder_.interpolation_dict.items():
         saved = optimizer.thresholds[group]
@@ -175,8 +158,9 @@ def test_penalty_changes_the_loss_gradient(tmp_path):
 def test_penalty_refuses_differential_privacy(tmp_path):
     from lightning_trust.privacy import DifferentialPrivacy
 
-    t = trainer(tmp_path, callbacks=[FairnessPenalty("sex"), DifferentialPrivacy(noise_multiplier=1.0)], limit_train_batches=1)
-    with pytest.raises(RuntimeError, match="differential privacy.*DP guarantee"):
+    t = trainer(tmp_path, callbacks=[FairnessPenalty("sex"), DifferentialPrivacy(noise_multiplier=1.0)], max_epochs=1,
+                limit_train_batches=1)
+    with pytest.raises(IncompatibleCallbacksError, match="differential privacy.*DP guarantee"):
         t.fit(LogitModule(), SyntheticDataModule(synthetic(n=64)))
 
 
@@ -184,7 +168,7 @@ def test_penalty_refuses_manual_optimization(tmp_path):
     module = LogitModule()
     module.automatic_optimization = False
     with pytest.raises(RuntimeError, match="manual optimization"):
-        trainer(tmp_path, callbacks=[FairnessPenalty("sex")], limit_train_batches=1).fit(module, SyntheticDataModule(synthetic(n=64)))
+        trainer(tmp_path, callbacks=[FairnessPenalty("sex")], max_epochs=1, limit_train_batches=1).fit(module, SyntheticDataModule(synthetic(n=64)))
 
 
 def test_threshold_optimizer_without_validation_scores_again(tmp_path):
@@ -240,7 +224,8 @@ def test_threshold_optimizer_checkpoint_resume(tmp_path):
     data = synthetic(n=300)
 
     def run(root, epochs, ckpt=None):
-        optimizer, penalty = ThresholdOptimizer("sex"), FairnessPenalty("sex", lam=0.5)
+        # two mitigations in one Trainer: distinct report sections
+        optimizer, penalty = ThresholdOptimizer("sex", name="fairness_thresholds"), FairnessPenalty("sex", lam=0.5)
         mc = ModelCheckpoint(dirpath=str(root), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
         t = trainer(root, callbacks=[optimizer, penalty, mc], max_epochs=epochs, enable_checkpointing=True)
         t.fit(LogitModule(), SyntheticDataModule(data), ckpt_path=ckpt)

@@ -21,58 +21,62 @@ Several validation dataloaders are pooled into one table. Under DDP, Lightning's
 ``world_size - 1`` duplicates); the numbers then include those, as any DDP metric does. Use
 ``use_distributed_sampler=False`` with your own unpadded per-rank shards for exact counts.
 
-Logged keys (validation; ``fairness_test/`` for the test stage):
-``fairness/<metric>/<feature>=<group>`` (``fairness/<metric>/sex=Female,race=White`` for an
-intersection, ``.../class=<c>`` appended for multiclass), ``fairness/<summary>`` (worst) and
-``fairness/<summary>/<entry>`` when there are several entries.
+Logged keys: :attr:`FairnessMetrics.logged_keys` (``fairness/<metric>/sex=Female`` per group,
+``fairness/<summary>`` the worst over entries, ``fairness/<summary>/<entry>`` with several entries;
+``fairness_test/`` for the test stage). A flagged group or a breached limit warns once per run;
+every epoch's numbers are logged.
 
 Example:
-    >>> trainer = pl.Trainer(callbacks=[FairnessMetrics(sensitive_features=["sex", "race", ["sex", "race"]],
-    ...                      thresholds={"demographic_parity_difference": 0.1}, action="warn")])
-    >>> trainer.fit(TabularMLP(), AdultDataModule())
+    >>> callback = FairnessMetrics(sensitive_features=["sex", "race", ["sex", "race"]],
+    ...                            thresholds={"demographic_parity_difference": 0.1}, action="warn")
+    >>> callback.report_name, [entry_name(e) for e in callback.entries]
+    ('fairness', ['sex', 'race', 'sex*race'])
+    >>> trainer = pl.Trainer(callbacks=[callback])  # doctest: +SKIP
+    >>> trainer.fit(TabularMLP(), AdultDataModule())  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.trainer.states import RunningStage
+from typing_extensions import override
 
 from lightning_trust.core.batch import BatchContract, batch_size_of
-from lightning_trust.fairness._core import (
+from lightning_trust.core.callback import TrustCallback
+from lightning_trust.core.capture import ForwardCapture, step_predictions
+from lightning_trust.core.compat import Capability
+from lightning_trust.core.output import artifact_dir, new_figure, save_figure, warn_once, write_json
+from lightning_trust.fairness.frame import fairness_results, write_table_csv
+from lightning_trust.fairness.groups import (
     SUMMARIES,
-    FairnessState,
-    ForwardCapture,
     base_columns,
     entry_name,
-    fairness_results,
     group_names,
-    hard_predictions,
     is_ratio,
     parse_entries,
     read_codes,
-    step_predictions,
     validate_metrics,
 )
-from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
+from lightning_trust.fairness.predictions import Activation, check_activation, hard_predictions
+from lightning_trust.fairness.state import FairnessState
+
+__all__ = ["FairnessBreachError", "FairnessMetrics"]
 
 Stage = Literal["validation", "test"]
-Activation = Literal["auto", "softmax", "sigmoid", "none"]
 DEFAULT_METRICS = ["accuracy", "selection_rate", "true_positive_rate", "false_positive_rate"]
-_PREFIX = {"validation": "fairness", "test": "fairness_test"}
+_STAGES: dict[RunningStage, Stage] = {RunningStage.VALIDATING: "validation", RunningStage.TESTING: "test"}
 
 
 class FairnessBreachError(RuntimeError):
     """A declared fairness limit was breached and ``action="fail"``."""
 
 
-class FairnessMetrics(Callback):
+class FairnessMetrics(TrustCallback):
     """Group fairness of the model's predictions, every validation/test epoch, from Fairlearn.
 
     Args:
@@ -95,15 +99,55 @@ class FairnessMetrics(Callback):
         random_state: the bootstrap seed (MetricFrame's ``random_state``).
         thresholds: limits on summaries, e.g. ``{demographic_parity_difference: 0.1,
             demographic_parity_ratio: 0.8}``; a difference above / a ratio below its limit (or an
-            undefined value) is a breach.
-        action: on a breach: ``warn``; ``stop`` (ends fitting through ``trainer.should_stop``);
-            ``fail`` (raises :class:`FairnessBreachError` at the end of fit / test).
+            undefined value) is a breach (see :meth:`breached`).
+        action: on a breach: ``warn`` (once per run; every epoch's count is logged); ``stop`` (ends
+            fitting through ``trainer.should_stop``); ``fail`` (raises :class:`FairnessBreachError`
+            at the end of fit / test).
         min_group_size: groups with fewer samples are reported with ``small: true`` and flagged.
         log_groups: log every per-group number (else only the summaries).
         batch_keys: batch contract overrides (see :class:`~lightning_trust.core.batch.BatchContract`).
+        name: the report section, logging prefix and file folder (default ``fairness``); two
+            ``FairnessMetrics`` in one Trainer need distinct names.
     """
 
     report_section = "fairness"
+    # the forward of a step that neither returns predictions nor calls the module runs here, isolated
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.EXTRA_PASSES})
+    #: What it logs (validation; ``fairness_test/`` for the test stage; ``<name>/`` when named).
+    logged_keys: ClassVar[dict[str, str]] = {
+        "fairness/<summary>": "a disparity summary, the worst over the sensitive feature entries",
+        "fairness/<summary>/<entry>": "a disparity summary of one entry (with several entries)",
+        "fairness/<metric>/<groups>": "a per-group metric (`sex=Female,race=White`; `/class=<c>` for multiclass)",
+        "fairness/flagged": "how many group numbers are flagged this epoch (small or undefined)",
+        "fairness/breaches": "how many declared limits are breached this epoch",
+        "fairness_test/<summary>": "a disparity summary on the test data, the worst over the entries",
+        "fairness_test/<summary>/<entry>": "a disparity summary of one entry on the test data",
+        "fairness_test/<metric>/<groups>": "a per-group metric on the test data",
+        "fairness_test/flagged": "how many group numbers are flagged on the test data",
+        "fairness_test/breaches": "how many declared limits are breached on the test data",
+    }
+    #: The top-level keys of :meth:`report`.
+    report_keys: ClassVar[dict[str, str]] = {
+        **{s: f"{s.replace('_', ' ')}, the worst over the entries (latest stage)" for s in SUMMARIES},
+        "num_samples": "samples scored (all ranks)",
+        "num_classes": "2 for binary predictions, else the number of classes (one-vs-rest)",
+        "worst_feature": "summary -> the entry attaining the worst value",
+        "overall": "each metric over all samples (per class for multiclass)",
+        "by_feature": "entry -> its summaries (and intervals, per-class tables)",
+        "by_group": "entry -> group -> metrics, count, small, log name",
+        "flags": "small groups and undefined metrics, with the reason",
+        "stage": "the stage of the latest numbers: validation or test",
+        "epoch": "the epoch of the latest numbers",
+        "step": "the global step of the latest numbers",
+        "validation": "the validation summaries, when the test stage ran after them",
+        "sensitive_features": "the entries, by name",
+        "metrics": "the per-group metrics computed",
+        "thresholds": "the declared limits on summaries",
+        "action": "what a breach does: warn, stop or fail",
+        "breaches": "every breached limit: stage, epoch, summary, value, limit, feature",
+        "history": "the summaries of every epoch",
+        "files": "the CSV tables written",
+    }
 
     def __init__(
         self,
@@ -122,20 +166,20 @@ class FairnessMetrics(Callback):
         min_group_size: int = 30,
         log_groups: bool = True,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name)
         self.entries = parse_entries(sensitive_features)
         self.columns = base_columns(self.entries)
         self.metrics = validate_metrics(DEFAULT_METRICS if metrics is None else metrics)
-        stages_list = [stages] if isinstance(stages, str) else list(stages)
-        if not stages_list or any(s not in _PREFIX for s in stages_list):
+        stages_list: list[Stage] = [stages] if isinstance(stages, str) else list(stages)
+        if not stages_list or any(s not in ("validation", "test") for s in stages_list):
             raise ValueError(f"`stages` must be 'validation' and/or 'test', got {stages!r}.")
         if not isinstance(positive_label, int):
             raise ValueError(f"`positive_label` must be an integer class index, got {positive_label!r}.")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"`threshold` is a probability threshold in [0, 1], got {threshold}.")
-        if activation not in ("auto", "softmax", "sigmoid", "none"):
-            raise ValueError(f"`activation` must be auto, softmax, sigmoid or none, got {activation!r}.")
+        check_activation(activation)
         if n_boot is not None and (not isinstance(n_boot, int) or n_boot < 1):
             raise ValueError(f"`n_boot` must be a positive integer (or None for no intervals), got {n_boot!r}.")
         ci_quantiles = [0.025, 0.975] if ci_quantiles is None else [float(q) for q in ci_quantiles]
@@ -145,11 +189,11 @@ class FairnessMetrics(Callback):
         if any(s not in stages_list for s in ci_stages):
             raise ValueError(f"`ci_stages` {ci_stages} must be among `stages` {stages_list}.")
         thresholds = dict(thresholds or {})
-        for name, limit in thresholds.items():
-            if name not in SUMMARIES:
-                raise ValueError(f"Unknown summary {name!r} in `thresholds`; choose from {list(SUMMARIES)}.")
+        for summary, limit in thresholds.items():
+            if summary not in SUMMARIES:
+                raise ValueError(f"Unknown summary {summary!r} in `thresholds`; choose from {list(SUMMARIES)}.")
             if not isinstance(limit, (int, float)) or not 0.0 <= float(limit) <= 1.0:
-                raise ValueError(f"`thresholds[{name!r}]` must be a number in [0, 1], got {limit!r}.")
+                raise ValueError(f"`thresholds[{summary!r}]` must be a number in [0, 1], got {limit!r}.")
         if action not in ("warn", "stop", "fail"):
             raise ValueError(f"`action` must be 'warn', 'stop' or 'fail', got {action!r}.")
         if not isinstance(min_group_size, int) or min_group_size < 0:
@@ -180,13 +224,97 @@ class FairnessMetrics(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(entries=[entry_name(e) for e in self.entries], stages=self.stages)
+        names = {"name": self.name} if self.name else {}
+        return self._generate_state_key(entries=[entry_name(e) for e in self.entries], stages=self.stages, **names)
+
+    def prefix(self, stage: str) -> str:
+        """The logging prefix of ``stage``: ``fairness`` / ``fairness_test`` (``<name>``... when named)."""
+        return self.report_name if stage == "validation" else f"{self.report_name}_test"
 
     # hooks ------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.contract = BatchContract.resolve(self.batch_keys, trainer)
+        super().setup(trainer, pl_module, stage)
+        self.contract = BatchContract.resolve(self.batch_keys, trainer, side_keys=self.columns)
         self._names = {c: group_names(trainer, c) for c in self.columns}
 
+    def _stage(self, trainer: pl.Trainer) -> Optional[Stage]:
+        """The running stage this callback measures now, or ``None`` (sanity check, training...)."""
+        return _STAGES.get(trainer.state.stage) if trainer.state.stage is not None else None
+
+    def _should_skip(self, trainer: pl.Trainer) -> bool:
+        stage = self._stage(trainer)
+        return stage is None or stage not in self.stages
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip(trainer):
+            self._start(pl_module)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._should_skip(trainer):
+            self._arm(pl_module, batch)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._should_skip(trainer):
+            self._update(pl_module, outputs, batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip(trainer):
+            self._finish(trainer, pl_module, "validation")
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip(trainer):
+            self._start(pl_module)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._should_skip(trainer):
+            self._arm(pl_module, batch)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._should_skip(trainer):
+            self._update(pl_module, outputs, batch)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip(trainer):
+            self._finish(trainer, pl_module, "test")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end(trainer, "validation")
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end(trainer, "test")
+
+    # batches ----------------------------------------------------------------------------------
     def _start(self, pl_module: pl.LightningModule) -> None:
         self._state.reset()
         self._state.to(pl_module.device)
@@ -203,56 +331,6 @@ class FairnessMetrics(Callback):
         )
         codes = read_codes(self.contract, batch, self.columns, y_pred.device)
         self._state.update(y_true, y_pred, codes)
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "validation" in self.stages and not trainer.sanity_checking:
-            self._start(pl_module)
-
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if "validation" in self.stages and not trainer.sanity_checking:
-            self._arm(pl_module, batch)
-
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if "validation" in self.stages and not trainer.sanity_checking:
-            self._update(pl_module, outputs, batch)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "validation" in self.stages and not trainer.sanity_checking:
-            self._finish(trainer, pl_module, "validation")
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "test" in self.stages:
-            self._start(pl_module)
-
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if "test" in self.stages:
-            self._arm(pl_module, batch)
-
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if "test" in self.stages:
-            self._update(pl_module, outputs, batch)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "test" in self.stages:
-            self._finish(trainer, pl_module, "test")
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "validation" in self.results:
-            self._save_files(trainer, artifact_dir(trainer, "fairness"), "validation")
-        self._maybe_fail("validation")
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "test" in self.results:
-            self._save_files(trainer, artifact_dir(trainer, "fairness"), "test")
-        self._maybe_fail("test")
 
     # epoch end --------------------------------------------------------------------------------
     def compute(self, stage: Stage = "validation") -> dict[str, Any]:
@@ -273,8 +351,8 @@ class FairnessMetrics(Callback):
             min_group_size=self.min_group_size,
         )
 
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._state.update_count == 0 and not _distributed():
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if self._state.update_count == 0 and trainer.world_size <= 1:
             return
         results = self.compute(stage)  # identical on every rank: each rank decides the same
         results.update(stage=stage, epoch=int(trainer.current_epoch), step=int(trainer.global_step))
@@ -282,24 +360,49 @@ class FairnessMetrics(Callback):
         self.history.append(
             {"stage": stage, "epoch": results["epoch"], "step": results["step"], **{s: results[s] for s in SUMMARIES}}
         )
-        self._log(trainer, pl_module, stage, results)
-        if results["flags"]:
-            first = results["flags"][0]
-            rank_zero_warn(
-                f"FairnessMetrics ({stage}): {len(results['flags'])} flagged group number(s), e.g. "
-                f"{first['feature']} group {first['group']!r}: {first['metric']} ({first['reason']}). "
-                "See report()['flags']."
-            )
-        self._check(trainer, stage, results)
+        breaches = self._check(results)
+        self._log(trainer, pl_module, stage, results, len(breaches))
+        self._warn(stage, results, breaches)
+        if breaches and self.action == "stop" and stage == "validation":
+            trainer.should_stop = True
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, results: dict[str, Any]) -> None:
+    def breached(self, summary: str, value: float, limit: float) -> bool:
+        """Whether ``value`` of ``summary`` breaches ``limit``: a difference above it, a ratio below
+        it, or an undefined (NaN) value. Override for another rule."""
+        return math.isnan(value) or (value < limit if is_ratio(summary) else value > limit)
+
+    def _check(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        found = []
+        for summary, limit in self.thresholds.items():
+            value = results[summary]
+            if not self.breached(summary, value, limit):
+                continue
+            found.append({
+                "stage": results["stage"],
+                "epoch": results["epoch"],
+                "step": results["step"],
+                "summary": summary,
+                "value": value,
+                "limit": limit,
+                "feature": results["worst_feature"].get(summary),
+                "undefined": math.isnan(value),
+            })  # fmt: skip
+        self.breaches.extend(found)
+        return found
+
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, results: dict[str, Any], breaches: int
+    ) -> None:
         # summaries through pl_module.log (monitorable by EarlyStopping/ModelCheckpoint); the many
         # per-group numbers in one log_metrics call per logger (pl_module.log costs ~0.3 ms a key)
-        prefix = _PREFIX[stage]
+        prefix = self.prefix(stage)
         values: dict[str, float] = {f"{prefix}/{s}": results[s] for s in SUMMARIES}
         if len(self.entries) > 1:
-            for name, part in results["by_feature"].items():
-                values.update({f"{prefix}/{s}/{name}": part[s] for s in SUMMARIES})
+            for entry, part in results["by_feature"].items():
+                values.update({f"{prefix}/{s}/{entry}": part[s] for s in SUMMARIES})
+        values[f"{prefix}/flagged"] = float(len(results["flags"]))
+        if self.thresholds:
+            values[f"{prefix}/breaches"] = float(breaches)
         for key, value in values.items():
             pl_module.log(key, float(value), on_step=False, on_epoch=True, sync_dist=False)
         groups_log: dict[str, float] = {}
@@ -315,36 +418,46 @@ class FairnessMetrics(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(groups_log, step=trainer.global_step)
 
-    def _check(self, trainer: pl.Trainer, stage: str, results: dict[str, Any]) -> None:
-        for summary, limit in self.thresholds.items():
-            value = results[summary]
-            undefined = math.isnan(value)
-            breached = undefined or (value < limit if is_ratio(summary) else value > limit)
-            if not breached:
-                continue
-            breach = {
-                "stage": stage,
-                "epoch": results["epoch"],
-                "step": results["step"],
-                "summary": summary,
-                "value": value,
-                "limit": limit,
-                "feature": results["worst_feature"].get(summary),
-                "undefined": undefined,
-            }
-            self.breaches.append(breach)
-            relation = "is undefined (NaN)" if undefined else f"= {value:.4f} {'<' if is_ratio(summary) else '>'} limit {limit}"
-            message = f"Fairness limit breached ({stage}, epoch {results['epoch']}): {summary} {relation} (worst feature: {breach['feature']})."
-            rank_zero_warn(message)
-            if self.action == "stop" and stage == "validation":
-                trainer.should_stop = True
+    def _warn(self, stage: str, results: dict[str, Any], breaches: list[dict[str, Any]]) -> None:
+        """One warning per condition and run; every epoch's numbers are logged."""
+        prefix = self.prefix(stage)
+        if results["flags"]:
+            first = results["flags"][0]
+            warn_once(
+                self,
+                f"flags/{stage}",
+                f"{type(self).__name__} ({stage}): {len(results['flags'])} flagged group number(s), e.g. "
+                f"{first['feature']} group {first['group']!r}: {first['metric']} ({first['reason']}). "
+                f"See report()['flags']; the count is logged every epoch as {prefix}/flagged.",
+            )
+        for breach in breaches:
+            summary, value, limit = breach["summary"], breach["value"], breach["limit"]
+            relation = (
+                "is undefined (NaN)"
+                if breach["undefined"]
+                else f"= {value:.4f} {'<' if is_ratio(summary) else '>'} limit {limit}"
+            )
+            warn_once(
+                self,
+                f"breach/{stage}/{summary}",
+                f"Fairness limit breached ({stage}, epoch {breach['epoch']}): {summary} {relation} (worst feature: "
+                f"{breach['feature']}). Warned once; every epoch's value is logged as {prefix}/{summary} and the "
+                "breaches in report()['breaches'].",
+            )
+
+    def _end(self, trainer: pl.Trainer, stage: Stage) -> None:
+        if stage in self.results:
+            self._save_files(trainer, artifact_dir(trainer, self.report_name), stage)
+        self._maybe_fail(stage)
 
     def _maybe_fail(self, stage: str) -> None:
         if self.action != "fail":
             return
         breaches = [b for b in self.breaches if b["stage"] == stage]
         if breaches:
-            lines = "; ".join(f"{b['summary']}={b['value']:.4f} (limit {b['limit']}, epoch {b['epoch']})" for b in breaches)
+            lines = "; ".join(
+                f"{b['summary']}={b['value']:.4f} (limit {b['limit']}, epoch {b['epoch']})" for b in breaches
+            )
             raise FairnessBreachError(
                 f"FairnessMetrics(action='fail'): {len(breaches)} breach(es) during {stage}: {lines}. "
                 "Mitigate (FairnessPenalty / ThresholdOptimizer) or revise `thresholds`."
@@ -354,8 +467,7 @@ class FairnessMetrics(Callback):
     def _save_files(self, trainer: pl.Trainer, folder: Path, stage: str) -> None:
         # `folder` comes from every rank (trainer.log_dir broadcasts); the files from rank zero
         results = self.results[stage]
-        path = folder / f"by_group_{stage}.csv"
-        self.files[f"table_{stage}"] = str(path)
+        self.files[f"table_{stage}"] = str(folder / f"by_group_{stage}.csv")
         for metric in self.metrics:
             if metric != "count":
                 key = f"by_group_{metric}" if stage == "validation" else f"by_group_{metric}_test"
@@ -364,55 +476,27 @@ class FairnessMetrics(Callback):
             self._write_files(trainer, folder, stage, results)
 
     def _write_files(self, trainer: pl.Trainer, folder: Path, stage: str, results: dict[str, Any]) -> None:
-        self._write_csv(folder / f"by_group_{stage}.csv", results)
+        write_table_csv(folder / f"by_group_{stage}.csv", results, self.metrics)
         write_json(folder / f"fairness_{stage}.json", results)
         for metric in self.metrics:
             if metric != "count":
                 fig_path = folder / f"by_group_{metric}_{stage}.png"
-                save_figure(trainer, self._figure(results, metric, stage), fig_path, tag=f"{_PREFIX[stage]}/by_group_{metric}")
-
-    def _rows(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        rows = []
-        multiclass = results["num_classes"] > 2
-        for name, groups_or_classes in results["by_group"].items():
-            per_class = groups_or_classes if multiclass else {"": groups_or_classes}
-            for cls, groups in per_class.items():
-                overall = results["overall"][cls] if multiclass else results["overall"]
-                for label, cell in list(groups.items()) + [("(overall)", {**overall, "count": None, "small": None})]:
-                    row: dict[str, Any] = {"feature": name}
-                    if multiclass:
-                        row["class"] = cls
-                    row.update(group=label, count=cell.get("count"), small=cell.get("small"))
-                    for m in self.metrics:
-                        if m == "count":
-                            continue
-                        row[m] = cell.get(m)
-                        if f"{m}_ci" in cell:
-                            lo_hi = cell.get(f"{m}_ci") or [None, None]
-                            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = lo_hi
-                    rows.append(row)
-        return rows
-
-    def _write_csv(self, path: Path, results: dict[str, Any]) -> None:
-        rows = self._rows(results)
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+                figure = self._figure(results, metric, stage)
+                save_figure(trainer, figure, fig_path, tag=f"{self.prefix(stage)}/by_group_{metric}")
 
     def _figure(self, results: dict[str, Any], metric: str, stage: str) -> Any:
         entries = list(results["by_group"])
         figure = new_figure(figsize=(4.0 * len(entries) + 1, 3.6))
         multiclass = results["num_classes"] > 2
-        for i, name in enumerate(entries):
+        for i, entry in enumerate(entries):
             axis = figure.add_subplot(1, len(entries), i + 1)
-            groups = results["by_group"][name]
+            groups = results["by_group"][entry]
             overall = results["overall"]
-            title = name
+            title = entry
             if multiclass:  # the class with the largest demographic parity difference
-                cls = results["by_feature"][name]["worst_class"]["demographic_parity_difference"] or next(iter(groups))
-                groups, overall, title = groups[cls], overall[cls], f"{name} (class {cls})"
+                worst_class = results["by_feature"][entry]["worst_class"]["demographic_parity_difference"]
+                cls = worst_class or next(iter(groups))
+                groups, overall, title = groups[cls], overall[cls], f"{entry} (class {cls})"
             labels = list(groups)
             values = [groups[g][metric] for g in labels]
             colors = ["tab:orange" if groups[g]["small"] else "tab:blue" for g in labels]
@@ -424,7 +508,8 @@ class FairnessMetrics(Callback):
                 axis.errorbar(positions, values, yerr=[lows, highs], fmt="none", ecolor="black", capsize=3)
             axis.axhline(overall[metric], color="tab:red", linestyle="--", label=f"overall {overall[metric]:.3f}")
             axis.set_xticks(positions)
-            axis.set_xticklabels(labels, rotation=45 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center", fontsize=7)
+            many = len(labels) > 3
+            axis.set_xticklabels(labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=7)
             axis.set_title(title, fontsize=9)
             axis.set_ylabel(metric)
             axis.legend(fontsize=7)
@@ -452,16 +537,12 @@ class FairnessMetrics(Callback):
         )
         return out
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results, "history": self.history, "breaches": self.breaches}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = dict(state_dict.get("results", {}))
         self.history = list(state_dict.get("history", []))
         self.breaches = list(state_dict.get("breaches", []))
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
