@@ -1,32 +1,14 @@
-"""Small Adult subsets for fast federated tests."""
+"""Federated test helpers: a user module with a stateless optimizer, state copies, and the check
+that a callback's declared ``logged_keys``/``report_keys`` match what a real run produced."""
 
 from __future__ import annotations
 
-import tempfile
+import re
+from collections.abc import Iterable, Mapping
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from lightning_trust.demo import TabularMLP
-
-
-class AdultSubset(pl.LightningDataModule):
-    batch_keys = {"input": "x", "target": "y"}
-
-    def __init__(self, adult, n_train=2048, n_val=512, batch_size=64, shuffle=True, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.train = Subset(adult.train_dataset, torch.randperm(len(adult.train_dataset), generator=g)[:n_train].tolist())
-        self.val = Subset(adult.val_dataset, list(range(n_val)))
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-
-    def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=self.shuffle,
-                          generator=torch.Generator().manual_seed(self.seed) if self.shuffle else None)
-
-    def val_dataloader(self):
-        return DataLoader(self.val, batch_size=512)
 
 
 class PlainSGDMLP(TabularMLP):
@@ -36,12 +18,22 @@ class PlainSGDMLP(TabularMLP):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(default_root_dir=tempfile.mkdtemp(prefix="lt_federated_"), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
-
-
 def params(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _matches(pattern: str, name: str) -> bool:
+    regex = "".join(".+" if part.startswith("<") else re.escape(part) for part in re.split(r"(<[^>]+>)", pattern))
+    return re.fullmatch(regex, name) is not None
+
+
+def check_declared_keys(owner, report: Mapping, logged: Iterable[str], prefix: str = "federated/") -> None:
+    """Every top-level report key is declared and every declared one is present; every logged
+    ``prefix`` metric matches a declared pattern."""
+    top = set(report) - {"figures"}
+    assert not [k for k in top if not any(_matches(p, k) for p in owner.report_keys)], "undeclared report keys"
+    assert not [p for p in owner.report_keys if not any(_matches(p, k) for k in top)], "declared keys missing"
+    names = [n for n in logged if n.startswith(prefix)]
+    assert names, "the run logged nothing"
+    undeclared = [n for n in names if not any(_matches(p, n) for p in owner.logged_keys)]
+    assert not undeclared, f"undeclared logged metrics: {undeclared}"

@@ -35,7 +35,7 @@ def test_fedavg_equals_flower_weighted_average():
     glob, clients, counts = _clients()
     ours = FedAvg().aggregate(glob, clients, counts)
     flower = flwr_aggregate.aggregate([(_nd(c), n) for c, n in zip(clients, counts)])
-    for (k, v), ref in zip(ours.items(), flower):
+    for (_k, v), ref in zip(ours.items(), flower):
         np.testing.assert_allclose(v.numpy(), ref, atol=1e-6, rtol=0)
 
 
@@ -124,7 +124,9 @@ def test_robust_aggregators_equal_flower_implementations():
             np.testing.assert_allclose(v.numpy(), r, atol=1e-6, rtol=0)
     # even count: the median is the mean of the two middle values, like numpy
     even = Median().aggregate(glob, clients[:4], counts[:4])
-    np.testing.assert_allclose(even["a.bias"].numpy(), np.median([c["a.bias"].numpy() for c in clients[:4]], axis=0), atol=1e-6)
+    np.testing.assert_allclose(
+        even["a.bias"].numpy(), np.median([c["a.bias"].numpy() for c in clients[:4]], axis=0), atol=1e-6
+    )
 
 
 def test_robust_rules_ignore_a_sign_flipping_minority():

@@ -6,7 +6,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_trust.core.batch import BatchContract
-from lightning_trust.federated import IID, ByKey, ClientDP, ClientUpdate, Dirichlet, Server, partition_summary, resolve_partition
+from lightning_trust.federated import (
+    IID,
+    ByKey,
+    ClientDP,
+    ClientUpdate,
+    Dirichlet,
+    Server,
+    partition_summary,
+    resolve_partition,
+)
 from lightning_trust.federated.partition import read_column
 
 
@@ -41,7 +50,9 @@ def test_by_key_on_adult_native_region(adult):
     assert all((regions[p] == regions[p[0]]).all() for p in parts)
     with pytest.raises(ValueError, match="num_clients"):
         ByKey("native_region").split(adult.train_dataset, 3, contract=contract)
-    np.testing.assert_array_equal(read_column(adult.train_dataset, contract, "target"), adult.train_dataset.tensors["y"].numpy())
+    np.testing.assert_array_equal(
+        read_column(adult.train_dataset, contract, "target"), adult.train_dataset.tensors["y"].numpy()
+    )
 
 
 def test_partition_specs():

@@ -8,13 +8,15 @@ from lightning.pytorch.loggers import CSVLogger
 from opacus.accountants import RDPAccountant
 
 from lightning_trust.demo import TabularMLP
+from lightning_trust.core import Capability, IncompatibleCallbacksError
 from lightning_trust.federated import ClientDP, FedAdam, FederatedSimulation
-from tests.federated.helpers import AdultSubset, PlainSGDMLP, params, trainer
+from tests.federated.helpers import PlainSGDMLP, check_declared_keys, params
+from tests.support import AdultSubset, trainer
 
 
 @pytest.mark.slow
 def test_one_client_full_participation_equals_centralized_training(adult):
-    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=128, shuffle=False)
+    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=128, shuffle=False, pick="random")
     pl.seed_everything(0)
     central = PlainSGDMLP()
     trainer(max_epochs=3).fit(central, dm)
@@ -30,12 +32,13 @@ def test_one_client_full_participation_equals_centralized_training(adult):
 
 @pytest.mark.slow
 def test_robust_aggregators_hold_against_sign_flipping_clients(adult):
-    dm = AdultSubset(adult, n_train=4000, n_val=1000)
+    dm = AdultSubset(adult, n_train=4000, n_val=1000, batch_size=64, pick="random")
     acc = {}
     for agg in ("fedavg", "median", "trimmedmean", "krum"):
         pl.seed_everything(0)
-        cb = FederatedSimulation(num_clients=10, local_steps=10, aggregator=agg, byzantine_fraction=0.2,
-                                 byzantine_scale=5.0, seed=0)
+        cb = FederatedSimulation(
+            num_clients=10, local_steps=10, aggregator=agg, byzantine_fraction=0.2, byzantine_scale=5.0, seed=0
+        )
         t = trainer(max_epochs=8, callbacks=[cb])
         t.fit(TabularMLP(), dm)
         assert len(cb.byzantine_clients) == 2
@@ -47,7 +50,7 @@ def test_robust_aggregators_hold_against_sign_flipping_clients(adult):
 
 @pytest.mark.slow
 def test_failed_clients_are_dropped_and_the_survivors_aggregated(adult):
-    dm = AdultSubset(adult, n_train=1024, n_val=256)
+    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=64, pick="random")
     cb = FederatedSimulation(num_clients=4, local_steps=4, dropout_rate=0.5, seed=1)
     t = trainer(max_epochs=4, callbacks=[cb])
     t.fit(TabularMLP(), dm)
@@ -60,11 +63,18 @@ def test_failed_clients_are_dropped_and_the_survivors_aggregated(adult):
 
 
 def _resume_setup(adult):
-    dm = AdultSubset(adult, n_train=1024, n_val=256)
+    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=64, pick="random")
 
     def callback():
-        return FederatedSimulation(num_clients=4, clients_per_round=2, local_steps=5, partition="dirichlet(1.0)",
-                                   aggregator=FedAdam(server_lr=0.05), dropout_rate=0.25, seed=3)
+        return FederatedSimulation(
+            num_clients=4,
+            clients_per_round=2,
+            local_steps=5,
+            partition="dirichlet(1.0)",
+            aggregator=FedAdam(server_lr=0.05),
+            dropout_rate=0.25,
+            seed=3,
+        )
 
     return dm, callback
 
@@ -90,11 +100,18 @@ def test_resume_after_a_round_reproduces_the_uninterrupted_run(adult, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
 def test_resume_mid_round_reproduces_the_uninterrupted_run(adult, tmp_path, proximal_mu):
-    dm = AdultSubset(adult, n_train=1024, n_val=256)
+    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=64, pick="random")
 
     def callback():
-        return FederatedSimulation(num_clients=4, clients_per_round=2, local_steps=5, partition="dirichlet(1.0)",
-                                   aggregator=FedAdam(server_lr=0.05), proximal_mu=proximal_mu, seed=3)
+        return FederatedSimulation(
+            num_clients=4,
+            clients_per_round=2,
+            local_steps=5,
+            partition="dirichlet(1.0)",
+            aggregator=FedAdam(server_lr=0.05),
+            proximal_mu=proximal_mu,
+            seed=3,
+        )
 
     pl.seed_everything(0)
     full_cb, full = callback(), TabularMLP()
@@ -114,7 +131,7 @@ def test_resume_mid_round_reproduces_the_uninterrupted_run(adult, tmp_path, prox
 
 @pytest.mark.slow
 def test_client_dp_epsilon_logging_report_and_figure(adult, tmp_path):
-    dm = AdultSubset(adult, n_train=1024, n_val=256)
+    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=64, pick="random")
     dp = ClientDP(clip_norm=0.5, noise_multiplier=1.0, delta=1e-3)
     cb = FederatedSimulation(num_clients=8, clients_per_round=4, local_steps=3, client_dp=dp, seed=0)
     logger = CSVLogger(tmp_path, name="", version="")
@@ -131,17 +148,19 @@ def test_client_dp_epsilon_logging_report_and_figure(adult, tmp_path):
     assert report["partition"]["sizes"] == [128] * 8 and len(report["partition"]["label_histograms"]) == 8
     assert "val/acc" in report["final_val"]
     assert report["figures"]["rounds"].endswith("rounds.png")
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     columns = set(rows[0])
     assert {"federated/epsilon", "federated/round", "federated/update_norm_mean", "federated/client_drift"} <= columns
     assert any(c.startswith("federated/client_") and c.endswith("/train_loss") for c in columns)
+    check_declared_keys(cb, report, columns)
     eps = [r["epsilon"] for r in report["per_round"]]
     assert eps == sorted(eps) and eps[0] > 0  # privacy loss grows with every released round
 
 
 @pytest.mark.slow
 def test_fedprox_pulls_clients_towards_the_global_model(adult):
-    dm = AdultSubset(adult, n_train=1024, n_val=256)
+    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=64, pick="random")
     norms = {}
     for mu in (0.0, 5.0):
         pl.seed_everything(0)
@@ -153,7 +172,7 @@ def test_fedprox_pulls_clients_towards_the_global_model(adult):
 
 @pytest.mark.slow
 def test_keep_local_and_by_key_partition(adult):
-    dm = AdultSubset(adult, n_train=1024, n_val=256)
+    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=64, pick="random")
     pl.seed_everything(0)
     model = TabularMLP()
     init = params(model)
@@ -178,10 +197,16 @@ def test_bad_configuration_fails_early(adult):
         FederatedSimulation(aggregator="krum", client_dp=ClientDP())
     from lightning_trust.privacy import DifferentialPrivacy
 
-    with pytest.raises(ValueError, match="client_dp=ClientDP"):
-        trainer(max_epochs=1, callbacks=[FederatedSimulation(num_clients=2),
-                                         DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0)]).fit(
-            TabularMLP(), AdultSubset(adult, 256, 64))
+    with pytest.raises(IncompatibleCallbacksError, match="client_dp=ClientDP"):
+        trainer(
+            max_epochs=1,
+            callbacks=[
+                FederatedSimulation(num_clients=2),
+                DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0),
+            ],
+        ).fit(TabularMLP(), AdultSubset(adult, 256, 64, batch_size=64, pick="random"))
     cb = FederatedSimulation(num_clients=2)
     with pytest.raises(ValueError, match="limit_train_batches"):
-        trainer(max_epochs=1, callbacks=[cb], limit_train_batches=3).fit(TabularMLP(), AdultSubset(adult, 256, 64))
+        trainer(max_epochs=1, callbacks=[cb], limit_train_batches=3).fit(
+            TabularMLP(), AdultSubset(adult, 256, 64, batch_size=64, pick="random")
+        )

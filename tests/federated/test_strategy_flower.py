@@ -72,9 +72,23 @@ def test_flower_simulation_two_clients_two_rounds(tmp_path):
     out = tmp_path / "flower.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "flower" / "run_simulation.py"), "--clients", "2", "--rounds", "2",
-         "--local-steps", "5", "--out", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "flower" / "run_simulation.py"),
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "5",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -92,15 +106,21 @@ def test_flower_strategy_aggregates_with_our_server():
     from lightning_trust.federated.flower import flower_strategy
 
     glob = {"w": torch.zeros(3), "b": torch.zeros(1)}
-    clients = [({"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([1.0])}, 10),
-               ({"w": torch.tensor([3.0, 2.0, 1.0]), "b": torch.tensor([3.0])}, 30)]
+    clients = [
+        ({"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([1.0])}, 10),
+        ({"w": torch.tensor([3.0, 2.0, 1.0]), "b": torch.tensor([3.0])}, 30),
+    ]
     strategy = flower_strategy("fedavg", param_keys=["w", "b"], min_train_nodes=2, min_available_nodes=2)
     strategy.current = glob
 
     class _Reply:
         def __init__(self, state, n):
-            self.content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
-                                       "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})})
+            self.content = RecordDict(
+                {
+                    "arrays": ArrayRecord.from_torch_state_dict(state),
+                    "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0}),
+                }
+            )
             self.metadata = None
 
         def has_error(self):
@@ -123,18 +143,33 @@ def test_federated_strategy_dp_fedadam_resumes_identically_in_one_process(adult,
 
     from lightning_trust.demo import TabularMLP
     from lightning_trust.federated import ClientDP, FedAdam, FederatedStrategy
-    from tests.federated.helpers import AdultSubset, params
+    from tests.federated.helpers import check_declared_keys, params
+    from tests.support import AdultSubset
 
-    dm = AdultSubset(adult, n_train=1024, n_val=256)
+    dm = AdultSubset(adult, n_train=1024, n_val=256, batch_size=64, pick="random")
 
     def fit(max_epochs, ckpt_path=None, callbacks=()):
-        strategy = FederatedStrategy(local_steps=3, aggregator=FedAdam(server_lr=0.05), proximal_mu=0.1,
-                                     client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5, delta=1e-3, seed=1))
+        strategy = FederatedStrategy(
+            local_steps=3,
+            aggregator=FedAdam(server_lr=0.05),
+            proximal_mu=0.1,
+            client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5, delta=1e-3, seed=1),
+        )
         model = TabularMLP()
-        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_epochs=max_epochs,
-                             limit_train_batches=6, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
-                             enable_checkpointing=bool(callbacks), default_root_dir=tmp_path)
+        trainer = pl.Trainer(
+            strategy=strategy,
+            accelerator="cpu",
+            devices=1,
+            max_epochs=max_epochs,
+            limit_train_batches=6,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=list(callbacks),
+            enable_checkpointing=bool(callbacks),
+            default_root_dir=tmp_path,
+        )
         trainer.fit(model, dm, ckpt_path=ckpt_path)
         return strategy, model, trainer
 
@@ -148,6 +183,7 @@ def test_federated_strategy_dp_fedadam_resumes_identically_in_one_process(adult,
             ref.step(noise_multiplier=0.5, sample_rate=1.0)
         assert full_strategy.report()["epsilon"] == pytest.approx(ref.get_epsilon(1e-3))
         assert float(trainer.callback_metrics["federated/epsilon"]) == pytest.approx(ref.get_epsilon(1e-3), rel=1e-5)
+        check_declared_keys(full_strategy.state_callback, full_strategy.report(), trainer.callback_metrics)
         pl.seed_everything(0)  # the same job resumed: Lightning's DistributedSampler shuffles with this seed
         resumed_strategy, resumed, _ = fit(3, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
         assert resumed_strategy.round == 6

@@ -26,6 +26,7 @@ from lightning_trust.federated.strategy import FederatedStrategy
 
 __all__ = [
     "AGGREGATORS",
+    "IID",
     "Aggregator",
     "ByKey",
     "ClientDP",
@@ -38,7 +39,6 @@ __all__ = [
     "FedYogi",
     "FederatedSimulation",
     "FederatedStrategy",
-    "IID",
     "Krum",
     "Median",
     "MultiKrum",

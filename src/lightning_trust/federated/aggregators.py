@@ -31,17 +31,17 @@ from torch import Tensor
 State = dict[str, Tensor]
 
 __all__ = [
+    "AGGREGATORS",
     "Aggregator",
-    "FedAvg",
-    "FedAvgM",
     "FedAdagrad",
     "FedAdam",
+    "FedAvg",
+    "FedAvgM",
     "FedYogi",
-    "Median",
-    "TrimmedMean",
     "Krum",
+    "Median",
     "MultiKrum",
-    "AGGREGATORS",
+    "TrimmedMean",
     "resolve_aggregator",
 ]
 
@@ -88,7 +88,8 @@ class Aggregator:
         if not deltas:
             raise ValueError("No client updates to aggregate.")
         w = _normalized(weights, len(deltas))
-        return {k: sum(w[i] * deltas[i][k].double() for i in range(len(deltas))) for k in deltas[0]}
+        zero = torch.zeros((), dtype=torch.float64)
+        return {k: sum((w[i] * deltas[i][k].double() for i in range(len(deltas))), zero) for k in deltas[0]}
 
     # stage 2 ---------------------------------------------------------------------------
     def server_step(self, global_state: State, update: State) -> State:
@@ -175,9 +176,7 @@ class _Adaptive(_ServerOptimizer):
         out = {}
         for k, g in global_state.items():
             d = update[k].double()
-            s = self._state.setdefault(
-                k, {"m": torch.zeros_like(d), "v": torch.full_like(d, self.tau**2)}
-            )
+            s = self._state.setdefault(k, {"m": torch.zeros_like(d), "v": torch.full_like(d, self.tau**2)})
             s["m"] = self.beta1 * s["m"] + (1 - self.beta1) * d
             s["v"] = self._second_moment(s["v"], d * d)
             out[k] = (g.double() + self.server_lr * s["m"] / (s["v"].sqrt() + self.tau)).to(g.dtype)

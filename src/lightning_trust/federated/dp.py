@@ -72,7 +72,8 @@ class ClientDP:
     @staticmethod
     def norm(update: State) -> float:
         """The L2 norm of an update over all its tensors."""
-        return float(torch.sqrt(sum(v.double().pow(2).sum() for v in update.values())))
+        zero = torch.zeros((), dtype=torch.float64)
+        return float(torch.sqrt(sum((v.double().pow(2).sum() for v in update.values()), zero)))
 
     def clip(self, update: State) -> State:
         """``update`` scaled down to norm at most ``clip_norm``."""
@@ -89,7 +90,7 @@ class ClientDP:
             for k, v in self.clip(delta).items():
                 total[k] += v
         std = self.noise_multiplier * self.clip_norm
-        for k, v in total.items():
+        for v in total.values():
             v += std * torch.randn(v.shape, generator=self.generator, dtype=torch.float64)
         return {k: v / expected_clients for k, v in total.items()}
 

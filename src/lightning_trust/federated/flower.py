@@ -12,31 +12,36 @@ partitioners; a ``datamodule_fn`` that takes ``(partition_id, num_partitions)`` 
 own data instead (``partition=None``).
 
 Example (see ``examples/flower/``):
-    >>> client = client_app(lambda: TabularMLP(), lambda: AdultDataModule(), partition="dirichlet(0.5)", local_steps=20)
-    >>> server = server_app(lambda: TabularMLP(), strategy=flower_strategy("fedadam"), num_rounds=10)
-    >>> from flwr.simulation import run_simulation
-    >>> run_simulation(server_app=server, client_app=client, num_supernodes=4)
+    >>> from lightning_trust.demo import AdultDataModule, TabularMLP
+    >>> client = client_app(TabularMLP, AdultDataModule, partition="dirichlet(0.5)", local_steps=20)
+    >>> server = server_app(TabularMLP, strategy=flower_strategy("fedadam"), num_rounds=10)
+    >>> type(client).__name__, type(server).__name__
+    ('ClientApp', 'ServerApp')
+    >>> from flwr.simulation import run_simulation  # doctest: +SKIP
+    >>> run_simulation(server_app=server, client_app=client, num_supernodes=4)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_trust.core.batch import BatchContract
+from lightning_trust.core.compat import Capability
 from lightning_trust.federated.aggregators import Aggregator
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.partition import Partitioner, resolve_partition
+from lightning_trust.federated.rounds import client_loader, client_seed
 from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad
-from lightning_trust.federated.simulation import _seed, client_loader
 
-__all__ = ["client_app", "server_app", "flower_strategy", "train_client", "evaluate_client"]
+__all__ = ["client_app", "evaluate_client", "flower_strategy", "server_app", "train_client"]
 
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 
@@ -53,11 +58,21 @@ def _require_flwr() -> Any:
 
 
 class _Proximal(Callback):
+    """FedProx inside a client's local Trainer: adds ``mu * (w - w_global)`` to the gradients."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.EDITS_GRADIENTS})
+
     def __init__(self, reference: dict[str, Tensor], mu: float) -> None:
         self.reference, self.mu = reference, mu
 
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         add_proximal_grad(pl_module, self.reference, self.mu)
+
+
+def _state_of(content: Any) -> dict[str, Tensor]:
+    """The model weights a Flower message carries under ``"arrays"`` (an ``ArrayRecord``)."""
+    return dict(content["arrays"].to_torch_state_dict())
 
 
 def _quiet_trainer_kwargs(extra: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -160,7 +175,7 @@ def client_app(
         if indices is None:
             return dm, user_loader, len(user_loader.dataset)
         # the same client shuffling as FederatedSimulation's (round index from 0)
-        gen = torch.Generator().manual_seed(_seed(seed, server_round - 1, pid))
+        gen = torch.Generator().manual_seed(client_seed(seed, server_round - 1, pid))
         return dm, client_loader(user_loader, indices, gen), len(indices)
 
     def _ids(context: Context) -> tuple[int, int]:
@@ -168,24 +183,31 @@ def client_app(
         if "partition-id" not in cfg or "num-partitions" not in cfg:
             raise ValueError(
                 "This node has no `partition-id`/`num-partitions` in its node config; start it with "
-                "`flower-supernode --node-config \"partition-id=0 num-partitions=2\"` (the simulation sets them)."
+                '`flower-supernode --node-config "partition-id=0 num-partitions=2"` (the simulation sets them).'
             )
         return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         pid, n = _ids(context)
-        config = msg.content["config"] if "config" in msg.content.config_records else {}
+        config: Mapping[str, Any] = msg.content["config"] if "config" in msg.content.config_records else {}
         server_round = int(config.get("server-round", 1))
         steps = int(config["local-steps"]) if "local-steps" in config else local_steps
         mu = float(config.get("proximal-mu", proximal_mu))
         _, loader, num_examples = _data(pid, n, server_round)
         module = module_fn()
-        global_state = msg.content["arrays"].to_torch_state_dict()
+        global_state = _state_of(msg.content)
         template = module.state_dict()
         global_state = {k: v.to(template[k].dtype).reshape(template[k].shape) for k, v in global_state.items()}
         state, loss = train_client(
-            module, loader, global_state, steps, local_epochs, mu, callbacks_fn() if callbacks_fn else None, trainer_kwargs
+            module,
+            loader,
+            global_state,
+            steps,
+            local_epochs,
+            mu,
+            callbacks_fn() if callbacks_fn else None,
+            trainer_kwargs,
         )
         metrics: dict[str, Any] = {NUM_EXAMPLES: num_examples}
         if loss is not None:
@@ -198,10 +220,10 @@ def client_app(
         pid, n = _ids(context)
         dm, _, _ = _data(pid, n, 1)
         module = module_fn()
-        module.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+        module.load_state_dict(_state_of(msg.content), strict=True)
         metrics = evaluate_client(module, dm, trainer_kwargs)
         size = len(dm.val_dataloader().dataset)
-        record = {k.replace("/", "_"): v for k, v in metrics.items()}
+        record: dict[str, Any] = {k.replace("/", "_"): v for k, v in metrics.items()}
         record[NUM_EXAMPLES] = size
         return Message(content=RecordDict({"metrics": MetricRecord(record)}), reply_to=msg)
 
@@ -244,26 +266,31 @@ def flower_strategy(
             self.current: Optional[dict[str, Tensor]] = None
             self.history: list[dict[str, Any]] = []
 
+        @override
         def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Any:
             self.current = arrays.to_torch_state_dict()
             return super().configure_train(server_round, arrays, config, grid)
 
+        @override
         def aggregate_train(self, server_round: int, replies: Any) -> tuple[Any, Any]:
             valid, _ = self._check_and_log_replies(replies, is_train=True)
             if not valid and client_dp is None:
                 return None, None
             assert self.current is not None
-            updates = []
+            updates: list[ClientUpdate] = []
             for msg in valid:
-                metrics = next(iter(msg.content.metric_records.values()))
-                state = msg.content["arrays"].to_torch_state_dict()
-                updates.append(ClientUpdate(len(updates), dict(state), int(metrics[self.weighted_by_key])))
+                metrics: Mapping[str, Any] = next(iter(msg.content.metric_records.values()))
+                updates.append(ClientUpdate(len(updates), _state_of(msg.content), int(metrics[self.weighted_by_key])))
             keys = self.param_keys if self.param_keys is not None else set(self.current)
             new_state, stats = self.server.aggregate(self.current, updates, keys, expected_clients=len(valid) or 1)
             if client_dp is not None:
                 client_dp.account(1.0)
                 stats["epsilon"] = client_dp.epsilon()
-            metrics_out = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key) if valid else MetricRecord()
+            metrics_out = (
+                self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+                if valid
+                else MetricRecord()
+            )
             for k, v in stats.items():
                 metrics_out[f"federated_{k}"] = float(v)
             self.history.append({"round": server_round, **stats})
@@ -310,7 +337,9 @@ def server_app(
             def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
                 evaluated = module_fn()
                 evaluated.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-                return MetricRecord({k.replace("/", "_"): float(v) for k, v in evaluate_fn(server_round, evaluated).items()})
+                return MetricRecord(
+                    {k.replace("/", "_"): float(v) for k, v in evaluate_fn(server_round, evaluated).items()}
+                )
 
         result = chosen.start(
             grid=grid,
@@ -321,7 +350,10 @@ def server_app(
         )
         if result.arrays is not None and len(result.arrays):
             template = module.state_dict()
-            final = {k: v.to(template[k].dtype).reshape(template[k].shape) for k, v in result.arrays.to_torch_state_dict().items()}
+            final = {
+                k: v.to(template[k].dtype).reshape(template[k].shape)
+                for k, v in result.arrays.to_torch_state_dict().items()
+            }
             module.load_state_dict(final, strict=True)
         if on_result is not None:
             on_result(result, module)

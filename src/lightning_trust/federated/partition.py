@@ -20,7 +20,16 @@ from torch.utils.data import Dataset
 
 from lightning_trust.core.batch import BatchContract, read_column
 
-__all__ = ["Partitioner", "IID", "Dirichlet", "ByKey", "resolve_partition", "read_column", "partition_summary"]
+__all__ = [
+    "IID",
+    "ByKey",
+    "Dirichlet",
+    "Partitioner",
+    "partition_summary",
+    "read_column",
+    "resolve_partition",
+    "split_clients",
+]
 
 
 class Partitioner:
@@ -180,3 +189,33 @@ def partition_summary(
             [int((labels[np.asarray(p, dtype=np.int64)] == c).sum()) for c in classes] for p in parts
         ]
     return summary
+
+
+def split_clients(
+    dataset: Dataset,
+    partitioner: Partitioner,
+    num_clients: Optional[int],
+    seed: int,
+    contract: BatchContract,
+    expected_sizes: Optional[Sequence[int]] = None,
+) -> tuple[list[list[int]], dict[str, Any]]:
+    """Each client's indices of ``dataset`` and the partition's summary (for the report).
+
+    Refuses a client without samples, and, when resuming (``expected_sizes`` from the
+    checkpoint), a partition of other sizes than the one the run was trained on.
+    """
+    parts = partitioner.split(dataset, num_clients, seed=seed, contract=contract)
+    sizes = [len(p) for p in parts]
+    if expected_sizes is not None and sizes != list(expected_sizes):
+        raise RuntimeError(
+            f"The checkpoint was trained on client partitions of sizes {list(expected_sizes)}, but the data now "
+            f"partitions into {sizes}: resume with the same dataset, partition, num_clients and seed."
+        )
+    if any(size == 0 for size in sizes):
+        empty = [i for i, size in enumerate(sizes) if not size]
+        raise ValueError(f"Clients {empty} got no samples from {partitioner!r}; use fewer clients.")
+    try:
+        labels: Optional[np.ndarray] = read_column(dataset, contract, "target")
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        labels = None
+    return parts, {"partition": repr(partitioner), **partition_summary(parts, labels, partitioner.client_names())}

@@ -1,11 +1,12 @@
 """Mode 1: in-process federated simulation of any LightningModule, as a drop-in callback.
 
 One Lightning epoch is one round. The callback partitions the dataset of the user's training
-DataLoader into clients once and, each round, feeds Lightning a *round loader*: the batches of the
-sampled clients one after another (client loaders mirror the user's: same batch size, collate
-function, workers, ``drop_last``; shuffled when the user's loader shuffles). Lightning runs the
-user's own ``training_step``, backward and optimizer from ``configure_optimizers`` (so precision,
-gradient clipping and other callbacks apply unchanged). Around each client's batches the callback
+DataLoader into clients once and, each round, feeds Lightning a *round loader*
+(:mod:`lightning_trust.federated.rounds`): the batches of the selected clients one after another
+(client loaders mirror the user's: same batch size, collate function, workers, ``drop_last``;
+shuffled when the user's loader shuffles). Lightning runs the user's own ``training_step``,
+backward and optimizer from ``configure_optimizers`` (so precision, gradient clipping and other
+callbacks apply unchanged). Around each client's batches the callback
 
 * loads the current global weights (plus the client's ``keep_local`` entries) and clears the
   optimizer state, as FedAvg-style algorithms assume;
@@ -16,117 +17,73 @@ gradient clipping and other callbacks apply unchanged). Around each client's bat
 
 and after the round's last batch it aggregates (:class:`~lightning_trust.federated.server.Server`),
 loads the new global weights, so Lightning's validation runs on the global model, and logs
-``federated/*`` metrics. The state (round, global weights, server optimizer, client sampler RNG,
-DP accountant, FedBN local weights, history) is checkpointed; resuming continues identically.
+``federated/*`` metrics. Which clients train in a round is the overridable
+:meth:`FederatedSimulation.select_clients`. The state (round, global weights, server optimizer,
+client sampler RNG, DP accountant, FedBN local weights, history) is checkpointed; resuming
+continues identically.
 
 Example:
-    >>> trainer = pl.Trainer(max_epochs=20, callbacks=[FederatedSimulation(num_clients=10, clients_per_round=5,
-    ...                      partition="dirichlet(0.5)", aggregator="fedavg", local_steps=20)])
-    >>> trainer.fit(TabularMLP(), AdultDataModule())
+    >>> import lightning.pytorch as pl
+    >>> from lightning_trust.demo import AdultDataModule, TabularMLP
+    >>> simulation = FederatedSimulation(num_clients=10, clients_per_round=5, partition="dirichlet(0.5)",
+    ...                                  aggregator="fedavg", local_steps=20)
+    >>> trainer = pl.Trainer(max_epochs=20, callbacks=[simulation], logger=False, enable_progress_bar=False)
+    >>> trainer.fit(TabularMLP(), AdultDataModule())  # doctest: +SKIP
+    >>> simulation.sample_rate, sorted(c.name for c in simulation.capabilities)
+    (0.5, ['FEDERATED_ROUNDS', 'REPLACES_TRAIN_LOADER'])
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from collections.abc import Mapping
+from typing import Any, ClassVar, Optional, Union
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource, _request_dataloader
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
+from torch.utils.data import DataLoader
+from typing_extensions import override
 
+from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
 from lightning_trust.core.batch import BatchContract, batch_size_of
+from lightning_trust.core.callback import TrustCallback
+from lightning_trust.core.compat import Capability
+from lightning_trust.core.seam import restore_train_loader, swap_train_loader, train_loader_owner
 from lightning_trust.federated.aggregators import Aggregator
 from lightning_trust.federated.dp import ClientDP
-from lightning_trust.federated.partition import Partitioner, partition_summary, read_column, resolve_partition
+from lightning_trust.federated.metrics import SIMULATION_LOGGED_KEYS, SIMULATION_REPORT_KEYS
+from lightning_trust.federated.partition import Partitioner, resolve_partition, split_clients
+from lightning_trust.federated.rounds import (
+    ClientSegment,
+    RoundLoader,
+    check_round_config,
+    check_user_loader,
+    client_loader,
+    client_seed,
+    plan_segments,
+)
 from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad, matches_any
-from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
+
+__all__ = ["FederatedSimulation"]
 
 State = dict[str, Tensor]
 
+#: Why the simulation cannot train beside DP-SGD (the message keeps the fix).
+PER_SAMPLE_DP_REASON = (
+    "both choose the training batches (rounds of clients vs. Poisson samples of the whole dataset), and a "
+    "per-sample guarantee over the pooled data would not describe the federated run. For client-level DP use "
+    "`FederatedSimulation(client_dp=ClientDP(...))`"
+)
 
-@dataclass
-class _Segment:
-    client: int
-    start: int  # first batch index of the round loader
-    steps: int  # batches this client runs (fewer than planned when it fails)
-    failed: bool
-    idle: bool = False  # placeholder step of a round in which no client trains; its step is discarded
-
-
-def client_loader(user_loader: DataLoader, indices: Sequence[int], generator: torch.Generator) -> DataLoader:
-    """A DataLoader over ``indices`` of the user's dataset that mirrors the user's loader."""
-    shuffle = isinstance(user_loader.sampler, RandomSampler)
-    return DataLoader(
-        Subset(user_loader.dataset, list(indices)),
-        batch_size=user_loader.batch_size,
-        shuffle=shuffle,
-        generator=generator if shuffle else None,
-        collate_fn=user_loader.collate_fn,
-        num_workers=user_loader.num_workers,
-        pin_memory=user_loader.pin_memory,
-        drop_last=user_loader.drop_last,
-        worker_init_fn=user_loader.worker_init_fn,
-    )
+#: The scalars logged once per round (``federated/<key>``) when the round has them.
+_ROUND_SCALARS = (
+    "clients_aggregated", "update_norm_mean", "client_drift", "global_update_norm", "epsilon", "train_loss_mean",
+)  # fmt: skip
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-class _RoundLoader:
-    """The batches of one round: each sampled client's batches in turn (a sized iterable)."""
-
-    def __init__(self, segments: list[_Segment], loaders: dict[int, DataLoader], skip: int = 0) -> None:
-        self.segments = segments
-        self.loaders = loaders
-        self.skip = skip  # batches already run before a mid-round checkpoint
-
-    def __len__(self) -> int:
-        return sum(s.steps for s in self.segments)
-
-    # resumable (Lightning's `_Stateful`): the position within a round is restored by
-    # FederatedSimulation from the checkpoint's loop progress, so there is nothing to carry here
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
-
-    def __iter__(self) -> Iterator[Any]:
-        skip, self.skip = self.skip, 0
-        for seg in self.segments:
-            if seg.steps == 0:
-                continue
-            produced = 0
-            while produced < seg.steps:
-                for batch in self.loaders[seg.client]:  # a new pass reshuffles (the generator moves on)
-                    if seg.start + produced >= skip:
-                        yield batch
-                    produced += 1
-                    if produced == seg.steps:
-                        break
-
-
-class _RoundSource(_DataLoaderSource):
-    """Where Lightning's fit loop gets its training batches: this round's loader, built from the
-    user's own ``train_dataloader`` (requested through the original source each round)."""
-
-    def __init__(self, callback: FederatedSimulation, original: _DataLoaderSource) -> None:
-        super().__init__(None, original.name)
-        self.callback = callback
-        self.original = original
-
-    def dataloader(self) -> _RoundLoader:
-        return self.callback._round_loader(_request_dataloader(self.original))
-
-
-class FederatedSimulation(Callback):
+class FederatedSimulation(TrustCallback):
     """Simulate federated training of the Trainer's module on one machine; one epoch = one round.
 
     Args:
@@ -155,12 +112,19 @@ class FederatedSimulation(Callback):
             flipping: they send ``w_global - byzantine_scale * (w - w_global)``. For robustness
             evaluation of aggregators; 0 = honest clients.
         byzantine_scale: magnitude of the flipped update.
+        name: the report section (default ``"federated"``).
 
     Example:
-        >>> FederatedSimulation(num_clients=10, partition="dirichlet(0.5)", aggregator="fedadam", local_steps=10)
+        >>> simulation = FederatedSimulation(num_clients=10, partition="dirichlet(0.5)", aggregator="fedadam",
+        ...                                  local_steps=10)
+        >>> simulation.aggregator.name, simulation.expected_clients_per_round
+        ('FedAdam', 10)
     """
 
     report_section = "federated"
+    refuses: ClassVar[Mapping[Capability, str]] = {Capability.PER_SAMPLE_GRADIENTS: PER_SAMPLE_DP_REASON}
+    logged_keys: ClassVar[dict[str, str]] = SIMULATION_LOGGED_KEYS
+    report_keys: ClassVar[dict[str, str]] = SIMULATION_REPORT_KEYS
 
     def __init__(
         self,
@@ -179,35 +143,19 @@ class FederatedSimulation(Callback):
         log_clients: bool = True,
         byzantine_fraction: float = 0.0,
         byzantine_scale: float = 1.0,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name)
         self.partitioner = resolve_partition(partition)
-        if num_clients is None and not self.partitioner.infers_num_clients:
-            raise ValueError(f"`num_clients` is required with partition {self.partitioner!r}.")
-        if num_clients is not None and (not isinstance(num_clients, int) or num_clients < 1):
-            raise ValueError(f"`num_clients` must be a positive integer, got {num_clients!r}.")
-        if clients_per_round is not None:
-            if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, (int, float)):
-                raise TypeError(f"`clients_per_round` must be an int, a float fraction or None, got {clients_per_round!r}.")
-            if isinstance(clients_per_round, int) and clients_per_round < 1:
-                raise ValueError(f"`clients_per_round` must be >= 1, got {clients_per_round}.")
-            if isinstance(clients_per_round, float) and not 0.0 < clients_per_round <= 1.0:
-                raise ValueError(f"A fractional `clients_per_round` must be in (0, 1], got {clients_per_round}.")
-            if isinstance(clients_per_round, int) and num_clients is not None and clients_per_round > num_clients:
-                raise ValueError(f"`clients_per_round` ({clients_per_round}) exceeds `num_clients` ({num_clients}).")
-        if local_steps is not None and local_epochs is not None:
-            raise ValueError("Set either `local_steps` or `local_epochs`, not both.")
-        for name, value in (("local_steps", local_steps), ("local_epochs", local_epochs)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if not (isinstance(proximal_mu, (int, float)) and proximal_mu >= 0):
-            raise ValueError(f"`proximal_mu` must be >= 0, got {proximal_mu!r}.")
-        if not (isinstance(dropout_rate, (int, float)) and 0.0 <= dropout_rate < 1.0):
-            raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate!r}.")
-        if not (isinstance(byzantine_fraction, (int, float)) and 0.0 <= byzantine_fraction < 1.0):
-            raise ValueError(f"`byzantine_fraction` must be in [0, 1), got {byzantine_fraction!r}.")
-        if not (isinstance(byzantine_scale, (int, float)) and byzantine_scale > 0):
-            raise ValueError(f"`byzantine_scale` must be > 0, got {byzantine_scale!r}.")
+        check_round_config(num_clients, clients_per_round, local_steps, local_epochs, self.partitioner)
+        for label, value, ok, rule in (
+            ("proximal_mu", proximal_mu, lambda v: v >= 0, ">= 0"),
+            ("dropout_rate", dropout_rate, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("byzantine_fraction", byzantine_fraction, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("byzantine_scale", byzantine_scale, lambda v: v > 0, "> 0"),
+        ):
+            if not (isinstance(value, (int, float)) and ok(value)):
+                raise ValueError(f"`{label}` must be {rule}, got {value!r}.")
         self.byzantine_fraction = float(byzantine_fraction)
         self.byzantine_scale = float(byzantine_scale)
         self.byzantine_clients: list[int] = []
@@ -232,7 +180,7 @@ class FederatedSimulation(Callback):
         self._global_device: dict[str, Tensor] = {}
         self._local_states: dict[int, State] = {}
         self._param_keys: set[str] = set()
-        self._segments: list[_Segment] = []
+        self._segments: list[ClientSegment] = []
         self._plan_round = -1
         self._updates: list[ClientUpdate] = []
         self._loss_sum: Optional[Tensor] = None
@@ -241,100 +189,21 @@ class FederatedSimulation(Callback):
         self._resume: Optional[dict[str, Any]] = None
         self._contract: Optional[BatchContract] = None
         self._figure: Optional[str] = None
-        self._module: Optional[pl.LightningModule] = None
+        self._trainer: Optional[pl.Trainer] = None
         self._user_reload = 0
         self._expected_sizes: Optional[list[int]] = None
 
-    # setup ----------------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> frozenset[Capability]:  # type: ignore[override]  # a ClassVar in the base; here it depends on proximal_mu
+        """Trains in rounds on its own train loader; with FedProx it also edits the gradients."""
+        declared = {Capability.FEDERATED_ROUNDS, Capability.REPLACES_TRAIN_LOADER}
+        if self.proximal_mu:
+            declared.add(Capability.EDITS_GRADIENTS)
+        return frozenset(declared)
+
     @property
     def aggregator(self) -> Aggregator:
         return self.server.aggregator
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if trainer.world_size > 1:
-            raise RuntimeError(
-                "FederatedSimulation simulates all clients in one process; it cannot run under a "
-                f"{trainer.world_size}-process strategy. Use `strategy=FederatedStrategy(...)` to federate across "
-                "processes, or run the simulation with devices=1."
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                "FederatedSimulation needs `accumulate_grad_batches=1`: a client's round is `local_steps` optimizer "
-                "steps, and accumulated gradients would mix clients."
-            )
-        if trainer.limit_train_batches not in (1.0, None):
-            raise ValueError(
-                "FederatedSimulation sets the length of each epoch (one round: the sampled clients' local steps); "
-                "remove `limit_train_batches` and use `local_steps` instead."
-            )
-        if any(type(cb).__name__ == "DifferentialPrivacy" for cb in trainer.callbacks):
-            raise ValueError(
-                "FederatedSimulation cannot run with the DifferentialPrivacy (DP-SGD) callback: both choose the "
-                "training batches (rounds of clients vs. Poisson samples of the whole dataset), and a per-sample "
-                "guarantee over the pooled data would not describe the federated run. For client-level DP use "
-                "`FederatedSimulation(client_dp=ClientDP(...))`."
-            )
-        self._contract = BatchContract.resolve(self.batch_keys, trainer)
-        self._param_keys = {name for name, _ in pl_module.named_parameters()}
-        self._module = pl_module
-        source = trainer.fit_loop._data_source
-        if not isinstance(source, _RoundSource):
-            trainer.fit_loop._data_source = _RoundSource(self, source)
-            self._user_reload = trainer.reload_dataloaders_every_n_epochs
-        trainer.reload_dataloaders_every_n_epochs = 1  # each round has its own clients and length
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._global is None:
-            self._global = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
-        elif not self._resume:  # resumed between rounds: the checkpoint's global weights
-            self._load(pl_module, self._global)
-        # resumed within a round: the module holds the interrupted client's weights, restored by Lightning
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        source = trainer.fit_loop._data_source
-        if stage == "fit" and isinstance(source, _RoundSource) and source.callback is self:
-            trainer.fit_loop._data_source = source.original
-            trainer.reload_dataloaders_every_n_epochs = self._user_reload
-
-    # round planning ---------------------------------------------------------------------------
-    def _partition(self, user_loader: Any) -> None:
-        if not isinstance(user_loader, DataLoader):
-            raise TypeError(
-                "FederatedSimulation partitions the dataset of a single training DataLoader; "
-                f"`train_dataloader()` returned a {type(user_loader).__name__}."
-            )
-        dataset = user_loader.dataset
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            raise TypeError("FederatedSimulation needs a map-style training dataset (with __len__ and __getitem__).")
-        if user_loader.batch_size is None:
-            raise ValueError("FederatedSimulation needs a DataLoader with `batch_size` (not a custom batch_sampler).")
-        assert self._contract is not None
-        self._parts = self.partitioner.split(dataset, self.num_clients, seed=self.seed, contract=self._contract)
-        if self.num_clients is None:
-            self.num_clients = len(self._parts)
-        sizes = [len(p) for p in self._parts]
-        if self._expected_sizes is not None and sizes != self._expected_sizes:
-            raise RuntimeError(
-                f"The checkpoint was trained on client partitions of sizes {self._expected_sizes}, but the data now "
-                f"partitions into {sizes}: resume with the same dataset, partition, num_clients and seed."
-            )
-        n_bad = int(round(self.byzantine_fraction * len(self._parts)))
-        if n_bad:
-            perm = torch.randperm(len(self._parts), generator=torch.Generator().manual_seed(_seed(self.seed, 7919)))
-            self.byzantine_clients = sorted(perm[:n_bad].tolist())
-        if any(len(p) == 0 for p in self._parts):
-            empty = [i for i, p in enumerate(self._parts) if not p]
-            raise ValueError(f"Clients {empty} got no samples from {self.partitioner!r}; use fewer clients.")
-        try:
-            labels = read_column(dataset, self._contract, "target")
-        except (KeyError, TypeError, ValueError, RuntimeError):
-            labels = None
-        self.partition_info = {
-            "partition": repr(self.partitioner),
-            **partition_summary(self._parts, labels, self.partitioner.client_names()),
-        }
 
     @property
     def sample_rate(self) -> float:
@@ -357,98 +226,177 @@ class FederatedSimulation(Callback):
             return max(1, round(self.clients_per_round * self.num_clients))
         return min(self.clients_per_round, self.num_clients)
 
-    def _sample_clients(self) -> list[int]:
-        n = len(self._parts or [])
-        if self.client_dp is not None:  # Poisson sampling, as the accountant assumes
-            mask = torch.rand(n, generator=self._sampler) < self.sample_rate
-            return torch.nonzero(mask).flatten().tolist()
-        k = self.expected_clients_per_round or n
-        return sorted(torch.randperm(n, generator=self._sampler)[:k].tolist())
+    # policy ---------------------------------------------------------------------------------------
+    def select_clients(self, round_index: int, num_clients: int, generator: torch.Generator) -> list[int]:
+        """The clients (ids in ``range(num_clients)``) that train in round ``round_index`` (from 0),
+        in the order they train.
 
-    def _round_loader(self, user_loader: Any) -> _RoundLoader:
+        Default: ``expected_clients_per_round`` clients uniformly without replacement, sorted; with
+        ``client_dp`` each client independently with probability ``sample_rate`` (Poisson sampling,
+        which the accountant assumes: an override under ``client_dp`` voids the reported ε unless it
+        samples the same way). Draw randomness only from ``generator``: it is checkpointed, so a
+        resumed run selects the same clients.
+
+        Example (every client in turn, ``clients_per_round`` at a time):
+            >>> class RoundRobin(FederatedSimulation):
+            ...     def select_clients(self, round_index, num_clients, generator):
+            ...         k = self.expected_clients_per_round or num_clients
+            ...         return [(round_index * k + i) % num_clients for i in range(k)]
+            >>> RoundRobin(num_clients=5, clients_per_round=2).select_clients(2, 5, torch.Generator())
+            [4, 0]
+        """
+        if self.client_dp is not None:  # Poisson sampling, as the accountant assumes
+            mask = torch.rand(num_clients, generator=generator) < self.sample_rate
+            return torch.nonzero(mask).flatten().tolist()
+        k = self.expected_clients_per_round or num_clients
+        return sorted(torch.randperm(num_clients, generator=generator)[:k].tolist())
+
+    def _selected_clients(self) -> list[int]:
+        n = len(self._parts or [])
+        clients = [int(c) for c in self.select_clients(self.round, n, self._sampler)]
+        if len(set(clients)) != len(clients) or any(not 0 <= c < n for c in clients):
+            raise ValueError(
+                f"`select_clients` must return distinct client ids in range({n}), got {clients} for round {self.round}."
+            )
+        return clients
+
+    # setup ----------------------------------------------------------------------------------------
+    def _should_skip(self, trainer: pl.Trainer) -> bool:
+        """The simulation acts only while fitting, never during the sanity check."""
+        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._should_skip(trainer):
+            return
+        _check_trainer(trainer)
+        self._contract = BatchContract.resolve(self.batch_keys, trainer)
+        self._param_keys = {name for name, _ in pl_module.named_parameters()}
+        self._trainer = trainer
+        if train_loader_owner(trainer) is not self:
+            self._user_reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]  # set by Lightning's data connector
+            swap_train_loader(trainer, self, self._round_loader)
+        trainer.reload_dataloaders_every_n_epochs = 1  # type: ignore[attr-defined]  # each round has its own clients and length
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._global is None:
+            self._global = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
+        elif not self._resume:  # resumed between rounds: the checkpoint's global weights
+            pl_module.load_state_dict(self._global, strict=True)
+        # resumed within a round: the module holds the interrupted client's weights, restored by Lightning
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._should_skip(trainer) and train_loader_owner(trainer) is self:
+            restore_train_loader(trainer, self)
+            trainer.reload_dataloaders_every_n_epochs = self._user_reload  # type: ignore[attr-defined]  # see setup
+        self._trainer = None
+
+    # round planning ---------------------------------------------------------------------------------
+    def _partition(self, user_loader: DataLoader) -> None:
+        assert self._contract is not None
+        self._parts, self.partition_info = split_clients(
+            user_loader.dataset, self.partitioner, self.num_clients, self.seed, self._contract, self._expected_sizes
+        )
+        if self.num_clients is None:
+            self.num_clients = len(self._parts)
+        n_bad = round(self.byzantine_fraction * len(self._parts))
+        if n_bad:
+            perm = torch.randperm(
+                len(self._parts), generator=torch.Generator().manual_seed(client_seed(self.seed, 7919))
+            )
+            self.byzantine_clients = sorted(perm[:n_bad].tolist())
+
+    def _round_loader(self, user_loader: Any) -> RoundLoader:
+        """``wrap`` of the seam: this round's loader, from the user's loader Lightning just loaded."""
+        user_loader = check_user_loader(user_loader)
         if self._parts is None:
             self._partition(user_loader)
-        assert self._parts is not None
-        loaders = {}
+        parts = self._parts
+        assert parts is not None
         if self._plan_round != self.round:
-            clients = self._sample_clients()
-            segments, start = [], 0
-            for c in clients:
-                steps = self.local_steps or self.local_epochs * len(client_loader(user_loader, self._parts[c], torch.Generator()))
-                failed = bool(torch.rand(1, generator=self._sampler).item() < self.dropout_rate)
-                if failed:  # fails somewhere in the round, after at least one step of work
-                    steps = int(torch.randint(1, steps + 1, (1,), generator=self._sampler).item())
-                segments.append(_Segment(c, start, steps, failed))
-                start += steps
-            if not segments:
-                # nobody was sampled (Poisson sampling under client DP): Lightning needs a batch to run
-                # the epoch, so one placeholder step runs and is discarded; the round still releases
-                # the DP noise and is accounted
-                segments.append(_Segment(0, 0, 1, failed=True, idle=True))
-            self._segments, self._plan_round = segments, self.round
+
+            def steps_of(client: int) -> int:
+                if self.local_steps:
+                    return self.local_steps
+                return int(self.local_epochs or 1) * len(client_loader(user_loader, parts[client], torch.Generator()))
+
+            self._segments = plan_segments(self._selected_clients(), steps_of, self.dropout_rate, self._sampler)
+            self._plan_round = self.round
             if not self._resume:
                 self._updates = []
-        for seg in self._segments:
-            gen = torch.Generator().manual_seed(_seed(self.seed, self.round, seg.client))
-            loaders[seg.client] = client_loader(user_loader, self._parts[seg.client], gen)
+        loaders = {
+            seg.client: client_loader(
+                user_loader,
+                parts[seg.client],
+                torch.Generator().manual_seed(client_seed(self.seed, self.round, seg.client)),
+            )
+            for seg in self._segments
+        }
         skip = 0
-        if self._resume and self._module is not None:  # resumed mid-round: skip the batches already run
-            skip = self._module.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if self._resume and self._trainer is not None:  # resumed mid-round: skip the batches already run
+            skip = self._trainer.fit_loop.epoch_loop.batch_progress.current.ready
         self._resume = None
-        return _RoundLoader(self._segments, loaders, skip)
+        return RoundLoader(self._segments, loaders, skip)
 
-    # client lifecycle ---------------------------------------------------------------------------
-    def _segment_at(self, batch_idx: int) -> Optional[_Segment]:
-        for seg in self._segments:
-            if seg.start <= batch_idx < seg.start + seg.steps:
-                return seg
-        return None
+    # client lifecycle -------------------------------------------------------------------------------
+    def _segment_at(self, batch_idx: int) -> Optional[ClientSegment]:
+        return next((s for s in self._segments if s.start <= batch_idx < s.start + s.steps), None)
 
-    def _load(self, pl_module: pl.LightningModule, state: State) -> None:
-        pl_module.load_state_dict(state, strict=True)
-
-    def _begin_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seg: _Segment) -> None:
+    def _begin_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seg: ClientSegment) -> None:
         assert self._global is not None
         state = dict(self._global)
         state.update(self._local_states.get(seg.client, {}))
-        self._load(pl_module, state)
+        pl_module.load_state_dict(state, strict=True)
         for optimizer in trainer.optimizers:
             optimizer.state.clear()  # fresh local optimizer, as FedAvg/FedProx assume
-        self._global_device = {
-            name: self._global[name].to(p.device) for name, p in pl_module.named_parameters() if name in self._global
-        } if self.proximal_mu else {}
+        self._global_device = self._global_on(pl_module) if self.proximal_mu else {}
         self._loss_sum, self._loss_count, self._samples_seen = None, 0, 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def _global_on(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        assert self._global is not None
+        return {n: self._global[n].to(p.device) for n, p in pl_module.named_parameters() if n in self._global}
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         seg = self._segment_at(batch_idx)
         if seg is not None and batch_idx == seg.start:
             self._begin_client(trainer, pl_module, seg)
 
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self.proximal_mu:
             return
         if not self._global_device and self._global is not None:  # resumed inside a client's steps
-            self._global_device = {n: self._global[n].to(p.device) for n, p in pl_module.named_parameters()}
+            self._global_device = self._global_on(pl_module)
         add_proximal_grad(pl_module, self._global_device, self.proximal_mu)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         seg = self._segment_at(batch_idx)
         if seg is None:
             return
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, Tensor):
-            loss = loss.detach().float()
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_count += 1
-        self._samples_seen += batch_size_of(batch, self._contract) or 0
+        self._record_step(outputs, batch)
         if batch_idx == seg.start + seg.steps - 1:
             self._end_client(pl_module, seg)
         if batch_idx == sum(s.steps for s in self._segments) - 1:
             self._close_round(pl_module)
 
-    def _end_client(self, pl_module: pl.LightningModule, seg: _Segment) -> None:
+    def _record_step(self, outputs: Any, batch: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):
+            loss = loss.detach().float()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_count += 1
+        self._samples_seen += batch_size_of(batch, self._contract) or 0
+
+    def _end_client(self, pl_module: pl.LightningModule, seg: ClientSegment) -> None:
         if seg.failed:
             return
         assert self._parts is not None
@@ -472,7 +420,7 @@ class FederatedSimulation(Callback):
             self.client_dp.account(self.sample_rate)
             metrics["epsilon"] = self.client_dp.epsilon()
         self._global = new_global
-        self._load(pl_module, new_global)
+        pl_module.load_state_dict(new_global, strict=True)
         losses = [u.loss for u in self._updates if u.loss is not None]
         record: dict[str, Any] = {
             "round": self.round + 1,
@@ -492,10 +440,7 @@ class FederatedSimulation(Callback):
 
     def _log_round(self, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
         scalars = {"round": float(record["round"]), "clients_failed": float(len(record["failed"]))}
-        for key in ("clients_aggregated", "update_norm_mean", "client_drift", "global_update_norm", "epsilon",
-                    "train_loss_mean"):  # fmt: skip
-            if key in record:
-                scalars[key] = float(record[key])
+        scalars.update({key: float(record[key]) for key in _ROUND_SCALARS if key in record})
         for key, value in scalars.items():
             pl_module.log(f"federated/{key}", value, on_step=False, on_epoch=True, batch_size=1)
         if self.log_clients:
@@ -511,20 +456,19 @@ class FederatedSimulation(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a round cut short (max_steps, an exception-free early stop) still ends on an aggregate
         if self._plan_round == self.round:
             self._close_round(pl_module)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self.history or trainer.state.fn != "fit":
+        if self._should_skip(trainer) or not self.history:
             return
-        values = {
-            k: float(v) for k, v in trainer.callback_metrics.items()
-            if k.startswith("val") and isinstance(v, Tensor) and v.numel() == 1
-        }
-        self.history[-1]["val"] = values
+        self.history[-1]["val"] = _scalar_val_metrics(trainer)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_artifacts(trainer)
 
@@ -539,8 +483,8 @@ class FederatedSimulation(Callback):
         if curves:
             fig = new_figure(figsize=(5, 3.2))
             ax = fig.add_subplot(1, 1, 1)
-            for name, points in curves.items():
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            for metric, points in curves.items():
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=metric)
             ax.set_xlabel("round")
             ax.set_title(f"Global model, {self.aggregator.name}")
             ax.legend()
@@ -548,7 +492,8 @@ class FederatedSimulation(Callback):
             save_figure(trainer, fig, path, tag="federated/rounds")
             self._figure = str(path)
 
-    # checkpointing -------------------------------------------------------------------------------
+    # checkpointing ----------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "round": self.round,
@@ -569,12 +514,12 @@ class FederatedSimulation(Callback):
         return state
 
     def _updates_in_flight(self) -> bool:
-        trainer = getattr(self._module, "_trainer", None)
-        if trainer is None:
+        if self._trainer is None:
             return False
-        position = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        position = self._trainer.fit_loop.epoch_loop.batch_progress.current.ready
         return 0 < position < sum(s.steps for s in self._segments)
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.round = int(state_dict["round"])
         self._global = state_dict["global"]
@@ -586,14 +531,15 @@ class FederatedSimulation(Callback):
         self._expected_sizes = state_dict.get("partition_sizes")
         in_round = state_dict.get("in_round")
         if in_round:
-            self._segments = [_Segment(**s) for s in in_round["segments"]]
+            self._segments = [ClientSegment(**s) for s in in_round["segments"]]
             self._updates = [ClientUpdate(**u) for u in in_round["updates"]]
             self._plan_round = self.round
             self._resume = {"in_round": True}
 
-    # report -------------------------------------------------------------------------------------
+    # report -----------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        last_val = next((r["val"] for r in reversed(self.history) if "val" in r), {})
+        """The federated section of the report (keys: :attr:`report_keys`)."""
+        last_val: dict[str, float] = next((r["val"] for r in reversed(self.history) if "val" in r), {})
         out: dict[str, Any] = {
             "mode": "simulation",
             "rounds": self.round,
@@ -618,3 +564,31 @@ class FederatedSimulation(Callback):
         if self._figure:
             out["figures"] = {"rounds": self._figure}
         return out
+
+
+def _scalar_val_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The Trainer's scalar ``val*`` metrics (the global model's, after a round)."""
+    return {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith("val") and isinstance(v, Tensor) and v.numel() == 1
+    }
+
+
+def _check_trainer(trainer: pl.Trainer) -> None:
+    if trainer.world_size > 1:
+        raise RuntimeError(
+            "FederatedSimulation simulates all clients in one process; it cannot run under a "
+            f"{trainer.world_size}-process strategy. Use `strategy=FederatedStrategy(...)` to federate across "
+            "processes, or run the simulation with devices=1."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            "FederatedSimulation needs `accumulate_grad_batches=1`: a client's round is `local_steps` optimizer "
+            "steps, and accumulated gradients would mix clients."
+        )
+    if trainer.limit_train_batches not in (1.0, None):
+        raise ValueError(
+            "FederatedSimulation sets the length of each epoch (one round: the sampled clients' local steps); "
+            "remove `limit_train_batches` and use `local_steps` instead."
+        )

@@ -15,67 +15,106 @@ collective): Lightning's DistributedSampler guarantees it; a DataModule that loa
 itself must give every rank equally many batches.
 
 Example:
-    >>> trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=3,
-    ...                      strategy=FederatedStrategy(local_steps=20, aggregator="fedavg"))
+    >>> import lightning.pytorch as pl
+    >>> strategy = FederatedStrategy(local_steps=20, aggregator="fedavg")
+    >>> trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=3, strategy=strategy, logger=False)
+    >>> trainer.fit(TabularMLP(), AdultDataModule())  # doctest: +SKIP
+    >>> sorted(c.name for c in strategy.state_callback.capabilities)
+    ['FEDERATED_ROUNDS']
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from lightning_trust.core.batch import batch_size_of
+from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of
+from lightning_trust.core.callback import TrustCallback
+from lightning_trust.core.compat import Capability
+from lightning_trust.core.output import warn_once
 from lightning_trust.federated.aggregators import Aggregator
 from lightning_trust.federated.dp import ClientDP
+from lightning_trust.federated.metrics import STRATEGY_LOGGED_KEYS, STRATEGY_REPORT_KEYS
 from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad, matches_any
+
+__all__ = ["FederatedStrategy"]
 
 State = dict[str, Tensor]
 
 
-class _StrategyState(Callback):
-    """Carries the strategy's federated state through checkpoints (strategies have no state hooks)."""
+def _attached_trainer(module: Optional[pl.LightningModule]) -> Optional[pl.Trainer]:
+    """The Trainer ``module`` is attached to, or ``None`` (``module.trainer`` raises when there is none)."""
+    if module is None:
+        return None
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
+class _StrategyState(TrustCallback):
+    """The strategy's callback side: carries its federated state through checkpoints (strategies
+    have no state hooks), aggregates pending steps before validation and at the end of training,
+    and reports the ``federated`` section."""
 
     report_section = "federated"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.FEDERATED_ROUNDS})
+    logged_keys: ClassVar[dict[str, str]] = STRATEGY_LOGGED_KEYS
+    report_keys: ClassVar[dict[str, str]] = STRATEGY_REPORT_KEYS
 
-    def __init__(self, strategy: FederatedStrategy) -> None:
+    def __init__(self, strategy: FederatedStrategy, name: Optional[str] = None) -> None:
+        super().__init__(name=name)
         self.strategy = strategy
 
     @property
+    @override
     def state_key(self) -> str:
         return "FederatedStrategy"
 
+    def _should_skip(self, trainer: pl.Trainer) -> bool:
+        """The strategy aggregates and records only while fitting."""
+        return trainer.state.fn != TrainerFn.FITTING
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return self.strategy.fed_state_dict()
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.strategy.load_fed_state_dict(state_dict)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "fit":
+        if not self._should_skip(trainer):
             self.strategy.aggregate_pending()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.strategy.aggregate_pending()
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not self.strategy.history:
+        if self._should_skip(trainer) or trainer.sanity_checking or not self.strategy.history:
             return
         self.strategy.history[-1]["val"] = {
-            k: float(v) for k, v in trainer.callback_metrics.items()
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
             if k.startswith("val") and isinstance(v, Tensor) and v.numel() == 1
         }
 
     def report(self) -> dict[str, Any]:
+        """The federated section of the report (keys: :attr:`report_keys`)."""
         return self.strategy.report()
 
 
@@ -91,12 +130,19 @@ class FederatedStrategy(DDPStrategy):
         reset_optimizer: clear the local optimizer state after each aggregation.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        name: the report section of its state callback (default ``"federated"``).
+
+    The strategy adds its state callback (:attr:`state_callback`) to the Trainer: it checkpoints
+    the federated state, aggregates before validation and reports.
 
     Example:
-        >>> pl.Trainer(devices=4, strategy=FederatedStrategy(local_steps=50, aggregator="trimmedmean"))
+        >>> FederatedStrategy(local_steps=50, aggregator="trimmedmean").server.aggregator.name
+        'TrimmedMean'
     """
 
     strategy_name = "federated"
+    logged_keys: ClassVar[dict[str, str]] = STRATEGY_LOGGED_KEYS
+    report_keys: ClassVar[dict[str, str]] = STRATEGY_REPORT_KEYS
 
     def __init__(
         self,
@@ -113,7 +159,8 @@ class FederatedStrategy(DDPStrategy):
         precision_plugin: Optional[Any] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
-        start_method: str = "popen",
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        name: Optional[str] = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -139,43 +186,68 @@ class FederatedStrategy(DDPStrategy):
         self._pending_steps = 0
         self._pending_samples = 0
         self._global: Optional[State] = None
-        self._state_callback = _StrategyState(self)
+        self._contract: Optional[BatchContract] = None
+        self._state_callback = _StrategyState(self, name=name)
+
+    @property
+    def state_callback(self) -> TrustCallback:
+        """The callback the strategy adds to the Trainer (state, aggregation before validation, report)."""
+        return self._state_callback
 
     # no gradient all-reduce ---------------------------------------------------------------------
+    @override
     def configure_ddp(self) -> None:
         """Leave the module unwrapped: gradients stay local to each process."""
 
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
-        if trainer.state.fn == "fit":
+        self._contract = BatchContract.resolve(None, trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
             self._broadcast_module()  # every client starts from rank 0's weights
             if self._global is None:
                 self._global = self._snapshot()
 
+    @override
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
-        trainer = model._trainer
-        if trainer is not None and self._state_callback not in trainer.callbacks:
-            trainer.callbacks.append(self._state_callback)
+        trainer = _attached_trainer(model)
+        callbacks: Optional[list[Any]] = getattr(trainer, "callbacks", None)  # set by Lightning's callback connector
+        if callbacks is not None and self._state_callback not in callbacks:
+            callbacks.append(self._state_callback)
+
+    def _module(self) -> pl.LightningModule:
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("FederatedStrategy has no LightningModule yet: it is connected by `Trainer.fit`.")
+        return module
 
     def _broadcast_module(self) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             return
         with torch.no_grad():
-            for tensor in self.lightning_module.state_dict().values():
+            for tensor in self._module().state_dict().values():
                 dist.broadcast(tensor, src=0)
 
     def _snapshot(self) -> State:
-        return {k: v.detach().clone().cpu() for k, v in self.lightning_module.state_dict().items()}
+        return {k: v.detach().clone().cpu() for k, v in self._module().state_dict().items()}
 
     # local training ------------------------------------------------------------------------------
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         try:
-            self._pending_samples += batch_size_of(batch) or 0
-        except KeyError:
+            self._pending_samples += batch_size_of(batch, self._contract) or 0
+        except BatchKeyError as err:  # weigh the batch as one sample rather than stop training
+            warn_once(
+                self,
+                "batch_size",
+                f"FederatedStrategy cannot count the samples of a batch ({err}); "
+                "each such batch counts as one sample in the aggregation weights.",
+            )
             self._pending_samples += 1
 
+    @override
     def optimizer_step(
         self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None, **kwargs: Any
     ) -> Any:
@@ -188,7 +260,7 @@ class FederatedStrategy(DDPStrategy):
         return out
 
     def _proximal(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        module = self.lightning_module
+        module = self._module()
         assert self._global is not None
         reference = {n: self._global[n].to(p.device) for n, p in module.named_parameters() if n in self._global}
 
@@ -205,12 +277,13 @@ class FederatedStrategy(DDPStrategy):
         # all ranks run the same number of steps (Lightning equalizes shard lengths), so this is collective-safe
         if self._pending_steps == 0 or self._global is None:
             return
-        module = self.lightning_module
+        module = self._module()
         state = {k: v.detach() for k, v in module.state_dict().items()}
         keys = list(state)
-        flat = torch.cat([state[k].double().flatten() for k in keys] + [
-            torch.tensor([float(self._pending_samples)], dtype=torch.float64, device=self.root_device)
-        ])
+        flat = torch.cat(
+            [state[k].double().flatten() for k in keys]
+            + [torch.tensor([float(self._pending_samples)], dtype=torch.float64, device=self.root_device)]
+        )
         gathered = self._all_gather(flat)
         updates = []
         for rank, row in enumerate(gathered):
@@ -234,17 +307,30 @@ class FederatedStrategy(DDPStrategy):
             for optimizer in self.optimizers:
                 optimizer.state.clear()
         self.round += 1
-        self.history.append({"round": self.round, "steps": self._pending_steps,
-                             "client_samples": [u.num_samples for u in updates], **metrics})
+        self.history.append(
+            {
+                "round": self.round,
+                "steps": self._pending_steps,
+                "client_samples": [u.num_samples for u in updates],
+                **metrics,
+            }
+        )
         self._pending_steps = self._pending_samples = 0
-        trainer = module._trainer
+        trainer = _attached_trainer(module)
         if trainer is not None and trainer.training:
             for key in ("update_norm_mean", "client_drift", "global_update_norm", "epsilon"):
                 if key in metrics:
-                    module.log(f"federated/{key}", float(metrics[key]), on_step=True, on_epoch=False,
-                               batch_size=1, rank_zero_only=True)
-            module.log("federated/round", float(self.round), on_step=True, on_epoch=False, batch_size=1,
-                       rank_zero_only=True)
+                    module.log(
+                        f"federated/{key}",
+                        float(metrics[key]),
+                        on_step=True,
+                        on_epoch=False,
+                        batch_size=1,
+                        rank_zero_only=True,
+                    )
+            module.log(
+                "federated/round", float(self.round), on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True
+            )
 
     def _all_gather(self, flat: Tensor) -> list[Tensor]:
         if not (dist.is_available() and dist.is_initialized()):
@@ -255,8 +341,13 @@ class FederatedStrategy(DDPStrategy):
 
     # checkpointing and report ----------------------------------------------------------------------
     def fed_state_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "global": self._global, "server": self.server.state_dict(),
-                "history": self.history, "pending_steps": self._pending_steps}
+        return {
+            "round": self.round,
+            "global": self._global,
+            "server": self.server.state_dict(),
+            "history": self.history,
+            "pending_steps": self._pending_steps,
+        }
 
     def load_fed_state_dict(self, state: dict[str, Any]) -> None:
         self.round = int(state["round"])
@@ -266,7 +357,8 @@ class FederatedStrategy(DDPStrategy):
         self._pending_steps = int(state.get("pending_steps", 0))
 
     def report(self) -> dict[str, Any]:
-        last_val = next((r["val"] for r in reversed(self.history) if "val" in r), {})
+        """The federated section of the report (keys: :attr:`report_keys`)."""
+        last_val: dict[str, float] = next((r["val"] for r in reversed(self.history) if "val" in r), {})
         out: dict[str, Any] = {
             "mode": "strategy",
             "rounds": self.round,
