@@ -16,9 +16,9 @@ from lightning_trust.compression import (
     pruning_schedule,
     restore_pruned_structure,
 )
-from lightning_trust.compression._common import example_from
+from lightning_trust.compression.examples import example_from
 from lightning_trust.demo import SmallCNN, TabularMLP
-from tests.compression.helpers import trainer as make_trainer
+from tests.support import trainer as make_trainer
 
 X = torch.rand(4, 1, 8, 8)
 
@@ -62,7 +62,7 @@ def test_bad_arguments_fail_early(kwargs, match):
 
 
 def test_schedule_must_finish_before_max_epochs(tmp_path, digits):
-    trainer = make_trainer(tmp_path, 3, [ProgressivePruning(start_epoch=1, end_epoch=4)])
+    trainer = make_trainer(tmp_path, [ProgressivePruning(start_epoch=1, end_epoch=4)], max_epochs=3)
     with pytest.raises(ValueError, match="max_epochs=3"):
         trainer.fit(SmallCNN(), digits)
 
@@ -182,7 +182,7 @@ def test_ratio_zero_gives_the_unpruned_models_logits(tmp_path, digits):
     for callbacks in ([], [ProgressivePruning(pruning_ratio=0.0, start_epoch=0, end_epoch=1, measure_latency=False)]):
         pl.seed_everything(0)
         model = SmallCNN()
-        make_trainer(tmp_path, 2, callbacks, limit_train_batches=6).fit(model, digits)
+        make_trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=6).fit(model, digits)
         with torch.no_grad():
             logits.append(model.eval()(digits.val_dataset.tensors[0][:32]))
     assert torch.equal(logits[0], logits[1])
@@ -208,7 +208,7 @@ def test_kill_and_resume_mid_schedule_ends_like_an_uninterrupted_run(tmp_path, d
         model = SmallCNN()
         checkpoint = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{epoch}")
         callbacks = [_pruning(), checkpoint] + ([_StopAfter(stop)] if stop is not None else [])
-        trainer = make_trainer(tmp_path / folder, 5, callbacks, enable_checkpointing=True, limit_train_batches=8)
+        trainer = make_trainer(tmp_path / folder, callbacks, max_epochs=5, enable_checkpointing=True, limit_train_batches=8)
         trainer.fit(model, digits, ckpt_path=ckpt_path)
         return model, trainer
 
@@ -237,13 +237,13 @@ def test_test_ckpt_path_and_loading_outside_lightning_on_a_pruned_model(tmp_path
     pl.seed_everything(0)
     model = SmallCNN()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}", save_last=True)
-    trainer = make_trainer(tmp_path, 5, [_pruning(), checkpoint], enable_checkpointing=True, limit_train_batches=8)
+    trainer = make_trainer(tmp_path, [_pruning(), checkpoint], max_epochs=5, enable_checkpointing=True, limit_train_batches=8)
     trainer.fit(model, digits)
     expected = trainer.test(model, digits, verbose=False)[0]["test/acc"]
 
     # a fresh, unpruned model: the callback rebuilds the structure before the weights load
     fresh = SmallCNN()
-    tester = make_trainer(tmp_path, 1, [_pruning()])
+    tester = make_trainer(tmp_path, [_pruning()], max_epochs=1)
     assert tester.test(fresh, digits, ckpt_path=checkpoint.last_model_path, verbose=False)[0]["test/acc"] == expected
     assert fresh.features[0].out_channels == 16
 
@@ -251,7 +251,7 @@ def test_test_ckpt_path_and_loading_outside_lightning_on_a_pruned_model(tmp_path
     earlier = trainer.test(model, digits, ckpt_path=str(tmp_path / "epoch=1.ckpt"), verbose=False)[0]["test/acc"]
     reference = load_pruned_checkpoint(SmallCNN, tmp_path / "epoch=1.ckpt")
     assert model.features[0].out_channels == reference.features[0].out_channels > 16
-    assert earlier == make_trainer(tmp_path, 1, []).test(reference, digits, verbose=False)[0]["test/acc"]
+    assert earlier == make_trainer(tmp_path, [], max_epochs=1).test(reference, digits, verbose=False)[0]["test/acc"]
 
     # outside Lightning: the documented loaders
     images = digits.test_dataset.tensors[0][:64]
@@ -274,7 +274,7 @@ def test_target_macs_ratio_prunes_until_measured_macs_reach_it(tmp_path, digits)
     pl.seed_everything(0)
     model = SmallCNN()
     cb = ProgressivePruning(target_macs_ratio=0.4, schedule="linear", start_epoch=0, end_epoch=1, measure_latency=False, evaluate=False)
-    make_trainer(tmp_path, 2, [cb], limit_train_batches=3, limit_val_batches=1).fit(model, digits)
+    make_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=3, limit_val_batches=1).fit(model, digits)
     report = cb.report()
     macs, _ = tp.utils.count_ops_and_params(model, X[:1])
     assert report["macs_after"] == macs <= 0.4 * report["macs_before"]
@@ -293,7 +293,7 @@ def test_every_importance_prunes_with_the_library(tmp_path, digits, importance, 
     model = SmallCNN(batch_norm=True)
     cb = ProgressivePruning(pruning_ratio=0.5, importance=importance, schedule="one_shot", start_epoch=0,
                             measure_latency=False, evaluate=False, **kwargs)  # fmt: skip
-    make_trainer(tmp_path, 1, [cb], limit_train_batches=3, limit_val_batches=1).fit(model, digits)
+    make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3, limit_val_batches=1).fit(model, digits)
     report = cb.report()
     assert report["params_after"] < 0.6 * report["params_before"]
     assert model.classifier.out_features == 10
@@ -310,7 +310,7 @@ def test_report_figure_and_logged_metrics(tmp_path, digits):
 
     pl.seed_everything(0)
     cb = ProgressivePruning(pruning_ratio=0.5, start_epoch=0, end_epoch=1)
-    trainer = make_trainer(tmp_path, 3, [cb], logger=CSVLogger(tmp_path), limit_train_batches=4)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=3, logger=CSVLogger(tmp_path), limit_train_batches=4)
     trainer.fit(SmallCNN(), digits)
     report = cb.report()
     for key in ("params_before", "params_after", "macs_before", "macs_after", "param_ratio", "macs_ratio", "speedup",
@@ -366,7 +366,7 @@ def test_restoring_a_pruned_structure_keeps_the_training_mode(tmp_path, digits):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
     pruning = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=0, end_epoch=0,
                                  measure_latency=False, evaluate=False)
-    make_trainer(tmp_path, 1, [pruning, checkpoint], enable_checkpointing=True, limit_train_batches=2).fit(SmallCNN(), digits)
+    make_trainer(tmp_path, [pruning, checkpoint], max_epochs=1, enable_checkpointing=True, limit_train_batches=2).fit(SmallCNN(), digits)
     model = SmallCNN().train()
     restore_pruned_structure(model, tmp_path / "epoch=0.ckpt")
     assert model.features[0].out_channels < SmallCNN().features[0].out_channels

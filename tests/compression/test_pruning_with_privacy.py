@@ -11,7 +11,9 @@ from opacus.accountants import create_accountant
 from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining
 from lightning_trust.demo import TabularMLP
 from lightning_trust.privacy import DifferentialPrivacy
-from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, hand_update, trainer
+from lightning_trust.core.compat import IncompatibleCallbacksError
+from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, hand_update
+from tests.support import Kill, trainer
 
 
 class GradSampleShapes(Callback):
@@ -67,7 +69,7 @@ def test_update_after_pruning_is_the_mean_of_clipped_per_sample_gradients(tmp_pa
     dp = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3)
     pruning = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=1, end_epoch=1,
                                  measure_latency=False, evaluate=False)
-    trainer(tmp_path, max_epochs=2, callbacks=[dp, pruning, recorder]).fit(model, TinyData(n=240, batch_size=24))
+    trainer(tmp_path, [dp, pruning, recorder], max_epochs=2, limit_val_batches=0, log_every_n_steps=10, deterministic=False).fit(model, TinyData(n=240, batch_size=24))
     assert model.net[0].weight.shape == (4, 4)
     pruned = copy.deepcopy(model)
     checked = 0
@@ -81,15 +83,6 @@ def test_update_after_pruning_is_the_mean_of_clipped_per_sample_gradients(tmp_pa
     assert checked >= 5
 
 
-class Kill(Callback):
-    def __init__(self, after_epoch: int) -> None:
-        self.after_epoch = after_epoch
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.after_epoch:
-            raise RuntimeError("killed")
-
-
 @pytest.mark.slow
 def test_kill_and_resume_ends_with_the_same_epsilon_and_shapes(tmp_path):
     def callbacks():
@@ -100,7 +93,8 @@ def test_kill_and_resume_ends_with_the_same_epsilon_and_shapes(tmp_path):
         torch.manual_seed(0)
         model, cbs = TinyModule(hidden=16), callbacks()
         saver = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{epoch}")
-        fit = trainer(tmp_path / folder, max_epochs=5, enable_checkpointing=True, callbacks=[*cbs, saver, *extra])
+        fit = trainer(tmp_path / folder, [*cbs, saver, *extra], max_epochs=5, enable_checkpointing=True,
+                      limit_val_batches=0, log_every_n_steps=10, deterministic=False)
         fit.fit(model, TinyData(), ckpt_path=ckpt_path)
         return model, cbs
 
@@ -121,16 +115,24 @@ def test_sparsity_regularization_is_refused_under_dp(tmp_path):
     pruning = ProgressivePruning(pruning_ratio=0.5, start_epoch=1, end_epoch=1, sparsity_regularization=1e-4)
     model = TinyModule(hidden=8)
     before = [p.shape for p in model.parameters()]
-    with pytest.raises(ValueError, match="regularizer's gradient would be silently dropped.*sparsity_regularization: 0"):
-        trainer(tmp_path, max_epochs=2, callbacks=[dp, pruning]).fit(model, TinyData())
+    with pytest.raises(
+        IncompatibleCallbacksError, match="regularizer's gradient would be silently dropped.*sparsity_regularization: 0"
+    ):
+        trainer(tmp_path, [dp, pruning], max_epochs=2, limit_val_batches=0, log_every_n_steps=10, deterministic=False).fit(model, TinyData())
     assert [p.shape for p in model.parameters()] == before
 
 
 def test_quantization_aware_training_is_refused_under_dp(tmp_path):
     dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3)
     qat = QuantizationAwareTraining(start_epoch=1)
-    with pytest.raises(ValueError, match="QuantizationAwareTraining cannot train in the same `fit` as DifferentialPrivacy"):
-        trainer(tmp_path, max_epochs=2, callbacks=[dp, qat]).fit(TinyModule(hidden=8), TinyData())
+    with pytest.raises(
+        IncompatibleCallbacksError,
+        match="QuantizationAwareTraining cannot train in the same fit as DifferentialPrivacy.*"
+        "the fake-quantized graph runs instead of the layers where Opacus computes per-sample gradients",
+    ):
+        trainer(tmp_path, [dp, qat], max_epochs=2, limit_val_batches=0, log_every_n_steps=10, deterministic=False).fit(
+            TinyModule(hidden=8), TinyData()
+        )
 
 
 @pytest.mark.slow
@@ -189,5 +191,7 @@ class _ReplaceWithoutOptimizer(Callback):
 def test_a_stale_parameter_in_the_dp_optimizer_is_refused_not_skipped(tmp_path):
     dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3)
     with pytest.raises(RuntimeError, match="DP optimizer still holds 1 of the old ones.*param_groups at the new parameters"):
-        trainer(tmp_path, max_steps=5, callbacks=[dp, _ReplaceWithoutOptimizer()]).fit(TinyModule(hidden=8), TinyData())
+        trainer(tmp_path, [dp, _ReplaceWithoutOptimizer()], max_steps=5, limit_val_batches=0, log_every_n_steps=10, deterministic=False).fit(
+            TinyModule(hidden=8), TinyData()
+        )
     assert dp.steps == 2  # no noisy step ran on the inconsistent model

@@ -9,9 +9,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining, load_pruned_checkpoint, quantize_prepare
-from lightning_trust.compression.quantization import QAT_ATTR, set_batchnorm_training
+from lightning_trust.compression.export import QAT_ATTR, set_batchnorm_training
 from lightning_trust.demo import SmallCNN, TabularMLP
-from tests.compression.helpers import trainer as make_trainer
+from tests.support import trainer as make_trainer
 
 
 @pytest.mark.parametrize(
@@ -59,10 +59,10 @@ def test_refuses_models_it_cannot_quantize_naming_the_module_and_leaves_them_unt
 def test_qat_must_start_after_pruning_ends(tmp_path, digits):
     callbacks = [ProgressivePruning(start_epoch=1, end_epoch=2), QuantizationAwareTraining(start_epoch=2)]
     with pytest.raises(ValueError, match="starts before pruning ends"):
-        make_trainer(tmp_path, 4, callbacks).fit(SmallCNN(), digits)
+        make_trainer(tmp_path, callbacks, max_epochs=4).fit(SmallCNN(), digits)
     callbacks = [QuantizationAwareTraining(start_epoch=3), ProgressivePruning(start_epoch=1, end_epoch=2)]
     with pytest.raises(ValueError, match="Put ProgressivePruning before"):
-        make_trainer(tmp_path, 4, callbacks).fit(SmallCNN(), digits)
+        make_trainer(tmp_path, callbacks, max_epochs=4).fit(SmallCNN(), digits)
 
 
 def test_fast_dev_run_smoke_tests_a_config_whose_schedules_start_later(tmp_path, digits):
@@ -74,7 +74,7 @@ def test_fast_dev_run_smoke_tests_a_config_whose_schedules_start_later(tmp_path,
                enable_model_summary=False).fit(model, digits)
     assert [p.shape for p in model.parameters()] == before and not callbacks[1].active
     with pytest.raises(ValueError, match="never starts with max_epochs=1"):
-        make_trainer(tmp_path, 1, [QuantizationAwareTraining(start_epoch=3)]).fit(SmallCNN(), digits)
+        make_trainer(tmp_path, [QuantizationAwareTraining(start_epoch=3)], max_epochs=1).fit(SmallCNN(), digits)
 
 
 def test_batchnorm_freeze_is_reapplied_after_train_mode():
@@ -95,7 +95,7 @@ def test_exported_int8_model_loads_in_a_fresh_process_and_agrees_with_fake_quant
     model = SmallCNN(batch_norm=True)
     qat = QuantizationAwareTraining(start_epoch=1, freeze_observers_epoch=3, freeze_bn_epoch=3, compile=False,
                                     export_path=str(tmp_path / "digits_int8.pt2"))  # fmt: skip
-    make_trainer(tmp_path, 4, [qat]).fit(model, digits)
+    make_trainer(tmp_path, [qat], max_epochs=4).fit(model, digits)
     report = qat.report()
     assert report["active"] and report["export_path"] == str(tmp_path / "digits_int8.pt2")
     assert report["size_ratio"] > 3.5 and report["size_int8_bytes"] < report["size_fp32_bytes"]
@@ -134,7 +134,7 @@ def test_pruning_then_qat_chained_in_one_trainer_and_resumed_from_a_qat_checkpoi
         return [ProgressivePruning(pruning_ratio=0.5, start_epoch=0, end_epoch=1, measure_latency=False),
                 QuantizationAwareTraining(start_epoch=2, compile=False, measure_latency=False)]  # fmt: skip
 
-    trainer = make_trainer(tmp_path, 4, callbacks() + [checkpoint], enable_checkpointing=True, limit_train_batches=6)
+    trainer = make_trainer(tmp_path, callbacks() + [checkpoint], max_epochs=4, enable_checkpointing=True, limit_train_batches=6)
     trainer.fit(model, digits)
     pruning, qat = trainer.callbacks[0].report(), trainer.callbacks[1].report()
     assert pruning["params_after"] < 0.5 * pruning["params_before"]
@@ -145,11 +145,11 @@ def test_pruning_then_qat_chained_in_one_trainer_and_resumed_from_a_qat_checkpoi
 
     # resume from the epoch-2 checkpoint (pruned and fake-quantized): structure and observers rebuilt first
     fresh = SmallCNN()
-    resumed = make_trainer(tmp_path, 4, callbacks(), limit_train_batches=6)
+    resumed = make_trainer(tmp_path, callbacks(), max_epochs=4, limit_train_batches=6)
     resumed.fit(fresh, digits, ckpt_path=str(tmp_path / "epoch=2.ckpt"))
     assert hasattr(fresh, QAT_ATTR) and fresh.features[0].out_channels == model.features[0].out_channels
     assert resumed.callbacks[1].report()["agreement"] >= 0.99
-    tested = make_trainer(tmp_path, 1, callbacks()).test(SmallCNN(), digits, ckpt_path=str(tmp_path / "epoch=3.ckpt"), verbose=False)
+    tested = make_trainer(tmp_path, callbacks(), max_epochs=1).test(SmallCNN(), digits, ckpt_path=str(tmp_path / "epoch=3.ckpt"), verbose=False)
     assert tested[0]["test/acc"] > 0.8
     # outside Lightning, the float pruned model loads from a QAT-stage checkpoint (fake-quant state left out)
     float_model = load_pruned_checkpoint(SmallCNN, tmp_path / "epoch=3.ckpt")
@@ -160,7 +160,7 @@ def test_pruning_then_qat_chained_in_one_trainer_and_resumed_from_a_qat_checkpoi
 def test_compiled_int8_latency_is_measured(tmp_path, adult):
     pl.seed_everything(0)
     qat = QuantizationAwareTraining(start_epoch=0, compile=True)
-    make_trainer(tmp_path, 1, [qat], limit_train_batches=10, limit_val_batches=4).fit(TabularMLP(), adult)
+    make_trainer(tmp_path, [qat], max_epochs=1, limit_train_batches=10, limit_val_batches=4).fit(TabularMLP(), adult)
     report = qat.report()
     assert report["int8_compiled"] is True and report["latency_int8_ms"] > 0 and report["speedup"] > 0
     assert report["agreement"] >= 0.99

@@ -1,30 +1,42 @@
 """lightning_trust.compression: structural pruning (torch-pruning) and quantization-aware training
-(torchao PT2E) as Lightning callbacks that chain: prune progressively, train quantization-aware, export int8."""
+(torchao PT2E) as Lightning callbacks that chain: prune progressively, train quantization-aware, export int8.
 
-from lightning_trust.compression.pruning import (
-    ProgressivePruning,
-    count_macs_params,
-    load_pruned_checkpoint,
-    output_layers,
-    pruning_schedule,
-    restore_pruned_structure,
-)
-from lightning_trust.compression.quantization import (
-    QuantizationAwareTraining,
-    convert_to_int8,
-    load_int8_model,
-    quantize_prepare,
-)
+==================== ===========================================================================
+module               concern
+==================== ===========================================================================
+``pruning``          the :class:`ProgressivePruning` callback
+``schedule``         when pruning steps happen and how far each one prunes
+``structure``        tracing with torch-pruning, recorded operations, replay, loading pruned models
+``optimizer_state``  optimizer state carried across a pruning step
+``quantization``     the :class:`QuantizationAwareTraining` callback
+``export``           torch.export / PT2E: prepare, convert, compile and load int8 models
+``measure``          CPU latency, accuracy and agreement over loaders
+``examples``         example inputs kept to trace, export and time with
+``checkpoints``      reading a checkpoint before Lightning loads its weights
+==================== ===========================================================================
+
+Example:
+    >>> from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining
+    >>> ProgressivePruning(pruning_ratio=0.5, end_epoch=3).events(), QuantizationAwareTraining(start_epoch=5).start_epoch
+    ([1, 2, 3], 5)
+"""
+
+from lightning_trust.compression.export import convert_to_int8, load_int8_model, quantize_prepare
+from lightning_trust.compression.pruning import ProgressivePruning
+from lightning_trust.compression.quantization import QuantizationAwareTraining
+from lightning_trust.compression.schedule import pruning_schedule
+from lightning_trust.compression.structure import load_pruned_checkpoint, output_layers, restore_pruned_structure
+from lightning_trust.core.macs import count_macs_params
 
 __all__ = [
+    "ProgressivePruning",
     "QuantizationAwareTraining",
     "convert_to_int8",
-    "load_int8_model",
-    "quantize_prepare",
-    "ProgressivePruning",
     "count_macs_params",
+    "load_int8_model",
     "load_pruned_checkpoint",
     "output_layers",
     "pruning_schedule",
+    "quantize_prepare",
     "restore_pruned_structure",
 ]
