@@ -21,14 +21,33 @@ def _console_script():
 
 @pytest.mark.slow
 def test_console_script_fast_dev_run(tmp_path):
-    _run([_console_script(), "fit", "--config", str(ROOT / "configs/adult.yaml"), "--trainer.fast_dev_run=true",
-          f"--trainer.default_root_dir={tmp_path}"], cwd=tmp_path)
+    _run(
+        [
+            _console_script(),
+            "fit",
+            "--config",
+            str(ROOT / "configs/adult.yaml"),
+            "--trainer.fast_dev_run=true",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
 
 
 @pytest.mark.slow
 def test_module_entry_point_print_config(tmp_path):
-    proc = _run([sys.executable, "-m", "lightning_trust", "fit", "--config", str(ROOT / "configs/digits.yaml"),
-                 "--print_config"], cwd=tmp_path)
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_trust",
+            "fit",
+            "--config",
+            str(ROOT / "configs/digits.yaml"),
+            "--print_config",
+        ],
+        cwd=tmp_path,
+    )
     assert "class_path: lightning_trust.demo.SmallCNN" in proc.stdout
 
 
@@ -42,10 +61,49 @@ def _test_accuracy(output: str) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize(("config", "minimum"), [("adult_plain.yaml", 0.84), ("digits_plain.yaml", 0.95)])
 def test_demo_configs_reach_documented_accuracy(config, minimum, tmp_path):
-    common = ["--config", str(ROOT / "configs" / config), f"--trainer.default_root_dir={tmp_path}",
-              "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    common = [
+        "--config",
+        str(ROOT / "configs" / config),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
     _run([_console_script(), "fit", *common], cwd=tmp_path)
     checkpoints = sorted(tmp_path.glob("**/checkpoints/last.ckpt"))
     assert checkpoints, "fit wrote no last.ckpt"
     proc = _run([_console_script(), "test", *common, f"--ckpt_path={checkpoints[-1]}"], cwd=tmp_path)
     assert _test_accuracy(proc.stdout) >= minimum
+
+
+#: Required constructor arguments of the callbacks that have some (the rest take none).
+REQUIRED_ARGS = {"HoldOutDomain": {"domain_key": "native_region", "held_out": ["Europe"]}}
+
+
+@pytest.mark.slow
+def test_every_callback_resolves_by_short_name_and_no_args_warning_is_printed(tmp_path):
+    import yaml
+    from lightning.pytorch.strategies import Strategy
+
+    from lightning_trust.registry import callback_classes
+
+    classes = callback_classes()
+    callbacks = [
+        {"class_path": name, "init_args": REQUIRED_ARGS.get(name, {})}
+        for name, cls in classes.items()
+        if not issubclass(cls, Strategy)
+    ]
+    strategies = [name for name, cls in classes.items() if issubclass(cls, Strategy)]
+    config = yaml.safe_load((ROOT / "configs" / "adult_plain.yaml").read_text())
+    config["trainer"]["callbacks"] = callbacks
+    config["trainer"]["strategy"] = {"class_path": strategies[0]} if strategies else "auto"
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = _run([_console_script(), "fit", "--config", str(path), "--print_config"], cwd=tmp_path)
+    printed = yaml.safe_load(proc.stdout)
+    resolved = [cb["class_path"] for cb in printed["trainer"]["callbacks"]]
+    # each short name resolved to the pack's own class (jsonargparse prints the full import path)
+    assert [r.rsplit(".", 1)[-1] for r in resolved] == [cb["class_path"] for cb in callbacks], resolved
+    assert all(r.startswith("lightning_trust.") for r in resolved), resolved
+    # LightningCLI warns when given both `args=` and a command line; the console script gives only one
+    assert "args and command line arguments" not in proc.stderr + proc.stdout
+    assert "sys.argv[1:]" not in proc.stderr + proc.stdout
