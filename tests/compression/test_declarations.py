@@ -38,7 +38,9 @@ class _Recorder(Logger):
 
 
 def _pattern(key: str) -> re.Pattern:
-    return re.compile("".join(".+" if part.startswith("<") else re.escape(part) for part in re.split(r"(<[^>]+>)", key)))
+    return re.compile(
+        "".join(".+" if part.startswith("<") else re.escape(part) for part in re.split(r"(<[^>]+>)", key))
+    )
 
 
 def _check_declared(callback, logged: set[str]) -> None:

@@ -7,7 +7,6 @@ import torch_pruning as tp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_trust.core.batch import BatchContract
 from lightning_trust.compression import (
     ProgressivePruning,
     count_macs_params,
@@ -17,6 +16,7 @@ from lightning_trust.compression import (
     restore_pruned_structure,
 )
 from lightning_trust.compression.examples import example_from
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.demo import SmallCNN, TabularMLP
 from tests.support import trainer as make_trainer
 
@@ -96,7 +96,9 @@ class _Untraceable(SmallCNN):
 
 
 def _fresh_callback(**kwargs):
-    cb = ProgressivePruning(pruning_ratio=0.5, start_epoch=0, end_epoch=0, measure_latency=False, evaluate=False, **kwargs)
+    cb = ProgressivePruning(
+        pruning_ratio=0.5, start_epoch=0, end_epoch=0, measure_latency=False, evaluate=False, **kwargs
+    )
     cb._contract = BatchContract()
     cb._example = example_from(X)
     return cb
@@ -208,7 +210,9 @@ def test_kill_and_resume_mid_schedule_ends_like_an_uninterrupted_run(tmp_path, d
         model = SmallCNN()
         checkpoint = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{epoch}")
         callbacks = [_pruning(), checkpoint] + ([_StopAfter(stop)] if stop is not None else [])
-        trainer = make_trainer(tmp_path / folder, callbacks, max_epochs=5, enable_checkpointing=True, limit_train_batches=8)
+        trainer = make_trainer(
+            tmp_path / folder, callbacks, max_epochs=5, enable_checkpointing=True, limit_train_batches=8
+        )
         trainer.fit(model, digits, ckpt_path=ckpt_path)
         return model, trainer
 
@@ -237,7 +241,9 @@ def test_test_ckpt_path_and_loading_outside_lightning_on_a_pruned_model(tmp_path
     pl.seed_everything(0)
     model = SmallCNN()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}", save_last=True)
-    trainer = make_trainer(tmp_path, [_pruning(), checkpoint], max_epochs=5, enable_checkpointing=True, limit_train_batches=8)
+    trainer = make_trainer(
+        tmp_path, [_pruning(), checkpoint], max_epochs=5, enable_checkpointing=True, limit_train_batches=8
+    )
     trainer.fit(model, digits)
     expected = trainer.test(model, digits, verbose=False)[0]["test/acc"]
 
@@ -273,7 +279,9 @@ def test_test_ckpt_path_and_loading_outside_lightning_on_a_pruned_model(tmp_path
 def test_target_macs_ratio_prunes_until_measured_macs_reach_it(tmp_path, digits):
     pl.seed_everything(0)
     model = SmallCNN()
-    cb = ProgressivePruning(target_macs_ratio=0.4, schedule="linear", start_epoch=0, end_epoch=1, measure_latency=False, evaluate=False)
+    cb = ProgressivePruning(
+        target_macs_ratio=0.4, schedule="linear", start_epoch=0, end_epoch=1, measure_latency=False, evaluate=False
+    )
     make_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=3, limit_val_batches=1).fit(model, digits)
     report = cb.report()
     macs, _ = tp.utils.count_ops_and_params(model, X[:1])
@@ -318,7 +326,9 @@ def test_report_figure_and_logged_metrics(tmp_path, digits):
         assert isinstance(report[key], (int, float)), key
     assert report["param_ratio"] == report["params_after"] / report["params_before"]
     assert 0 <= report["accuracy_after"] <= 1 and report["speedup"] > 0
-    assert (tmp_path / "lightning_logs" / "version_0" / "lightning_trust" / "compression" / "pruning_curve.png").exists()
+    assert (
+        tmp_path / "lightning_logs" / "version_0" / "lightning_trust" / "compression" / "pruning_curve.png"
+    ).exists()
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "compression/params" in metrics and "compression/macs" in metrics
 
@@ -364,9 +374,12 @@ def test_restoring_a_pruned_structure_keeps_the_training_mode(tmp_path, digits):
     # torch-pruning's trace switches the model to eval mode; a resumed fit must keep training with dropout etc.
     pl.seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
-    pruning = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=0, end_epoch=0,
-                                 measure_latency=False, evaluate=False)
-    make_trainer(tmp_path, [pruning, checkpoint], max_epochs=1, enable_checkpointing=True, limit_train_batches=2).fit(SmallCNN(), digits)
+    pruning = ProgressivePruning(
+        pruning_ratio=0.5, schedule="one_shot", start_epoch=0, end_epoch=0, measure_latency=False, evaluate=False
+    )
+    make_trainer(tmp_path, [pruning, checkpoint], max_epochs=1, enable_checkpointing=True, limit_train_batches=2).fit(
+        SmallCNN(), digits
+    )
     model = SmallCNN().train()
     restore_pruned_structure(model, tmp_path / "epoch=0.ckpt")
     assert model.features[0].out_channels < SmallCNN().features[0].out_channels

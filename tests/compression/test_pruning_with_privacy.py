@@ -9,9 +9,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from opacus.accountants import create_accountant
 
 from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining
+from lightning_trust.core.compat import IncompatibleCallbacksError
 from lightning_trust.demo import TabularMLP
 from lightning_trust.privacy import DifferentialPrivacy
-from lightning_trust.core.compat import IncompatibleCallbacksError
 from tests.privacy.helpers import BatchRecorder, TinyData, TinyModule, hand_update
 from tests.support import Kill, trainer
 
@@ -41,8 +41,15 @@ def test_dp_and_pruning_train_together_on_adult_with_opacus_epsilon(tmp_path, ad
     shapes = GradSampleShapes()
     model = TabularMLP()
     dense = sum(p.numel() for p in model.parameters())
-    fit = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, callbacks=[dp, pruning, shapes])
+    fit = pl.Trainer(
+        max_epochs=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[dp, pruning, shapes],
+    )
     fit.fit(model, adult)
 
     report = pruning.report()
@@ -67,9 +74,12 @@ def test_update_after_pruning_is_the_mean_of_clipped_per_sample_gradients(tmp_pa
     model = TinyModule(hidden=8, lr=1.0)
     recorder = BatchRecorder()
     dp = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3)
-    pruning = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=1, end_epoch=1,
-                                 measure_latency=False, evaluate=False)
-    trainer(tmp_path, [dp, pruning, recorder], max_epochs=2, limit_val_batches=0, log_every_n_steps=10, deterministic=False).fit(model, TinyData(n=240, batch_size=24))
+    pruning = ProgressivePruning(
+        pruning_ratio=0.5, schedule="one_shot", start_epoch=1, end_epoch=1, measure_latency=False, evaluate=False
+    )
+    trainer(
+        tmp_path, [dp, pruning, recorder], max_epochs=2, limit_val_batches=0, log_every_n_steps=10, deterministic=False
+    ).fit(model, TinyData(n=240, batch_size=24))
     assert model.net[0].weight.shape == (4, 4)
     pruned = copy.deepcopy(model)
     checked = 0
@@ -86,15 +96,24 @@ def test_update_after_pruning_is_the_mean_of_clipped_per_sample_gradients(tmp_pa
 @pytest.mark.slow
 def test_kill_and_resume_ends_with_the_same_epsilon_and_shapes(tmp_path):
     def callbacks():
-        return [DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp"),
-                ProgressivePruning(pruning_ratio=0.5, start_epoch=1, end_epoch=3, measure_latency=False, evaluate=False)]
+        return [
+            DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp"),
+            ProgressivePruning(pruning_ratio=0.5, start_epoch=1, end_epoch=3, measure_latency=False, evaluate=False),
+        ]
 
     def run(folder, extra=(), ckpt_path=None):
         torch.manual_seed(0)
         model, cbs = TinyModule(hidden=16), callbacks()
         saver = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{epoch}")
-        fit = trainer(tmp_path / folder, [*cbs, saver, *extra], max_epochs=5, enable_checkpointing=True,
-                      limit_val_batches=0, log_every_n_steps=10, deterministic=False)
+        fit = trainer(
+            tmp_path / folder,
+            [*cbs, saver, *extra],
+            max_epochs=5,
+            enable_checkpointing=True,
+            limit_val_batches=0,
+            log_every_n_steps=10,
+            deterministic=False,
+        )
         fit.fit(model, TinyData(), ckpt_path=ckpt_path)
         return model, cbs
 
@@ -107,7 +126,8 @@ def test_kill_and_resume_ends_with_the_same_epsilon_and_shapes(tmp_path):
     assert resumed_dp.epsilon_spent == pytest.approx(full_dp.epsilon_spent, abs=1e-9) and full_dp.epsilon_spent <= 2.0
     assert {n: p.shape for n, p in resumed.named_parameters()} == {n: p.shape for n, p in full.named_parameters()}
     assert resumed.net[0].weight.shape == (8, 4)
-    assert resumed_pruning._history[:1] == full_pruning._history[:1]  # the step before the kill came from the checkpoint
+    # the step before the kill came from the checkpoint
+    assert resumed_pruning._history[:1] == full_pruning._history[:1]
 
 
 def test_sparsity_regularization_is_refused_under_dp(tmp_path):
@@ -118,7 +138,9 @@ def test_sparsity_regularization_is_refused_under_dp(tmp_path):
     with pytest.raises(
         IncompatibleCallbacksError, match="regularizer's gradient would be silently dropped.*sparsity_regularization: 0"
     ):
-        trainer(tmp_path, [dp, pruning], max_epochs=2, limit_val_batches=0, log_every_n_steps=10, deterministic=False).fit(model, TinyData())
+        trainer(
+            tmp_path, [dp, pruning], max_epochs=2, limit_val_batches=0, log_every_n_steps=10, deterministic=False
+        ).fit(model, TinyData())
     assert [p.shape for p in model.parameters()] == before
 
 
@@ -190,8 +212,15 @@ class _ReplaceWithoutOptimizer(Callback):
 
 def test_a_stale_parameter_in_the_dp_optimizer_is_refused_not_skipped(tmp_path):
     dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3)
-    with pytest.raises(RuntimeError, match="DP optimizer still holds 1 of the old ones.*param_groups at the new parameters"):
-        trainer(tmp_path, [dp, _ReplaceWithoutOptimizer()], max_steps=5, limit_val_batches=0, log_every_n_steps=10, deterministic=False).fit(
-            TinyModule(hidden=8), TinyData()
-        )
+    with pytest.raises(
+        RuntimeError, match="DP optimizer still holds 1 of the old ones.*param_groups at the new parameters"
+    ):
+        trainer(
+            tmp_path,
+            [dp, _ReplaceWithoutOptimizer()],
+            max_steps=5,
+            limit_val_batches=0,
+            log_every_n_steps=10,
+            deterministic=False,
+        ).fit(TinyModule(hidden=8), TinyData())
     assert dp.steps == 2  # no noisy step ran on the inconsistent model

@@ -8,7 +8,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining, load_pruned_checkpoint, quantize_prepare
+from lightning_trust.compression import (
+    ProgressivePruning,
+    QuantizationAwareTraining,
+    load_pruned_checkpoint,
+    quantize_prepare,
+)
 from lightning_trust.compression.export import QAT_ATTR, set_batchnorm_training
 from lightning_trust.demo import SmallCNN, TabularMLP
 from tests.support import trainer as make_trainer
@@ -70,8 +75,13 @@ def test_fast_dev_run_smoke_tests_a_config_whose_schedules_start_later(tmp_path,
     callbacks = [ProgressivePruning(start_epoch=1, end_epoch=2), QuantizationAwareTraining(start_epoch=3)]
     model = SmallCNN()
     before = [p.shape for p in model.parameters()]
-    pl.Trainer(fast_dev_run=True, callbacks=callbacks, default_root_dir=tmp_path, enable_progress_bar=False,
-               enable_model_summary=False).fit(model, digits)
+    pl.Trainer(
+        fast_dev_run=True,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, digits)
     assert [p.shape for p in model.parameters()] == before and not callbacks[1].active
     with pytest.raises(ValueError, match="never starts with max_epochs=1"):
         make_trainer(tmp_path, [QuantizationAwareTraining(start_epoch=3)], max_epochs=1).fit(SmallCNN(), digits)
@@ -134,7 +144,9 @@ def test_pruning_then_qat_chained_in_one_trainer_and_resumed_from_a_qat_checkpoi
         return [ProgressivePruning(pruning_ratio=0.5, start_epoch=0, end_epoch=1, measure_latency=False),
                 QuantizationAwareTraining(start_epoch=2, compile=False, measure_latency=False)]  # fmt: skip
 
-    trainer = make_trainer(tmp_path, callbacks() + [checkpoint], max_epochs=4, enable_checkpointing=True, limit_train_batches=6)
+    trainer = make_trainer(
+        tmp_path, callbacks() + [checkpoint], max_epochs=4, enable_checkpointing=True, limit_train_batches=6
+    )
     trainer.fit(model, digits)
     pruning, qat = trainer.callbacks[0].report(), trainer.callbacks[1].report()
     assert pruning["params_after"] < 0.5 * pruning["params_before"]
@@ -149,7 +161,9 @@ def test_pruning_then_qat_chained_in_one_trainer_and_resumed_from_a_qat_checkpoi
     resumed.fit(fresh, digits, ckpt_path=str(tmp_path / "epoch=2.ckpt"))
     assert hasattr(fresh, QAT_ATTR) and fresh.features[0].out_channels == model.features[0].out_channels
     assert resumed.callbacks[1].report()["agreement"] >= 0.99
-    tested = make_trainer(tmp_path, callbacks(), max_epochs=1).test(SmallCNN(), digits, ckpt_path=str(tmp_path / "epoch=3.ckpt"), verbose=False)
+    tested = make_trainer(tmp_path, callbacks(), max_epochs=1).test(
+        SmallCNN(), digits, ckpt_path=str(tmp_path / "epoch=3.ckpt"), verbose=False
+    )
     assert tested[0]["test/acc"] > 0.8
     # outside Lightning, the float pruned model loads from a QAT-stage checkpoint (fake-quant state left out)
     float_model = load_pruned_checkpoint(SmallCNN, tmp_path / "epoch=3.ckpt")

@@ -260,8 +260,8 @@ class ProgressivePruning(TrustCallback):
     def refuses(self) -> Mapping[Capability, str]:  # type: ignore[override]
         """Per-sample gradients (DP-SGD), only with a sparsity regularizer (whose gradient DP would drop)."""
         if self.sparsity_regularization > 0:
-            return {Capability.PER_SAMPLE_GRADIENTS: f"sparsity_regularization={self.sparsity_regularization}: "
-                                                     + _REGULARIZER_UNDER_DP}  # fmt: skip
+            reason = f"with sparsity_regularization={self.sparsity_regularization} {_REGULARIZER_UNDER_DP}"
+            return {Capability.PER_SAMPLE_GRADIENTS: reason}
         return {}
 
     @property
