@@ -78,11 +78,15 @@ class BatchRecorder(pl.Callback):
         self.before: list[list[torch.Tensor]] = []
         self.after: list[list[torch.Tensor]] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.batches.append(batch)
         self.before.append([p.detach().clone() for p in pl_module.parameters()])
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.after.append([p.detach().clone() for p in pl_module.parameters()])
 
 

@@ -10,8 +10,9 @@ from tests.privacy.helpers import TinyData, TinyModule, trainer
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
 def test_epsilon_equals_opacus_accountant(tmp_path, accountant):
-    dp = DifferentialPrivacy(noise_multiplier=1.1, target_delta=1e-3, accountant=accountant, max_grad_norm=0.8,
-                             log_every_n_steps=5)
+    dp = DifferentialPrivacy(
+        noise_multiplier=1.1, target_delta=1e-3, accountant=accountant, max_grad_norm=0.8, log_every_n_steps=5
+    )
     t = trainer(tmp_path, max_epochs=2, callbacks=[dp])
     t.fit(TinyModule(), TinyData(n=240, batch_size=24))
 
@@ -40,7 +41,11 @@ def test_noise_for_target_epsilon_reaches_it(tmp_path, accountant, tolerance):
     t.fit(TinyModule(), TinyData(n=240, batch_size=24))
     assert dp.planned_steps == 30 == dp.steps
     expected_sigma = get_noise_multiplier(
-        target_epsilon=2.0, target_delta=1e-3, sample_rate=0.1, steps=30, accountant=accountant,
+        target_epsilon=2.0,
+        target_delta=1e-3,
+        sample_rate=0.1,
+        steps=30,
+        accountant=accountant,
         epsilon_tolerance=tolerance,
     )
     assert dp.noise_multiplier == pytest.approx(expected_sigma)

@@ -47,9 +47,7 @@ def test_epsilon_of_a_history_is_opacus_epsilon(accountant):
     history = extend_history(extend_history([], 1.1, 0.1, 12), second, 0.1, 5)
     assert steps_of(history) == 17
     assert history == ([(1.1, 0.1, 17)] if accountant == "gdp" else [(1.1, 0.1, 12), (0.9, 0.1, 5)])
-    assert epsilon_of(history, 1e-3, accountant) == pytest.approx(
-        _opacus_epsilon(accountant, history, 1e-3), rel=1e-9
-    )
+    assert epsilon_of(history, 1e-3, accountant) == pytest.approx(_opacus_epsilon(accountant, history, 1e-3), rel=1e-9)
     assert extend_history(history, second, 0.1, 3)[-1] == (second, 0.1, 8 if second == 0.9 else 20)  # merged
     assert epsilon_of([], 1e-3, accountant) == 0.0
     assert math.isinf(epsilon_of([(0.0, 0.1, 1)], 1e-3, accountant))
@@ -59,7 +57,11 @@ def test_epsilon_of_a_history_is_opacus_epsilon(accountant):
 def test_noise_for_epsilon_is_get_noise_multiplier(accountant, tolerance):
     sigma = noise_for_epsilon(2.0, 1e-3, 0.1, 30, accountant=accountant, epsilon_tolerance=tolerance)
     expected = get_noise_multiplier(
-        target_epsilon=2.0, target_delta=1e-3, sample_rate=0.1, steps=30, accountant=accountant,
+        target_epsilon=2.0,
+        target_delta=1e-3,
+        sample_rate=0.1,
+        steps=30,
+        accountant=accountant,
         epsilon_tolerance=tolerance,
     )
     assert sigma == pytest.approx(expected)

@@ -125,8 +125,9 @@ def test_bf16_mixed_precision_trains(tmp_path):
 def test_virtual_batches_with_ghost_clipping(tmp_path):
     torch.manual_seed(0)
     recorder = BatchRecorder()
-    dp = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3, max_physical_batch_size=9,
-                             grad_sample_mode="ghost")
+    dp = DifferentialPrivacy(
+        noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3, max_physical_batch_size=9, grad_sample_mode="ghost"
+    )
     t = trainer(tmp_path, max_steps=10, callbacks=[dp, recorder])
     t.fit(TinyModule(hidden=5, lr=1.0), TinyData(n=240, batch_size=24))
     assert dp.steps == 2 and t.global_step == 10  # 5 physical batches per logical batch

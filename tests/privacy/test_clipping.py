@@ -16,8 +16,9 @@ def test_update_is_mean_of_clipped_per_sample_gradients(tmp_path, mode, clipping
     torch.manual_seed(0)
     model = TinyModule(hidden=5, lr=1.0)
     recorder = BatchRecorder()
-    dp = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3, grad_sample_mode=mode,
-                             clipping=clipping)
+    dp = DifferentialPrivacy(
+        noise_multiplier=0.0, max_grad_norm=0.05, target_delta=1e-3, grad_sample_mode=mode, clipping=clipping
+    )
     trainer(tmp_path, max_steps=2, callbacks=[dp, recorder]).fit(model, TinyData(n=240, batch_size=24))
     assert dp.expected_batch_size == pytest.approx(24.0)
     for step in range(2):

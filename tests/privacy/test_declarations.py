@@ -47,8 +47,11 @@ def test_declared_keys_match_a_real_run(tmp_path):
 def test_capabilities_and_the_report_name():
     dp = DifferentialPrivacy(noise_multiplier=1.0, name="privacy_main")
     assert isinstance(dp, TrustCallback)
-    assert {Capability.PER_SAMPLE_GRADIENTS, Capability.REPLACES_TRAIN_LOADER,
-            Capability.NEEDS_INDEPENDENT_LOSSES} <= dp.capabilities
+    assert {
+        Capability.PER_SAMPLE_GRADIENTS,
+        Capability.REPLACES_TRAIN_LOADER,
+        Capability.NEEDS_INDEPENDENT_LOSSES,
+    } <= dp.capabilities
     assert dp.report_name == "privacy_main" and DifferentialPrivacy(noise_multiplier=1.0).report_name == "privacy"
     with pytest.raises(ValueError, match="short identifier"):
         DifferentialPrivacy(noise_multiplier=1.0, name="privacy.main")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_trust.privacy import DifferentialPrivacy
-from lightning_trust.core.protocol import Pausable
 from lightning_trust.core import isolated_eval
+from lightning_trust.core.protocol import Pausable
+from lightning_trust.privacy import DifferentialPrivacy
 from tests.privacy.helpers import TinyData, TinyModule, trainer
 
 

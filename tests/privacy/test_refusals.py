@@ -29,7 +29,10 @@ class StreamData(TinyData):
         ({"noise_multiplier": 1.0, "target_delta": 2.0}, "`target_delta` must be in (0, 1)"),
         ({"noise_multiplier": 1.0, "max_grad_norm": 0.0}, "`max_grad_norm` must be a positive"),
         ({"noise_multiplier": 1.0, "accountant": "moments"}, "`accountant` must be one of"),
-        ({"noise_multiplier": 1.0, "grad_sample_mode": "ghost", "clipping": "per_layer"}, "ghost clipping supports only"),
+        (
+            {"noise_multiplier": 1.0, "grad_sample_mode": "ghost", "clipping": "per_layer"},
+            "ghost clipping supports only",
+        ),
         ({"noise_multiplier": 1.0, "max_physical_batch_size": 0}, "`max_physical_batch_size` must be"),
         ({"noise_multiplier": 1.0, "max_grad_norm": [1.0, 2.0]}, "needs `clipping='per_layer'`"),
     ],
@@ -104,7 +107,9 @@ def test_batchnorm_is_refused_with_the_offending_layers_and_fixed_on_request(tmp
     from lightning_trust.demo import DigitsDataModule, SmallCNN
 
     dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-5)
-    with pytest.raises(ValueError, match=r"(?s)SmallCNN has layers that break per-sample gradients.*BatchNorm.*fix_module=True"):
+    with pytest.raises(
+        ValueError, match=r"(?s)SmallCNN has layers that break per-sample gradients.*BatchNorm.*fix_module=True"
+    ):
         trainer(tmp_path, max_steps=1, callbacks=[dp]).fit(SmallCNN(batch_norm=True), DigitsDataModule(batch_size=64))
 
     model = SmallCNN(batch_norm=True)

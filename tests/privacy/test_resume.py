@@ -23,16 +23,18 @@ def test_kill_and_resume_ends_with_the_same_epsilon(tmp_path):
     first = _dp()
     saver = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=7, save_top_k=-1, filename="{step}")
     with pytest.raises(RuntimeError, match="killed"):
-        trainer(tmp_path / "a", max_steps=25, enable_checkpointing=True, callbacks=[first, saver, Kill(at_step=17)]).fit(
-            TinyModule(), TinyData()
-        )
+        trainer(
+            tmp_path / "a", max_steps=25, enable_checkpointing=True, callbacks=[first, saver, Kill(at_step=17)]
+        ).fit(TinyModule(), TinyData())
     assert first.steps == 17
     checkpoint = torch.load(ckpts / "step=14.ckpt", weights_only=False)
     state = checkpoint["callbacks"]["DifferentialPrivacy"]
     assert state["accountant"]["history"] == [(full.noise_multiplier, 0.1, 14)]
 
     resumed = _dp()
-    trainer(tmp_path / "b", max_steps=25, callbacks=[resumed]).fit(TinyModule(), TinyData(), ckpt_path=ckpts / "step=14.ckpt")
+    trainer(tmp_path / "b", max_steps=25, callbacks=[resumed]).fit(
+        TinyModule(), TinyData(), ckpt_path=ckpts / "step=14.ckpt"
+    )
     assert resumed.steps == full.steps == 25
     assert resumed.noise_multiplier == full.noise_multiplier  # restored, not recomputed
     assert abs(resumed.epsilon_spent - full.epsilon_spent) < 1e-9
