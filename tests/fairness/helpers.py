@@ -15,7 +15,9 @@ from lightning_trust.demo.data import DictDataset
 CATEGORIES = {"sex": ["Female", "Male"], "race": ["A", "B", "C"]}
 
 
-def synthetic(n: int = 517, classes: int = 2, seed: int = 0, rare_positive_race: Optional[int] = None) -> dict[str, torch.Tensor]:
+def synthetic(
+    n: int = 517, classes: int = 2, seed: int = 0, rare_positive_race: Optional[int] = None
+) -> dict[str, torch.Tensor]:
     """``x`` holds the logits (groups shift class 1), ``y`` labels, ``sex``/``race`` integer codes."""
     g = torch.Generator().manual_seed(seed)
     sex = torch.randint(0, 2, (n,), generator=g)
@@ -84,4 +86,3 @@ def binary_arrays(data: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray
 
 def names(data: dict[str, torch.Tensor], column: str) -> np.ndarray:
     return np.array(CATEGORIES[column], dtype=object)[data[column].numpy()]
-

@@ -2,17 +2,21 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference, equalized_odds_ratio
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+    equalized_odds_ratio,
+)
 
-from lightning_trust.fairness import METRICS
-from lightning_trust.fairness import ThresholdOptimizer
+from lightning_trust.fairness import METRICS, ThresholdOptimizer
 from tests.ddp_harness import run_ddp
 from tests.fairness.helpers import binary_arrays, names, synthetic
 
 REPO = str(Path(__file__).resolve().parents[2])
 SPLIT = 300  # rank 0 validates rows [0, 300), rank 1 rows [300, 517): uneven sizes and batch counts
 
-BODY = f'''
+BODY = f"""
 sys.path.insert(0, {REPO!r})
 from torch.utils.data import DataLoader
 from lightning_trust.demo.data import DictDataset
@@ -45,7 +49,7 @@ trainer.fit(module, RankData())
 r = metrics.report()
 save_result({{"by_group": r["by_group"], "by_feature": r["by_feature"], "num_samples": r["num_samples"],
              "thresholds": optimizer.thresholds, "scale": float(module.scale), "penalty_steps": penalty.steps}})
-'''
+"""
 
 
 @pytest.mark.slow
@@ -66,9 +70,15 @@ def test_ddp_uneven_batches_equal_metricframe(tmp_path):
         for (s, race), row in frame.by_group.iterrows():
             for metric, value in row.items():
                 assert r["by_group"]["sex*race"][f"{s},{race}"][metric] == pytest.approx(value, abs=0, rel=0)
-        assert r["by_feature"]["sex"]["demographic_parity_difference"] == demographic_parity_difference(y_true, y_pred, sensitive_features=sex)
-        assert r["by_feature"]["sex*race"]["equalized_odds_difference"] == equalized_odds_difference(y_true, y_pred, sensitive_features=sf)
-        assert r["by_feature"]["sex*race"]["equalized_odds_ratio"] == equalized_odds_ratio(y_true, y_pred, sensitive_features=sf)
+        assert r["by_feature"]["sex"]["demographic_parity_difference"] == demographic_parity_difference(
+            y_true, y_pred, sensitive_features=sex
+        )
+        assert r["by_feature"]["sex*race"]["equalized_odds_difference"] == equalized_odds_difference(
+            y_true, y_pred, sensitive_features=sf
+        )
+        assert r["by_feature"]["sex*race"]["equalized_odds_ratio"] == equalized_odds_ratio(
+            y_true, y_pred, sensitive_features=sf
+        )
         assert r["penalty_steps"] == 3
     # ThresholdOptimizer fitted on the gathered scores of both ranks: the same on each, equal to fairlearn's
     assert results[0]["thresholds"] == results[1]["thresholds"]

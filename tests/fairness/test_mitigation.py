@@ -7,12 +7,10 @@ import pytest
 import torch
 from fairlearn.postprocessing import ThresholdOptimizer as FairlearnThresholdOptimizer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
 
-from lightning_trust.demo import TabularMLP
-from lightning_trust.demo.data import DictDataset
-from lightning_trust.fairness import FairnessMetrics, FairnessPenalty, ThresholdOptimizer, ThresholdPredictor
 from lightning_trust.core.compat import IncompatibleCallbacksError
+from lightning_trust.demo import TabularMLP
+from lightning_trust.fairness import FairnessMetrics, FairnessPenalty, ThresholdOptimizer, ThresholdPredictor
 from lightning_trust.fairness.penalty import group_gap
 from lightning_trust.fairness.thresholds import PrefitScores
 from tests.fairness.helpers import LogitModule, SyntheticDataModule, binary_arrays, names, synthetic
@@ -34,13 +32,23 @@ def _adult_run(tmp_path, dm, extra, checkpoint=False):
 
 @pytest.fixture(scope="module")
 def adult_runs(adult, tmp_path_factory):
-    dm = AdultSubset(adult, n_train=8000, n_val=None, n_test=5000, batch_size=256, shuffle=True, seed=0, eval_batch_size=1024)
+    dm = AdultSubset(
+        adult, n_train=8000, n_val=None, n_test=5000, batch_size=256, shuffle=True, seed=0, eval_batch_size=1024
+    )
     root = tmp_path_factory.mktemp("adult_fair")
     optimizer = ThresholdOptimizer("sex", constraint="demographic_parity")
     base, base_model = _adult_run(root / "none", dm, [optimizer], checkpoint=True)
     penalty = FairnessPenalty("sex", constraint="demographic_parity", lam=3.0)
     fair, _ = _adult_run(root / "penalty", dm, [penalty])
-    return {"dm": dm, "base": base, "model": base_model, "optimizer": optimizer, "penalty": penalty, "fair": fair, "root": root}
+    return {
+        "dm": dm,
+        "base": base,
+        "model": base_model,
+        "optimizer": optimizer,
+        "penalty": penalty,
+        "fair": fair,
+        "root": root,
+    }
 
 
 @pytest.mark.slow
@@ -50,7 +58,9 @@ def test_penalty_lowers_demographic_parity_on_adult(adult_runs, record_property)
     record_property("dp_none", base["demographic_parity_difference"])
     record_property("dp_penalty", fair["demographic_parity_difference"])
     record_property("accuracy_cost_penalty", cost)
-    print(f"penalty: DP {base['demographic_parity_difference']:.4f} -> {fair['demographic_parity_difference']:.4f}, accuracy cost {cost:.4f}")
+    print(
+        f"penalty: DP {base['demographic_parity_difference']:.4f} -> {fair['demographic_parity_difference']:.4f}, accuracy cost {cost:.4f}"
+    )
     assert base["stage"] == "test" and fair["stage"] == "test"
     assert fair["demographic_parity_difference"] < 0.5 * base["demographic_parity_difference"]
     assert cost < 0.08
@@ -66,8 +76,10 @@ def test_threshold_optimizer_lowers_demographic_parity_on_adult(adult_runs, reco
     assert report["split"] == "test" and report["by_split"]["validation"]["after"]
     record_property("dp_threshold_optimizer", after["demographic_parity_difference"])
     record_property("accuracy_cost_threshold_optimizer", before["accuracy"] - after["accuracy"])
-    print(f"threshold optimizer: DP {before['demographic_parity_difference']:.4f} -> {after['demographic_parity_difference']:.4f}, "
-          f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}")
+    print(
+        f"threshold optimizer: DP {before['demographic_parity_difference']:.4f} -> {after['demographic_parity_difference']:.4f}, "
+        f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}"
+    )
     assert after["demographic_parity_difference"] < 0.5 * before["demographic_parity_difference"]
     assert before["accuracy"] - after["accuracy"] < 0.08
     # "before" is the unmitigated model at threshold 0.5: the same numbers FairnessMetrics logged on test
@@ -84,12 +96,20 @@ def test_thresholds_equal_fairlearn_and_travel_in_checkpoint(adult_runs):
         model.eval()
         scores = torch.softmax(model(x), 1)[:, 1].numpy()
     groups = np.array(dm.categories["sex"], dtype=object)[sex]
-    reference = FairlearnThresholdOptimizer(estimator=PrefitScores(), constraints="demographic_parity", prefit=True, predict_method="predict")
+    reference = FairlearnThresholdOptimizer(
+        estimator=PrefitScores(), constraints="demographic_parity", prefit=True, predict_method="predict"
+    )
     reference.fit(scores.reshape(-1, 1), y, sensitive_features=groups)
     for group, bunch in reference.interpolated_thresholder_.interpolation_dict.items():
         saved = optimizer.thresholds[group]
-        assert saved["p0"] == bunch.p0 and saved["operation0"] == [bunch.operation0.operator, bunch.operation0.threshold]
-        assert saved["p1"] == bunch.p1 and saved["operation1"] == [bunch.operation1.operator, bunch.operation1.threshold]
+        assert saved["p0"] == bunch.p0 and saved["operation0"] == [
+            bunch.operation0.operator,
+            bunch.operation0.threshold,
+        ]
+        assert saved["p1"] == bunch.p1 and saved["operation1"] == [
+            bunch.operation1.operator,
+            bunch.operation1.threshold,
+        ]
     predictor = ThresholdPredictor.from_checkpoint(str(adult_runs["root"] / "none" / "last.ckpt"))
     assert predictor.thresholds == optimizer.thresholds
     batch = {k: v[:500] for k, v in dm.val.tensors.items()}
@@ -131,7 +151,11 @@ def test_penalty_value_and_patch_restored(tmp_path):
     g = batch["sex"] * 3 + batch["race"]
     gaps = []
     for label in (1, 0):
-        means = [p[(g == k) & (batch["y"] == label)].mean().item() for k in range(6) if ((g == k) & (batch["y"] == label)).any()]
+        means = [
+            p[(g == k) & (batch["y"] == label)].mean().item()
+            for k in range(6)
+            if ((g == k) & (batch["y"] == label)).any()
+        ]
         gaps.append(max(means) - min(means))
     with torch.no_grad():
         assert penalty.penalty(module(batch["x"]), batch).item() == pytest.approx(max(gaps), rel=1e-5)
@@ -140,7 +164,8 @@ def test_penalty_value_and_patch_restored(tmp_path):
 def test_penalty_warmup_epochs(tmp_path):
     penalty = FairnessPenalty("sex", warmup_epochs=1)
     trainer(tmp_path, callbacks=[penalty], max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(
-        LogitModule(), SyntheticDataModule(synthetic(n=128)))
+        LogitModule(), SyntheticDataModule(synthetic(n=128))
+    )
     assert penalty.steps == 2 and [h["epoch"] for h in penalty.report()["history"]] == [1]
 
 
@@ -149,7 +174,13 @@ def test_penalty_changes_the_loss_gradient(tmp_path):
     grads = {}
     for lam in (0.0, 5.0):
         module = LogitModule()
-        t = trainer(tmp_path, callbacks=[FairnessPenalty("sex", lam=lam)], max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+        t = trainer(
+            tmp_path,
+            callbacks=[FairnessPenalty("sex", lam=lam)],
+            max_epochs=1,
+            limit_train_batches=1,
+            limit_val_batches=0,
+        )
         t.fit(module, SyntheticDataModule(data))
         grads[lam] = module.scale.item()
     assert grads[0.0] != grads[5.0]
@@ -158,8 +189,12 @@ def test_penalty_changes_the_loss_gradient(tmp_path):
 def test_penalty_refuses_differential_privacy(tmp_path):
     from lightning_trust.privacy import DifferentialPrivacy
 
-    t = trainer(tmp_path, callbacks=[FairnessPenalty("sex"), DifferentialPrivacy(noise_multiplier=1.0)], max_epochs=1,
-                limit_train_batches=1)
+    t = trainer(
+        tmp_path,
+        callbacks=[FairnessPenalty("sex"), DifferentialPrivacy(noise_multiplier=1.0)],
+        max_epochs=1,
+        limit_train_batches=1,
+    )
     with pytest.raises(IncompatibleCallbacksError, match="differential privacy.*DP guarantee"):
         t.fit(LogitModule(), SyntheticDataModule(synthetic(n=64)))
 
@@ -168,7 +203,9 @@ def test_penalty_refuses_manual_optimization(tmp_path):
     module = LogitModule()
     module.automatic_optimization = False
     with pytest.raises(RuntimeError, match="manual optimization"):
-        trainer(tmp_path, callbacks=[FairnessPenalty("sex")], max_epochs=1, limit_train_batches=1).fit(module, SyntheticDataModule(synthetic(n=64)))
+        trainer(tmp_path, callbacks=[FairnessPenalty("sex")], max_epochs=1, limit_train_batches=1).fit(
+            module, SyntheticDataModule(synthetic(n=64))
+        )
 
 
 def test_threshold_optimizer_without_validation_scores_again(tmp_path):
@@ -186,7 +223,9 @@ def test_threshold_optimizer_without_validation_scores_again(tmp_path):
 
 def test_threshold_optimizer_needs_fit_before_test(tmp_path):
     with pytest.raises(RuntimeError, match="no fitted thresholds"):
-        trainer(tmp_path, callbacks=[ThresholdOptimizer("sex")]).test(LogitModule(), SyntheticDataModule(synthetic(n=64)), verbose=False)
+        trainer(tmp_path, callbacks=[ThresholdOptimizer("sex")]).test(
+            LogitModule(), SyntheticDataModule(synthetic(n=64)), verbose=False
+        )
 
 
 def test_bad_mitigation_arguments():
@@ -210,8 +249,11 @@ def test_metrics_and_threshold_optimizer_compose_with_differential_privacy(tmp_p
     module = LogitModule()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(tmp_path, callbacks=[DifferentialPrivacy(noise_multiplier=1.0, dataset_size=256), metrics, optimizer],
-                max_epochs=2).fit(module, SyntheticDataModule(data))
+        trainer(
+            tmp_path,
+            callbacks=[DifferentialPrivacy(noise_multiplier=1.0, dataset_size=256), metrics, optimizer],
+            max_epochs=2,
+        ).fit(module, SyntheticDataModule(data))
     y_true, y_pred = binary_arrays({**data, "x": data["x"] * module.scale.detach()})
     expected = demographic_parity_difference(y_true, y_pred, sensitive_features=names(data, "sex"))
     assert metrics.report()["demographic_parity_difference"] == expected
