@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from fairlearn.metrics import MetricFrame
 
+from lightning_trust.core.output import new_figure
 from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.fairness.groups import (
     METRICS,
@@ -42,6 +43,7 @@ from lightning_trust.fairness.groups import (
 __all__ = [
     "disparity_summary",
     "fairness_results",
+    "group_bar_figure",
     "metric_frame",
     "summaries_of",
     "table",
@@ -268,7 +270,7 @@ def disparity_summary(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray
     return {**part["overall"], **{s: part[s] for s in SUMMARIES}}
 
 
-# the CSV table ------------------------------------------------------------------------------------
+# the CSV table and the figure ------------------------------------------------------------------------------------
 def table_rows(results: Mapping[str, Any], metrics: Sequence[str]) -> list[dict[str, Any]]:
     """One row per (entry, class, group) and an ``(overall)`` row per (entry, class)."""
     rows = []
@@ -301,3 +303,38 @@ def write_table_csv(path: Path, results: Mapping[str, Any], metrics: Sequence[st
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def group_bar_figure(results: Mapping[str, Any], metric: str, stage: str, min_group_size: int) -> Any:
+    """Bars of ``metric`` per group, one panel per entry (the worst class for multiclass), with the
+    overall value, intervals when bootstrapped, and groups under ``min_group_size`` in orange."""
+    entries = list(results["by_group"])
+    figure = new_figure(figsize=(4.0 * len(entries) + 1, 3.6))
+    multiclass = results["num_classes"] > 2
+    for i, entry in enumerate(entries):
+        axis = figure.add_subplot(1, len(entries), i + 1)
+        groups = results["by_group"][entry]
+        overall = results["overall"]
+        title = entry
+        if multiclass:  # the class with the largest demographic parity difference
+            worst_class = results["by_feature"][entry]["worst_class"]["demographic_parity_difference"]
+            cls = worst_class or next(iter(groups))
+            groups, overall, title = groups[cls], overall[cls], f"{entry} (class {cls})"
+        labels = list(groups)
+        values = [groups[g][metric] for g in labels]
+        colors = ["tab:orange" if groups[g]["small"] else "tab:blue" for g in labels]
+        positions = np.arange(len(labels))
+        axis.bar(positions, values, color=colors)
+        if all(f"{metric}_ci" in groups[g] for g in labels):
+            lows = [v - groups[g][f"{metric}_ci"][0] for g, v in zip(labels, values)]
+            highs = [groups[g][f"{metric}_ci"][1] - v for g, v in zip(labels, values)]
+            axis.errorbar(positions, values, yerr=[lows, highs], fmt="none", ecolor="black", capsize=3)
+        axis.axhline(overall[metric], color="tab:red", linestyle="--", label=f"overall {overall[metric]:.3f}")
+        axis.set_xticks(positions)
+        many = len(labels) > 3
+        axis.set_xticklabels(labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=7)
+        axis.set_title(title, fontsize=9)
+        axis.set_ylabel(metric)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"{metric} by group ({stage}; orange: < {min_group_size} samples)", fontsize=10)
+    return figure

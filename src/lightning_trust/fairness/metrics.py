@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
-import numpy as np
 from lightning.pytorch.trainer.states import RunningStage
 from typing_extensions import override
 
@@ -50,8 +49,8 @@ from lightning_trust.core.batch import BatchContract, batch_size_of
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
-from lightning_trust.core.output import artifact_dir, new_figure, save_figure, warn_once, write_json
-from lightning_trust.fairness.frame import fairness_results, write_table_csv
+from lightning_trust.core.output import artifact_dir, save_figure, warn_once, write_json
+from lightning_trust.fairness.frame import fairness_results, group_bar_figure, write_table_csv
 from lightning_trust.fairness.groups import (
     SUMMARIES,
     base_columns,
@@ -481,40 +480,8 @@ class FairnessMetrics(TrustCallback):
         for metric in self.metrics:
             if metric != "count":
                 fig_path = folder / f"by_group_{metric}_{stage}.png"
-                figure = self._figure(results, metric, stage)
+                figure = group_bar_figure(results, metric, stage, self.min_group_size)
                 save_figure(trainer, figure, fig_path, tag=f"{self.prefix(stage)}/by_group_{metric}")
-
-    def _figure(self, results: dict[str, Any], metric: str, stage: str) -> Any:
-        entries = list(results["by_group"])
-        figure = new_figure(figsize=(4.0 * len(entries) + 1, 3.6))
-        multiclass = results["num_classes"] > 2
-        for i, entry in enumerate(entries):
-            axis = figure.add_subplot(1, len(entries), i + 1)
-            groups = results["by_group"][entry]
-            overall = results["overall"]
-            title = entry
-            if multiclass:  # the class with the largest demographic parity difference
-                worst_class = results["by_feature"][entry]["worst_class"]["demographic_parity_difference"]
-                cls = worst_class or next(iter(groups))
-                groups, overall, title = groups[cls], overall[cls], f"{entry} (class {cls})"
-            labels = list(groups)
-            values = [groups[g][metric] for g in labels]
-            colors = ["tab:orange" if groups[g]["small"] else "tab:blue" for g in labels]
-            positions = np.arange(len(labels))
-            axis.bar(positions, values, color=colors)
-            if all(f"{metric}_ci" in groups[g] for g in labels):
-                lows = [v - groups[g][f"{metric}_ci"][0] for g, v in zip(labels, values)]
-                highs = [groups[g][f"{metric}_ci"][1] - v for g, v in zip(labels, values)]
-                axis.errorbar(positions, values, yerr=[lows, highs], fmt="none", ecolor="black", capsize=3)
-            axis.axhline(overall[metric], color="tab:red", linestyle="--", label=f"overall {overall[metric]:.3f}")
-            axis.set_xticks(positions)
-            many = len(labels) > 3
-            axis.set_xticklabels(labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=7)
-            axis.set_title(title, fontsize=9)
-            axis.set_ylabel(metric)
-            axis.legend(fontsize=7)
-        figure.suptitle(f"{metric} by group ({stage}; orange: < {self.min_group_size} samples)", fontsize=10)
-        return figure
 
     # report / checkpoint ----------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
