@@ -7,8 +7,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from opacus.accountants import RDPAccountant
 
+from lightning_trust.core import IncompatibleCallbacksError
 from lightning_trust.demo import TabularMLP
-from lightning_trust.core import Capability, IncompatibleCallbacksError
 from lightning_trust.federated import ClientDP, FedAdam, FederatedSimulation
 from tests.federated.helpers import PlainSGDMLP, check_declared_keys, params
 from tests.support import AdultSubset, trainer

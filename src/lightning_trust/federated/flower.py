@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
@@ -100,7 +101,7 @@ def _client_data(
     """The node's datamodule, the user's training loader and this node's indices (``None``: all)."""
     takes_ids = len(inspect.signature(datamodule_fn).parameters) >= 2
     dm = datamodule_fn(partition_id, num_partitions) if takes_ids else datamodule_fn()
-    dm.setup("fit")
+    dm.setup(TrainerFn.FITTING)
     user_loader = dm.train_dataloader()
     if partition is None:
         return dm, user_loader, None

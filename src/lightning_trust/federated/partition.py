@@ -4,9 +4,16 @@ Labels and side columns are read through the batch contract, so tuple and dict d
 alike (``ByKey("native_region")`` on Adult gives one client per region).
 
 Example:
-    >>> parts = Dirichlet(alpha=0.5).split(dataset, num_clients=10, seed=0)
-    >>> [len(p) for p in parts]   # sizes differ, labels are skewed
-    >>> partition_summary(parts, labels)["label_histograms"][0]
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> labels = torch.arange(100) % 2
+    >>> dataset = TensorDataset(torch.randn(100, 3), labels)
+    >>> parts = Dirichlet(alpha=0.5).split(dataset, num_clients=4, seed=0)  # sizes differ, labels are skewed
+    >>> sorted(i for p in parts for i in p) == list(range(100))  # every sample in exactly one client
+    True
+    >>> summary = partition_summary(parts, labels.numpy())
+    >>> summary["sizes"] == [len(p) for p in parts], len(summary["label_histograms"])
+    (True, 4)
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ Which entries of a ``state_dict`` go where (the documented rule):
   patterns or matching it as a glob): never leave the clients; the global model keeps its own value.
 
 Example:
+    >>> import torch
+    >>> global_state = {"w": torch.zeros(2)}
+    >>> s0, s1 = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([4.0, 4.0])}
     >>> server = Server("fedavg")
     >>> new_state, metrics = server.aggregate(global_state, [ClientUpdate(0, s0, 100), ClientUpdate(1, s1, 50)],
-    ...                                       param_keys=set(global_state))
+    ...                                       param_keys={"w"})
+    >>> new_state["w"].tolist(), metrics["clients_aggregated"]
+    ([2.0, 2.0], 2.0)
 """
 
 from __future__ import annotations
