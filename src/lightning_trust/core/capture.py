@@ -24,9 +24,14 @@ __all__ = ["ForwardCapture", "step_predictions"]
 
 class ForwardCapture:
     """While armed, keeps the first output of ``module(...)`` whose scores have the batch's leading
-    size (a tensor, a ``ModelOutput``'s ``.logits``, a dict's logits), and the call's inputs."""
+    size (a tensor, a ``ModelOutput``'s ``.logits``, a dict's logits), and the call's inputs.
 
-    def __init__(self) -> None:
+    ``detach=False`` keeps the output on the autograd graph (a loss term that backpropagates
+    through the forward the user's step ran).
+    """
+
+    def __init__(self, detach: bool = True) -> None:
+        self.detach = detach
         self.output: Optional[Tensor] = None
         self.inputs: Any = None
         self._size: Optional[int] = None
@@ -44,7 +49,7 @@ class ForwardCapture:
             return
         scores = logits_or_none(output)
         if isinstance(scores, Tensor) and scores.ndim >= 1 and scores.shape[0] == self._size:
-            self.output = scores.detach()
+            self.output = scores.detach() if self.detach else scores
             self.inputs = kwargs if kwargs and not args else (args[0] if args else None)
 
     def disarm(self) -> Optional[Tensor]:

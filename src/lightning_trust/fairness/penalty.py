@@ -47,7 +47,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract, batch_size_of, call_module, logits_of, logits_or_none
+from lightning_trust.core.batch import BatchContract, batch_size_of, call_module, logits_of
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture
 from lightning_trust.core.compat import Capability
@@ -97,18 +97,6 @@ def fairness_penalty(
     return torch.maximum(
         group_gap(scores, codes, num_groups, positives), group_gap(scores, codes, num_groups, 1.0 - positives)
     )
-
-
-class _AttachedCapture(ForwardCapture):
-    """Core's forward capture, keeping the output attached to the graph (the penalty backpropagates
-    through the forward the user's step ran)."""
-
-    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self.output is not None:
-            return
-        scores = logits_or_none(output)
-        if isinstance(scores, Tensor) and scores.ndim >= 1 and scores.shape[0] == self._size:
-            self.output = scores
 
 
 def _opacus_wrapped(module: nn.Module) -> bool:
@@ -237,7 +225,7 @@ class FairnessPenalty(TrustCallback):
     def _penalised_step(self, pl_module: pl.LightningModule, original: Any, args: Any, kwargs: Any) -> Any:
         assert self.contract is not None
         batch = args[0] if args else kwargs["batch"]
-        capture = _AttachedCapture()
+        capture = ForwardCapture(detach=False)
         capture.arm(pl_module, batch_size_of(batch, self.contract))
         try:
             out = original(*args, **kwargs)
