@@ -28,7 +28,8 @@ from torch import nn
 
 from lightning_trust.core.batch import BatchContract
 from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining, count_macs_params, load_int8_model
-from lightning_trust.compression._common import collect_predictions, measure_latency, plain_forward
+from lightning_trust.compression.export import plain_forward
+from lightning_trust.compression.measure import collect_predictions, measure_latency
 from lightning_trust.demo import AdultDataModule, DigitsDataModule, SmallCNN, TabularMLP
 
 RESULTS = Path(__file__).parent / "results"

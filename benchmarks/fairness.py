@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from lightning_trust.demo import AdultDataModule, TabularMLP  # noqa: E402
 from lightning_trust.fairness import FairnessMetrics  # noqa: E402
-from lightning_trust.fairness._core import fairness_results  # noqa: E402
+from lightning_trust.fairness.frame import fairness_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRIES = {"sex": ["sex"], "sex+race+sex*race": ["sex", "race", ["sex", "race"]]}
