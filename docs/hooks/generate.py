@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,12 @@ def benchmarks() -> str:
     return "\n".join(out)
 
 
-GENERATORS = {"sections": sections, "compatibility": compatibility, "area": area, "benchmarks": benchmarks}
+GENERATORS: dict[str, Callable[..., str]] = {
+    "sections": sections,
+    "compatibility": compatibility,
+    "area": area,
+    "benchmarks": benchmarks,
+}
 
 
 # ----------------------------------------------------------------------------------- MkDocs events
