@@ -32,6 +32,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_trust.core.batch import BatchKeyError
 from tests import support
 from tests.foundation.models import EMBEDDINGS, MODELS, TOKEN_MODELS, build
 
@@ -78,7 +79,10 @@ _OPACUS_BROADCAST = (
 )
 _EXPLAIN_KWARGS = (
     "#16: crash at the first validation end, after training steps: explain/sample.py `_read` raises TypeError "
-    "'The explain callbacks need a single input tensor per batch, got dict' on Hugging Face keyword batches"
+    "'The explain callbacks need a single input tensor per batch, got dict' on Hugging Face keyword batches; with the "
+    "fix it names (`batch_keys: {input: input_ids}`) Captum then gets the ModelOutput, not its logits "
+    "(AttributeError: 'SequenceClassifierOutput' object has no attribute 'shape', explain/methods.py `attribute`; "
+    "robustness.py `_cross_entropy`: TypeError)"
 )
 _NO_VALIDATION_STEP = (
     "#16: silent no-op: the module has no `validation_step`, so nothing runs at validation end and nothing is refused"
@@ -177,7 +181,7 @@ _expect(
     "'domain' cannot be read from a single Tensor' (from evaluation/callback.py `_discover_values`)",
     demo_transformer=REFUSED,
 )  # fmt: skip
-REFUSALS[("CrossDomainEvaluation", "demo_transformer")] = (KeyError, r"batch_keys: \{domain: <int>\}")
+REFUSALS[("CrossDomainEvaluation", "demo_transformer")] = (BatchKeyError, r"batch_keys: \{domain: <int>\}")
 _expect(
     "TrustReport",
     bert=WORKS, gpt2_cls=WORKS, gpt2_lm=WORKS, vit=WORKS, bert_lora=WORKS, boring=WORKS, demo_transformer=WORKS,
