@@ -5,14 +5,18 @@
 module               concern
 ==================== ===========================================================================
 ``pruning``          the :class:`ProgressivePruning` callback
+``pruning_args``     its arguments' checks, capabilities and refusals
 ``schedule``         when pruning steps happen and how far each one prunes
+``pruner``           the torch-pruning pruner: importances, tracing, dense counts, one pruning step
 ``structure``        tracing with torch-pruning, recorded operations, replay, loading pruned models
 ``optimizer_state``  optimizer state carried across a pruning step
+``pruning_report``   size, MACs, latency and accuracy before/after, step records, the figure, the report
 ``quantization``     the :class:`QuantizationAwareTraining` callback
 ``export``           torch.export / PT2E: prepare, convert, compile and load int8 models
 ``measure``          CPU latency, accuracy and agreement over loaders
 ``examples``         example inputs kept to trace, export and time with
 ``checkpoints``      reading a checkpoint before Lightning loads its weights
+``keys``             the logged metric names and report keys both callbacks declare
 ==================== ===========================================================================
 
 Example:

@@ -41,6 +41,7 @@ from lightning_trust.compression.export import (
     quantize_prepare,
     set_batchnorm_training,
 )
+from lightning_trust.compression.keys import QUANTIZATION_LOGGED_KEYS, QUANTIZATION_REPORT_KEYS
 from lightning_trust.compression.measure import collect_predictions, measure_latency, reduced_mean
 from lightning_trust.core import artifact_dir, find_callback, new_figure, save_figure, write_json
 from lightning_trust.core.batch import BatchContract, Key
@@ -101,28 +102,8 @@ class QuantizationAwareTraining(TrustCallback):
             "private data afterwards is not covered by ε (fine-tune on public data, or keep the DP model in float)"
         )
     }
-    logged_keys: ClassVar[dict[str, str]] = {
-        "quantization/size_fp32_bytes": "bytes of the fp32 program's weights",
-        "quantization/size_int8_bytes": "bytes of the int8 program's weights",
-        "quantization/size_ratio": "fp32 weight bytes / int8 weight bytes",
-        "quantization/accuracy_fp32": "validation accuracy of the float model",
-        "quantization/accuracy_fake_quant": "validation accuracy of the fake-quantized model",
-        "quantization/accuracy_int8": "validation accuracy of the exported int8 model",
-        "quantization/agreement": "share of validation samples where int8 and fake-quant predict the same class",
-        "quantization/file_size_fp32_bytes": "size of the saved fp32 reference .pt2 file",
-        "quantization/file_size_int8_bytes": "size of the saved int8 .pt2 file",
-        "quantization/latency_fp32_ms": "median CPU latency of the fp32 model per batch",
-        "quantization/latency_int8_ms": "median CPU latency of the int8 model per batch",
-        "quantization/speedup": "fp32 latency / int8 latency",
-    }
-    report_keys: ClassVar[dict[str, str]] = {
-        "active": "whether fake quantization was inserted",
-        "start_epoch": "epoch at which fake quantization was inserted",
-        "backend": "the quantization backend",
-        "export_path": "where the int8 program was saved",
-        "int8_compiled": "whether the int8 latency was measured compiled with torch.compile",
-        **{key.split("/", 1)[1]: meaning for key, meaning in logged_keys.items()},
-    }
+    logged_keys: ClassVar[dict[str, str]] = QUANTIZATION_LOGGED_KEYS
+    report_keys: ClassVar[dict[str, str]] = QUANTIZATION_REPORT_KEYS
 
     def __init__(
         self,

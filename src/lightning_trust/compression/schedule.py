@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-__all__ = ["SCHEDULES", "Schedule", "pruning_events", "pruning_schedule"]
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+__all__ = ["SCHEDULES", "Schedule", "check_schedule_fits", "pruning_events", "pruning_schedule", "target_at"]
 
 Schedule = Literal["cubic", "linear", "one_shot"]
 SCHEDULES: tuple[str, ...] = ("cubic", "linear", "one_shot")
@@ -51,3 +53,24 @@ def pruning_events(
             raise ValueError("Set `end_epoch` when the Trainer has no `max_epochs`.")
         end = max(start_epoch, max_epochs // 2)
     return list(range(start_epoch, end + 1, frequency))
+
+
+def check_schedule_fits(events: list[int], max_epochs: Optional[int], fast_dev_run: bool = False) -> None:
+    """Refuse a schedule whose last step (at ``events[-1]``) ``fit`` never reaches (said, not refused, under
+    ``fast_dev_run``)."""
+    unfinished = max_epochs is not None and max_epochs > 0 and events[-1] >= max_epochs
+    if unfinished and fast_dev_run:
+        rank_zero_info(f"fast_dev_run: ProgressivePruning's steps at epochs {events} are cut short.")
+    elif unfinished:
+        raise ValueError(
+            f"The pruning schedule's last step is at epoch {events[-1]}, but max_epochs={max_epochs}: "
+            f"the final ratio would never be reached. Lower `end_epoch`/`start_epoch` or raise `max_epochs`."
+        )
+
+
+def target_at(schedule: Schedule, final: float, events: list[int], epoch: int) -> float:
+    """The target after the last pruning step of ``events`` at or before ``epoch`` (0 before the first)."""
+    reached = [i for i, event in enumerate(events) if event <= epoch]
+    if not reached:
+        return 0.0
+    return pruning_schedule(schedule, final, len(events))[reached[-1]]

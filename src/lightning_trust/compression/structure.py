@@ -47,6 +47,7 @@ __all__ = [
     "output_layers",
     "plain_idxs",
     "prune_groups",
+    "rebuild_for_checkpoint",
     "restore_dense",
     "restore_pruned_structure",
     "trace_error",
@@ -277,6 +278,31 @@ def restore_pruned_structure(
         graph = build_graph(model, on_device(example, model), customized_pruners)
         graph.load_pruning_history(todo)
     return model
+
+
+def rebuild_for_checkpoint(
+    model: nn.Module,
+    checkpoint: Mapping[str, Any],
+    applied: list[list[Any]],
+    skeleton: Optional[nn.Module],
+    customized_pruners: Optional[dict[Any, Any]] = None,
+) -> Optional[list[list[Any]]]:
+    """Bring ``model`` (pruned by the history ``applied``) to the checkpoint's structure before its
+    weights are loaded, un-pruning it to ``skeleton`` (its dense copy) when it was pruned differently;
+    returns the checkpoint's history, or ``None`` when the checkpoint holds no pruning structure."""
+    if CHECKPOINT_KEY not in checkpoint:
+        return None
+    saved = [list(h) for h in checkpoint[CHECKPOINT_KEY]["history"]]
+    if saved[: len(applied)] != applied:
+        if skeleton is None:
+            raise RuntimeError(
+                "The module is pruned differently from the checkpoint and its dense structure is unknown; "
+                "pass a freshly built model (or use `load_pruned_checkpoint`)."
+            )
+        restore_dense(model, skeleton)
+        applied = []
+    restore_pruned_structure(model, checkpoint, customized_pruners, applied=applied)
+    return saved
 
 
 def load_pruned_checkpoint(

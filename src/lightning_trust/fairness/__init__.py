@@ -13,8 +13,12 @@ module             concern
 ``state``          the streaming, DDP-gathered state (a torchmetrics ``Metric``)
 ``frame``          MetricFrame read out into JSON: tables, summaries, intervals, flags, CSV rows
 ``metrics``        the ``FairnessMetrics`` callback
+``metrics_args``   its arguments, checked
+``breaches``       declared limits: breaches, warnings once per run, ``FairnessBreachError``
+``publish``        what it logs and the files it writes (CSV table, JSON, bar charts)
 ``penalty``        the ``FairnessPenalty`` callback and its differentiable group gap
-``thresholds``     the ``ThresholdOptimizer`` callback and ``ThresholdPredictor``
+``thresholds``     the ``ThresholdOptimizer`` callback
+``predictor``      ``ThresholdPredictor``: the fitted thresholds applied to scores; their JSON form
 =================  ==========================================================================
 
 Example:
@@ -26,8 +30,9 @@ Example:
 from lightning_trust.fairness.groups import METRICS, SUMMARIES
 from lightning_trust.fairness.metrics import FairnessBreachError, FairnessMetrics
 from lightning_trust.fairness.penalty import FairnessPenalty, fairness_penalty, group_gap
+from lightning_trust.fairness.predictor import ThresholdPredictor
 from lightning_trust.fairness.state import FairnessState
-from lightning_trust.fairness.thresholds import ThresholdOptimizer, ThresholdPredictor
+from lightning_trust.fairness.thresholds import ThresholdOptimizer
 
 __all__ = [
     "METRICS",

@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -49,30 +48,32 @@ from lightning_trust.core.batch import BatchContract, batch_size_of
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
-from lightning_trust.core.output import artifact_dir, save_figure, warn_once, write_json
-from lightning_trust.fairness.frame import fairness_results, group_bar_figure, write_table_csv
+from lightning_trust.core.output import artifact_dir
+from lightning_trust.fairness.breaches import (
+    FairnessBreachError,
+    breaches_limit,
+    find_breaches,
+    raise_breaches,
+    warn_results,
+)
+from lightning_trust.fairness.frame import fairness_results
 from lightning_trust.fairness.groups import (
     SUMMARIES,
     base_columns,
     entry_name,
     group_names,
-    is_ratio,
     parse_entries,
     read_codes,
     validate_metrics,
 )
-from lightning_trust.fairness.predictions import Activation, check_activation, hard_predictions
+from lightning_trust.fairness.metrics_args import DEFAULT_METRICS, Stage, check_metrics_args
+from lightning_trust.fairness.predictions import Activation, hard_predictions
+from lightning_trust.fairness.publish import artifact_paths, log_results, write_artifacts
 from lightning_trust.fairness.state import FairnessState
 
 __all__ = ["FairnessBreachError", "FairnessMetrics"]
 
-Stage = Literal["validation", "test"]
-DEFAULT_METRICS = ["accuracy", "selection_rate", "true_positive_rate", "false_positive_rate"]
 _STAGES: dict[RunningStage, Stage] = {RunningStage.VALIDATING: "validation", RunningStage.TESTING: "test"}
-
-
-class FairnessBreachError(RuntimeError):
-    """A declared fairness limit was breached and ``action="fail"``."""
 
 
 class FairnessMetrics(TrustCallback):
@@ -171,41 +172,15 @@ class FairnessMetrics(TrustCallback):
         self.entries = parse_entries(sensitive_features)
         self.columns = base_columns(self.entries)
         self.metrics = validate_metrics(DEFAULT_METRICS if metrics is None else metrics)
-        stages_list: list[Stage] = [stages] if isinstance(stages, str) else list(stages)
-        if not stages_list or any(s not in ("validation", "test") for s in stages_list):
-            raise ValueError(f"`stages` must be 'validation' and/or 'test', got {stages!r}.")
-        if not isinstance(positive_label, int):
-            raise ValueError(f"`positive_label` must be an integer class index, got {positive_label!r}.")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"`threshold` is a probability threshold in [0, 1], got {threshold}.")
-        check_activation(activation)
-        if n_boot is not None and (not isinstance(n_boot, int) or n_boot < 1):
-            raise ValueError(f"`n_boot` must be a positive integer (or None for no intervals), got {n_boot!r}.")
-        ci_quantiles = [0.025, 0.975] if ci_quantiles is None else [float(q) for q in ci_quantiles]
-        if len(ci_quantiles) != 2 or not 0 < ci_quantiles[0] < ci_quantiles[1] < 1:
-            raise ValueError(f"`ci_quantiles` must be two increasing quantiles in (0, 1), got {ci_quantiles}.")
-        ci_stages = list(stages_list if ci_stages is None else ci_stages)
-        if any(s not in stages_list for s in ci_stages):
-            raise ValueError(f"`ci_stages` {ci_stages} must be among `stages` {stages_list}.")
-        thresholds = dict(thresholds or {})
-        for summary, limit in thresholds.items():
-            if summary not in SUMMARIES:
-                raise ValueError(f"Unknown summary {summary!r} in `thresholds`; choose from {list(SUMMARIES)}.")
-            if not isinstance(limit, (int, float)) or not 0.0 <= float(limit) <= 1.0:
-                raise ValueError(f"`thresholds[{summary!r}]` must be a number in [0, 1], got {limit!r}.")
-        if action not in ("warn", "stop", "fail"):
-            raise ValueError(f"`action` must be 'warn', 'stop' or 'fail', got {action!r}.")
-        if not isinstance(min_group_size, int) or min_group_size < 0:
-            raise ValueError(f"`min_group_size` must be an integer >= 0, got {min_group_size!r}.")
-        self.stages = stages_list
+        self.stages, self.ci_quantiles, self.ci_stages, self.thresholds = check_metrics_args(
+            stages, positive_label, threshold, activation, n_boot, ci_quantiles, ci_stages, thresholds, action,
+            min_group_size,
+        )  # fmt: skip
         self.positive_label = positive_label
         self.threshold = float(threshold)
         self.activation = activation
         self.n_boot = n_boot
-        self.ci_quantiles = ci_quantiles
-        self.ci_stages = ci_stages
         self.random_state = random_state
-        self.thresholds = {k: float(v) for k, v in thresholds.items()}
         self.action = action
         self.min_group_size = min_group_size
         self.log_groups = log_groups
@@ -359,129 +334,33 @@ class FairnessMetrics(TrustCallback):
         self.history.append(
             {"stage": stage, "epoch": results["epoch"], "step": results["step"], **{s: results[s] for s in SUMMARIES}}
         )
-        breaches = self._check(results)
-        self._log(trainer, pl_module, stage, results, len(breaches))
-        self._warn(stage, results, breaches)
+        breaches = find_breaches(results, self.thresholds, self.breached)
+        self.breaches.extend(breaches)
+        prefix, count = self.prefix(stage), len(breaches) if self.thresholds else None
+        log_results(trainer, pl_module, prefix, results, self.metrics, len(self.entries) > 1, count, self.log_groups)
+        warn_results(self, stage, prefix, results, breaches)  # once per condition and run; every epoch is logged
         if breaches and self.action == "stop" and stage == "validation":
             trainer.should_stop = True
 
     def breached(self, summary: str, value: float, limit: float) -> bool:
         """Whether ``value`` of ``summary`` breaches ``limit``: a difference above it, a ratio below
         it, or an undefined (NaN) value. Override for another rule."""
-        return math.isnan(value) or (value < limit if is_ratio(summary) else value > limit)
-
-    def _check(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        found = []
-        for summary, limit in self.thresholds.items():
-            value = results[summary]
-            if not self.breached(summary, value, limit):
-                continue
-            found.append({
-                "stage": results["stage"],
-                "epoch": results["epoch"],
-                "step": results["step"],
-                "summary": summary,
-                "value": value,
-                "limit": limit,
-                "feature": results["worst_feature"].get(summary),
-                "undefined": math.isnan(value),
-            })  # fmt: skip
-        self.breaches.extend(found)
-        return found
-
-    def _log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, results: dict[str, Any], breaches: int
-    ) -> None:
-        # summaries through pl_module.log (monitorable by EarlyStopping/ModelCheckpoint); the many
-        # per-group numbers in one log_metrics call per logger (pl_module.log costs ~0.3 ms a key)
-        prefix = self.prefix(stage)
-        values: dict[str, float] = {f"{prefix}/{s}": results[s] for s in SUMMARIES}
-        if len(self.entries) > 1:
-            for entry, part in results["by_feature"].items():
-                values.update({f"{prefix}/{s}/{entry}": part[s] for s in SUMMARIES})
-        values[f"{prefix}/flagged"] = float(len(results["flags"]))
-        if self.thresholds:
-            values[f"{prefix}/breaches"] = float(breaches)
-        for key, value in values.items():
-            pl_module.log(key, float(value), on_step=False, on_epoch=True, sync_dist=False)
-        groups_log: dict[str, float] = {}
-        if self.log_groups:
-            for groups_or_classes in results["by_group"].values():
-                per_class = groups_or_classes if results["num_classes"] > 2 else {"": groups_or_classes}
-                for cls, groups in per_class.items():
-                    suffix = f"/class={cls}" if cls else ""
-                    for cell in groups.values():
-                        for m in self.metrics:
-                            groups_log[f"{prefix}/{m}/{cell['log_name']}{suffix}"] = float(cell[m])
-        if groups_log and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(groups_log, step=trainer.global_step)
-
-    def _warn(self, stage: str, results: dict[str, Any], breaches: list[dict[str, Any]]) -> None:
-        """One warning per condition and run; every epoch's numbers are logged."""
-        prefix = self.prefix(stage)
-        if results["flags"]:
-            first = results["flags"][0]
-            warn_once(
-                self,
-                f"flags/{stage}",
-                f"{type(self).__name__} ({stage}): {len(results['flags'])} flagged group number(s), e.g. "
-                f"{first['feature']} group {first['group']!r}: {first['metric']} ({first['reason']}). "
-                f"See report()['flags']; the count is logged every epoch as {prefix}/flagged.",
-            )
-        for breach in breaches:
-            summary, value, limit = breach["summary"], breach["value"], breach["limit"]
-            relation = (
-                "is undefined (NaN)"
-                if breach["undefined"]
-                else f"= {value:.4f} {'<' if is_ratio(summary) else '>'} limit {limit}"
-            )
-            warn_once(
-                self,
-                f"breach/{stage}/{summary}",
-                f"Fairness limit breached ({stage}, epoch {breach['epoch']}): {summary} {relation} (worst feature: "
-                f"{breach['feature']}). Warned once; every epoch's value is logged as {prefix}/{summary} and the "
-                "breaches in report()['breaches'].",
-            )
+        return breaches_limit(summary, value, limit)
 
     def _end(self, trainer: pl.Trainer, stage: Stage) -> None:
         if stage in self.results:
             self._save_files(trainer, artifact_dir(trainer, self.report_name), stage)
-        self._maybe_fail(stage)
-
-    def _maybe_fail(self, stage: str) -> None:
-        if self.action != "fail":
-            return
-        breaches = [b for b in self.breaches if b["stage"] == stage]
-        if breaches:
-            lines = "; ".join(
-                f"{b['summary']}={b['value']:.4f} (limit {b['limit']}, epoch {b['epoch']})" for b in breaches
-            )
-            raise FairnessBreachError(
-                f"FairnessMetrics(action='fail'): {len(breaches)} breach(es) during {stage}: {lines}. "
-                "Mitigate (FairnessPenalty / ThresholdOptimizer) or revise `thresholds`."
-            )
+        if self.action == "fail":
+            raise_breaches(stage, self.breaches)
 
     # files ------------------------------------------------------------------------------------
     def _save_files(self, trainer: pl.Trainer, folder: Path, stage: str) -> None:
         # `folder` comes from every rank (trainer.log_dir broadcasts); the files from rank zero
-        results = self.results[stage]
-        self.files[f"table_{stage}"] = str(folder / f"by_group_{stage}.csv")
-        for metric in self.metrics:
-            if metric != "count":
-                key = f"by_group_{metric}" if stage == "validation" else f"by_group_{metric}_test"
-                self.figures[key] = str(folder / f"by_group_{metric}_{stage}.png")
+        self.files[f"table_{stage}"], figures = artifact_paths(folder, stage, self.metrics)
+        self.figures.update(figures)
         if trainer.is_global_zero:
-            self._write_files(trainer, folder, stage, results)
-
-    def _write_files(self, trainer: pl.Trainer, folder: Path, stage: str, results: dict[str, Any]) -> None:
-        write_table_csv(folder / f"by_group_{stage}.csv", results, self.metrics)
-        write_json(folder / f"fairness_{stage}.json", results)
-        for metric in self.metrics:
-            if metric != "count":
-                fig_path = folder / f"by_group_{metric}_{stage}.png"
-                figure = group_bar_figure(results, metric, stage, self.min_group_size)
-                save_figure(trainer, figure, fig_path, tag=f"{self.prefix(stage)}/by_group_{metric}")
+            results, prefix = self.results[stage], self.prefix(stage)
+            write_artifacts(trainer, folder, stage, results, self.metrics, self.min_group_size, prefix)
 
     # report / checkpoint ----------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
