@@ -1,4 +1,4 @@
-"""Small data, models and Trainers for fast explain tests."""
+"""Small data and models for fast explain tests (the Trainer and the Adult slice are tests/support.py's)."""
 
 from __future__ import annotations
 
@@ -23,32 +23,15 @@ class DigitsSubset(pl.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            self.train, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=128)
 
     def test_dataloader(self):
         return DataLoader(self.val, batch_size=128)
-
-
-class AdultSubset(pl.LightningDataModule):
-    """A slice of the session's Adult datamodule (dict batches), with its feature names."""
-
-    batch_keys = {"input": "x", "target": "y"}
-
-    def __init__(self, adult, n_train=2048, n_val=512, batch_size=128):
-        super().__init__()
-        self.train = Subset(adult.train_dataset, list(range(n_train)))
-        self.val = Subset(adult.val_dataset, list(range(n_val)))
-        self.feature_names = list(adult.feature_names)
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-
-    def val_dataloader(self):
-        return DataLoader(self.val, batch_size=256)
 
 
 class Synthetic(pl.LightningDataModule):
@@ -66,8 +49,12 @@ class Synthetic(pl.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=self.shuffle,
-                          generator=torch.Generator().manual_seed(0) if self.shuffle else None)
+        return DataLoader(
+            self.train,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=torch.Generator().manual_seed(0) if self.shuffle else None,
+        )
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=512)
@@ -117,14 +104,6 @@ class SGDMLP(TabularMLP):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-def trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(default_root_dir=tempfile.mkdtemp(prefix="lt_explain_"), accelerator="cpu", devices=1, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0, deterministic=True)
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
 
 
 class StubTrainer:

@@ -18,9 +18,10 @@ from captum.metrics import infidelity
 
 from lightning_trust.demo import SmallCNN, TabularMLP
 from lightning_trust.explain import METHODS, AdversarialRobustness, Attribution, rank_correlation
-from lightning_trust.explain._common import stratified_indices
 from lightning_trust.explain.methods import gaussian_blur
-from tests.explain.helpers import AdultSubset, BagOfEmbeddings, DigitsSubset, Synthetic, StubTrainer, Tokens, trainer
+from lightning_trust.explain.sample import stratified_indices
+from tests.explain.helpers import BagOfEmbeddings, DigitsSubset, StubTrainer, Synthetic, Tokens
+from tests.support import AdultSubset, trainer
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,14 @@ CASES = [
 
 @pytest.mark.parametrize("method,options,baseline,direct,has_delta", CASES, ids=[c[0] for c in CASES])
 def test_attributions_equal_captum_called_directly(cnn, digits_small, method, options, baseline, direct, has_delta):
-    cb = _fast(method=method, method_kwargs=options, baseline=baseline, num_samples=12, seed=3,
-               layer="features.2" if method == "layer_gradcam" else None)
+    cb = _fast(
+        method=method,
+        method_kwargs=options,
+        baseline=baseline,
+        num_samples=12,
+        seed=3,
+        layer="features.2" if method == "layer_gradcam" else None,
+    )
     stub = StubTrainer(digits_small)
     result = cb.explain(cnn, stub)
     x = cb.sample.inputs
@@ -133,7 +140,9 @@ def test_integrated_gradients_completeness_within_reported_delta(cnn, digits_sma
 
 
 def test_quality_metrics_equal_captum(cnn, digits_small):
-    cb = Attribution(method="saliency", num_samples=8, infidelity_samples=6, sensitivity_samples=3, sensitivity_at="every", seed=5)
+    cb = Attribution(
+        method="saliency", num_samples=8, infidelity_samples=6, sensitivity_samples=3, sensitivity_at="every", seed=5
+    )
     result = cb.explain(cnn, StubTrainer(digits_small))
     assert result.infidelity is not None and result.infidelity >= 0
     assert result.sensitivity_max is not None and result.sensitivity_max >= 0
@@ -171,12 +180,18 @@ def test_token_attributions_and_html(tmp_path):
     model = BagOfEmbeddings()
     trainer(max_epochs=2).fit(model, dm)
     model.eval()
-    cb = _fast(method="layer_integrated_gradients", layer="embedding", num_samples=6, method_kwargs={"n_steps": 20}, figures="every")
+    cb = _fast(
+        method="layer_integrated_gradients",
+        layer="embedding",
+        num_samples=6,
+        method_kwargs={"n_steps": 20},
+        figures="every",
+    )
     stub = StubTrainer(dm, log_dir=str(tmp_path))
     result = cb.explain(model, stub)
     cb._draw(stub, result)
     x = cb.sample.inputs
-    expected, delta = LayerIntegratedGradients(model, model.embedding).attribute(
+    expected, _delta = LayerIntegratedGradients(model, model.embedding).attribute(
         x, baselines=torch.zeros_like(x), target=_pred(model, x), n_steps=20, return_convergence_delta=True
     )
     torch.testing.assert_close(result.attributions, expected)
@@ -203,9 +218,11 @@ def test_rank_correlation_is_spearman():
     from scipy.stats import spearmanr
 
     g = torch.Generator().manual_seed(0)
-    for a, b in [(torch.tensor([0.1, 0.5, 0.2, 0.9]), torch.tensor([1.0, 3.0, 4.0, 5.0])),
-                 (torch.rand(50, generator=g), torch.rand(50, generator=g)),
-                 (torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([0.5, 0.2, 0.2, 0.9]))]:  # ties
+    for a, b in [
+        (torch.tensor([0.1, 0.5, 0.2, 0.9]), torch.tensor([1.0, 3.0, 4.0, 5.0])),
+        (torch.rand(50, generator=g), torch.rand(50, generator=g)),
+        (torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([0.5, 0.2, 0.2, 0.9])),
+    ]:  # ties
         assert rank_correlation(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
     assert np.isnan(rank_correlation(torch.ones(4), torch.rand(4)))
 
@@ -265,16 +282,16 @@ def test_every_n_epochs_and_standalone_validate():
 def test_progress_in_the_trainers_bar_style(bar, monkeypatch):
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    from lightning_trust.explain import _common
+    from lightning_trust.explain import progress
 
     seen = []
-    original = _common.Progress.advance
+    original = progress.Progress.advance
 
     def advance(self, n=1):
         seen.append(self._rich is not None or self._tqdm is not None)
         original(self, n)
 
-    monkeypatch.setattr(_common.Progress, "advance", advance)
+    monkeypatch.setattr(progress.Progress, "advance", advance)
     cb = _fast(num_samples=8, batch_size=4, figures="never")  # two Captum calls: progress shown
     progress_bar = RichProgressBar() if bar == "rich" else TQDMProgressBar()
     trainer(max_epochs=1, enable_progress_bar=True, callbacks=[progress_bar, cb]).fit(

@@ -21,10 +21,16 @@ ADULT_SNIPPET = """
 @pytest.mark.slow
 def test_digits_explain_config_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's relative run folders land here
-    code = main([
-        "fit", "--config", str(ROOT / "configs" / "digits_explain.yaml"), "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
-    ])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "digits_explain.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     assert code == 0
     explain = next(tmp_path.rglob("lightning_trust/explain"))
     assert (explain / "heatmaps.png").is_file() and (explain / "importance.csv").is_file()
@@ -44,11 +50,19 @@ def test_adult_attribution_snippet_uses_real_feature_names(tmp_path):
         config = config.replace("  callbacks:\n", "  callbacks:" + ADULT_SNIPPET, 1)
     path = tmp_path / "adult_explain.yaml"
     path.write_text(config)
-    code = main([
-        "fit", "--config", str(path), "--trainer.max_epochs=5", "--trainer.limit_train_batches=5",
-        "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-    ])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(path),
+            "--trainer.max_epochs=5",
+            "--trainer.limit_train_batches=5",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
     assert code == 0
     importance = json.loads(next(tmp_path.rglob("lightning_trust/explain/importance.json")).read_text())
     names = [item["feature"] for item in importance["importance"]]

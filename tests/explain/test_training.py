@@ -1,6 +1,7 @@
 """The callbacks inside real training: isolation (with and without DP), files, loggers, resume, DDP."""
 
 import csv
+import itertools
 import json
 
 import pytest
@@ -8,11 +9,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_trust.demo import SmallCNN, TabularMLP
+from lightning_trust.demo import SmallCNN
 from lightning_trust.explain import AdversarialRobustness, Attribution
 from lightning_trust.privacy import DifferentialPrivacy
 from tests.ddp_harness import run_ddp
-from tests.explain.helpers import DigitsSubset, SGDMLP, Synthetic, trainer
+from tests.explain.helpers import SGDMLP, DigitsSubset, Synthetic
+from tests.support import trainer
 
 
 def _params(model):
@@ -75,11 +77,19 @@ def test_files_and_logger_entries(tmp_path, digits):
     trainer(max_epochs=2, logger=loggers, callbacks=[attribution, robust]).fit(SmallCNN(channels=[4, 8]), dm)
 
     folder = tmp_path / "csv" / "version_0" / "lightning_trust"
-    for name in ("importance.csv", "importance.json", "history.json", "attributions.pt", "feature_importance.png",
-                 "heatmaps.png", "heatmaps/sample_00.png", "heatmaps/sample_07.png"):
+    for name in (
+        "importance.csv",
+        "importance.json",
+        "history.json",
+        "attributions.pt",
+        "feature_importance.png",
+        "heatmaps.png",
+        "heatmaps/sample_00.png",
+        "heatmaps/sample_07.png",
+    ):
         assert (folder / "explain" / name).is_file(), name
     assert (folder / "robustness" / "robust_accuracy.png").is_file()
-    rows = list(csv.DictReader(open(folder / "explain" / "importance.csv")))
+    rows = list(csv.DictReader((folder / "explain" / "importance.csv").read_text().splitlines()))
     assert len(rows) == 64 and rows[0]["rank"] == "1" and rows[0]["feature"].startswith("pixel(")
     history = json.loads((folder / "explain" / "history.json").read_text())
     assert [h["stage"] for h in history] == ["validation_end", "fit_end"]  # the end pass redoes the last epoch's
@@ -89,10 +99,18 @@ def test_files_and_logger_entries(tmp_path, digits):
     robustness = json.loads((folder / "robustness" / "robustness.json").read_text())
     assert robustness["last"]["robust_accuracy"]["fgsm"]["0"] == robustness["last"]["clean_accuracy"]
 
-    metrics = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    metrics = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()))
     columns = set(metrics[0])
-    for name in ("explain/drift", "explain/infidelity", "explain/convergence_delta", "explain/sensitivity_max",
-                 "robustness/clean_acc", "robustness/worst_acc", "robustness/fgsm/acc@0.1", "robustness/pgd/success@0.1"):
+    for name in (
+        "explain/drift",
+        "explain/infidelity",
+        "explain/convergence_delta",
+        "explain/sensitivity_max",
+        "robustness/clean_acc",
+        "robustness/worst_acc",
+        "robustness/fgsm/acc@0.1",
+        "robustness/pgd/success@0.1",
+    ):
         assert name in columns, name
     assert any(c.startswith("explain/importance/pixel(") for c in columns)
     assert any(row["explain/drift"] for row in metrics)
@@ -102,7 +120,9 @@ def test_files_and_logger_entries(tmp_path, digits):
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"explain/heatmaps", "explain/overlays", "explain/feature_importance", "robustness/robust_accuracy"} <= set(tags["images"])
+    assert {"explain/heatmaps", "explain/overlays", "explain/feature_importance", "robustness/robust_accuracy"} <= set(
+        tags["images"]
+    )
     assert {"explain/infidelity", "explain/drift", "robustness/clean_acc"} <= set(tags["scalars"])
     report = attribution.report()
     assert set(report["figures"]) == {"feature_importance", "heatmaps"}
@@ -116,8 +136,12 @@ def test_killed_and_resumed_run_ends_with_the_same_numbers(tmp_path):
         model = SGDMLP(input_dim=8, hidden_dims=[16])
         cbs = _explainers()
         checkpoint = ModelCheckpoint(dirpath=root, save_last=True, every_n_epochs=1)
-        trainer(max_epochs=max_epochs, callbacks=[*cbs, checkpoint], enable_checkpointing=True, default_root_dir=root).fit(
-            model, Synthetic(n=1024, batch_size=64, shuffle=False), ckpt_path=ckpt_path  # a resumable data order
+        trainer(
+            max_epochs=max_epochs, callbacks=[*cbs, checkpoint], enable_checkpointing=True, default_root_dir=root
+        ).fit(
+            model,
+            Synthetic(n=1024, batch_size=64, shuffle=False),
+            ckpt_path=ckpt_path,  # a resumable data order
         )
         return cbs
 
@@ -137,15 +161,21 @@ def test_robust_accuracy_equals_clean_at_zero_and_falls_with_epsilon(digits):
     dm = DigitsSubset(digits, n_train=768, n_val=256)
     torch.manual_seed(0)
     model = SmallCNN(channels=[8, 16], lr=0.01)
-    robust = AdversarialRobustness(epsilons=[0.0, 0.05, 0.15, 0.3], num_samples=128, pgd_steps=5, run_on="fit_end",
-                                   min_perturbation=True, min_perturbation_samples=4)
+    robust = AdversarialRobustness(
+        epsilons=[0.0, 0.05, 0.15, 0.3],
+        num_samples=128,
+        pgd_steps=5,
+        run_on="fit_end",
+        min_perturbation=True,
+        min_perturbation_samples=4,
+    )
     trainer(max_epochs=4, limit_val_batches=0, callbacks=[robust]).fit(model, dm)
     report = robust.report()
     assert report["clean_accuracy"] > 0.8
     for attack in ("fgsm", "pgd"):
         accs = [report["robust_accuracy"][attack][e] for e in ("0", "0.05", "0.15", "0.3")]
         assert accs[0] == report["clean_accuracy"]
-        assert all(a >= b for a, b in zip(accs, accs[1:])) and accs[-1] < accs[0] - 0.2
+        assert all(a >= b for a, b in itertools.pairwise(accs)) and accs[-1] < accs[0] - 0.2
         assert report["attack_success_rate"][attack]["0"] == 0.0
     assert report["robust_accuracy"]["pgd"]["0.15"] <= report["robust_accuracy"]["fgsm"]["0.15"]
     assert report["worst_accuracy"] == min(min(d.values()) for d in report["robust_accuracy"].values())
@@ -212,7 +242,9 @@ def test_works_on_pruned_and_fake_quantized_models(digits):
         robust = AdversarialRobustness(epsilons=[0.0, 0.1], num_samples=32, pgd_steps=2)
         torch.manual_seed(0)
         model = SmallCNN(channels=[8, 16])
-        trainer(max_epochs=2, callbacks=[compression, attribution, robust]).fit(model, DigitsSubset(digits, n_train=256, n_val=64))
+        trainer(max_epochs=2, callbacks=[compression, attribution, robust]).fit(
+            model, DigitsSubset(digits, n_train=256, n_val=64)
+        )
         report = attribution.report()
         assert len(attribution.history) == 2 and report["sensitivity_max"] is not None
         assert torch.isfinite(attribution.last.attributions).all() and attribution.last.attributions.abs().sum() > 0

@@ -1,7 +1,22 @@
 """Explanations during training: Captum attributions of a fixed sample (``Attribution``) and an
-adversarial robustness check with Captum's FGSM/PGD (``AdversarialRobustness``)."""
+adversarial robustness check with Captum's FGSM/PGD (``AdversarialRobustness``).
 
-from lightning_trust.explain.attribution import Attribution, Explanation, rank_correlation
+=================  ==========================================================================
+module             concern
+=================  ==========================================================================
+``attribution``    the ``Attribution`` callback
+``robustness``     the ``AdversarialRobustness`` callback
+``explanation``    one pass's result: input-space attributions, feature names, files, drift
+``methods``        Captum methods by name, their options, baselines, the chunked Captum calls
+``sample``         the fixed, seeded, class-stratified sample
+``schedule``       when a pass runs (validation epochs, fit end, test end); the callbacks' base
+``progress``       progress in the Trainer's own progress bar style
+``plots``          figures and HTML
+=================  ==========================================================================
+"""
+
+from lightning_trust.explain.attribution import Attribution
+from lightning_trust.explain.explanation import Explanation, rank_correlation
 from lightning_trust.explain.methods import BASELINES, METHODS
 from lightning_trust.explain.robustness import ATTACKS, AdversarialRobustness
 

@@ -1,96 +1,46 @@
 """``Attribution``: Captum explanations of a fixed sample while the model trains.
 
 Example:
-    >>> import lightning.pytorch as pl
-    >>> from lightning_trust.demo import DigitsDataModule, SmallCNN
     >>> from lightning_trust.explain import Attribution
     >>> explain = Attribution(method="integrated_gradients", num_samples=32, baseline="zeros")
-    >>> pl.Trainer(max_epochs=5, callbacks=[explain]).fit(SmallCNN(), DigitsDataModule())
-    >>> explain.report()["top_features"][:3]
+    >>> explain.report()["top_features"]  # filled by the passes of a fit
+    []
+    >>> import lightning.pytorch as pl
+    >>> from lightning_trust.demo import DigitsDataModule, SmallCNN
+    >>> pl.Trainer(max_epochs=5, callbacks=[explain]).fit(SmallCNN(), DigitsDataModule())  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import csv
-import random
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract
+from lightning_trust.core.batch import BatchContract, call_module, logits_of
+from lightning_trust.core.loaders import find_loader
+from lightning_trust.core.output import log_metrics
+from lightning_trust.core.passes import isolated_eval
+from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain import plots
-from lightning_trust.explain._common import (
-    FixedSample,
-    ScheduledPass,
-    draw_sample,
-    find_loader,
-    log_metrics,
-    progress,
+from lightning_trust.explain.explanation import (
+    Explanation,
+    feature_names,
+    rank_correlation,
+    to_input_space,
+    write_files,
 )
-from lightning_trust.explain.methods import BASELINES, METHODS, build_explainer, make_baselines, split_options
-from lightning_trust.core import isolated_eval, save_figure, to_jsonable, write_json
+from lightning_trust.explain.methods import BASELINES, METHODS, attribute, chunk_slices, make_baselines, split_options
+from lightning_trust.explain.progress import progress
+from lightning_trust.explain.sample import FixedSample, draw_sample
+from lightning_trust.explain.schedule import ScheduledPass
+
+__all__ = ["Attribution"]
 
 Modality = Literal["auto", "tabular", "image", "text"]
-
-
-@dataclass
-class Explanation:
-    """One explanation pass: the sample, what Captum returned, and the scores derived from it."""
-
-    stage: str
-    epoch: int
-    step: int
-    inputs: Tensor
-    targets: Optional[Tensor]
-    baselines: Optional[Tensor]
-    attributions: Tensor  # what Captum returned
-    input_attributions: Tensor  # in input space: (N, *input) for images/tabular, (N, T) for tokens
-    importance: Tensor  # mean |attribution| per feature (flattened)
-    names: list[str]
-    delta: Optional[Tensor] = None  # per-sample convergence delta
-    infidelity: Optional[float] = None
-    sensitivity_max: Optional[float] = None
-    drift: Optional[float] = None
-    seconds: float = 0.0
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def convergence_delta(self) -> Optional[float]:
-        return None if self.delta is None else float(self.delta.abs().mean())
-
-    def top(self, k: int) -> list[dict[str, Any]]:
-        order = torch.argsort(self.importance, descending=True, stable=True)[:k]
-        return [{"feature": self.names[i], "score": float(self.importance[i])} for i in order.tolist()]
-
-
-def rank_correlation(a: Tensor, b: Tensor) -> float:
-    """Spearman's rank correlation of two importance vectors: Pearson's correlation of their average
-    ranks (``scipy.stats.rankdata``), as ``scipy.stats.spearmanr`` computes it without its per-call
-    overhead; NaN when one is constant."""
-    from scipy.stats import rankdata
-
-    if a.numel() < 2 or a.shape != b.shape:
-        return float("nan")
-    ra, rb = rankdata(a.double().numpy()), rankdata(b.double().numpy())
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-@contextmanager
-def _fork_host_rngs() -> Iterator[None]:
-    # Captum draws some samples with numpy/python RNGs; isolated_eval forks torch's only.
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        yield
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
 
 
 class Attribution(ScheduledPass):
@@ -143,13 +93,38 @@ class Attribution(ScheduledPass):
             costly metric) at ``"every"`` pass or only at the ``"end"``.
         progress: show progress (in the Trainer's progress bar style) for multi-step passes.
         batch_keys: how to read batches (see :class:`~lightning_trust.core.batch.BatchContract`).
+        name: the report section (default ``"explain"``); give two Attribution callbacks distinct names.
 
     Example:
-        >>> Attribution(method="occlusion", method_kwargs={"sliding_window_shapes": [1, 2, 2]}, target="true")
+        >>> cb = Attribution(method="occlusion", method_kwargs={"sliding_window_shapes": [1, 2, 2]}, target="true")
+        >>> cb.report_name, cb.runs_at("validation_end"), cb.runs_at("fit_end")  # fit end: the deferred figures
+        ('explain', True, True)
     """
 
     report_section = "explain"
     area = "explain"
+    logged_keys: ClassVar[dict[str, str]] = {
+        "explain/drift": "Spearman rank correlation of the global importance with the previous pass's",
+        "explain/convergence_delta": "mean |convergence delta| of the attributions (IG, DeepLift, SHAP methods)",
+        "explain/infidelity": "Captum's infidelity of the attributions (lower: more faithful)",
+        "explain/sensitivity_max": "Captum's sensitivity_max of the attributions (lower: more stable)",
+        "explain/importance/<feature>": "mean |attribution| of one of the top_k features",
+    }
+    report_keys: ClassVar[dict[str, str]] = {
+        "method": "the Captum method",
+        "target": "the class explained: 'pred', 'true' or a class index",
+        "baseline": "the baseline: a named one, a number, or 'file'",
+        "num_samples": "size of the fixed sample explained",
+        "epoch": "epoch of the last pass (null before any)",
+        "top_features": "the top_k features of the last pass, [{feature, score}]",
+        "infidelity": "Captum's infidelity of the last pass",
+        "sensitivity_max": "Captum's sensitivity_max of the last pass (null when not computed)",
+        "convergence_delta": "mean |convergence delta| of the last pass (null for methods without one)",
+        "drift": "rank correlation of the last pass's importance with the pass before",
+        "drift_history": "drift of every pass, in order",
+        "seconds": "time spent in this callback's passes (explaining, files, figures)",
+        "files": "paths of importance.csv/.json, history.json and attributions.pt",
+    }
 
     def __init__(
         self,
@@ -178,21 +153,31 @@ class Attribution(ScheduledPass):
         sensitivity_at: Literal["every", "end"] = "end",
         progress: bool = True,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
+        name: Optional[str] = None,
     ) -> None:
+        super().__init__(run_on, every_n_epochs, name=name)
         if method not in METHODS:
             raise ValueError(f"Unknown `method={method!r}`; choose one of {sorted(METHODS)}.")
         spec = METHODS[method]
         if spec.layer and not layer:
-            raise ValueError(f"method {method!r} attributes to a layer: set `layer` to its dotted module path (e.g. 'features.3').")
+            raise ValueError(
+                f"method {method!r} attributes to a layer: set `layer` to its dotted module path (e.g. 'features.3')."
+            )
         if layer and not spec.layer:
-            raise ValueError(f"`layer` is only used by the layer_* methods, not by {method!r}; remove it or pick a layer_* method.")
+            raise ValueError(
+                f"`layer` is only used by the layer_* methods, not by {method!r}; remove it or pick a layer_* method."
+            )
         split_options(method, method_kwargs)  # fails early on unknown options
         if num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples}.")
-        if not (target in ("pred", "true") or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
+        if not (
+            target in ("pred", "true") or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)
+        ):
             raise ValueError(f"`target` must be 'pred', 'true' or a class index >= 0, got {target!r}.")
         if isinstance(baseline, bool) or not isinstance(baseline, (str, int, float)):
-            raise ValueError(f"`baseline` must be one of {list(BASELINES)}, a number or a tensor file path, got {baseline!r}.")
+            raise ValueError(
+                f"`baseline` must be one of {list(BASELINES)}, a number or a tensor file path, got {baseline!r}."
+            )
         if isinstance(baseline, str) and baseline not in BASELINES and not baseline.endswith((".pt", ".pth", ".npy")):
             raise ValueError(
                 f"`baseline={baseline!r}` is not one of {list(BASELINES)} nor a tensor file (.pt, .pth, .npy)."
@@ -201,12 +186,16 @@ class Attribution(ScheduledPass):
             raise ValueError(f"method {method!r} takes no baseline; leave `baseline` at 'zeros' (it is ignored).")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}.")
-        for name, value in (("infidelity_samples", infidelity_samples), ("sensitivity_samples", sensitivity_samples)):
-            if value < 0:
-                raise ValueError(f"`{name}` must be >= 0 (0 turns the metric off), got {value}.")
-        for name, value in (("infidelity_noise", infidelity_noise), ("sensitivity_radius", sensitivity_radius), ("blur_sigma", blur_sigma)):
-            if value <= 0:
-                raise ValueError(f"`{name}` must be positive, got {value}.")
+        for arg, count in (("infidelity_samples", infidelity_samples), ("sensitivity_samples", sensitivity_samples)):
+            if count < 0:
+                raise ValueError(f"`{arg}` must be >= 0 (0 turns the metric off), got {count}.")
+        for arg, scale in (
+            ("infidelity_noise", infidelity_noise),
+            ("sensitivity_radius", sensitivity_radius),
+            ("blur_sigma", blur_sigma),
+        ):
+            if scale <= 0:
+                raise ValueError(f"`{arg}` must be positive, got {scale}.")
         if top_k < 1 or num_heatmaps < 1 or num_baselines < 1:
             raise ValueError("`top_k`, `num_heatmaps` and `num_baselines` must be positive integers.")
         if modality not in ("auto", "tabular", "image", "text"):
@@ -221,7 +210,6 @@ class Attribution(ScheduledPass):
         self.baseline = baseline
         self.layer = layer
         self.method_kwargs = dict(method_kwargs or {})
-        self._init_schedule(run_on, every_n_epochs)
         self.seed = seed
         self.stratify = stratify
         self.batch_size = batch_size
@@ -249,19 +237,24 @@ class Attribution(ScheduledPass):
         self._figures: dict[str, str] = {}
         self.total_seconds = 0.0  # time spent in this callback's passes (explaining, files, figures)
 
-    # hooks ------------------------------------------------------------------------------------
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    # schedule ---------------------------------------------------------------------------------
+    def runs_at(self, stage: str) -> bool:
+        """Also at the end of fit when passes at validation defer work (figures or sensitivity) to the
+        end: that final pass does it, even when ``every_n_epochs`` skipped every epoch, and replaces
+        a pass made on the same weights."""
         deferred = self.figures == "end" or (self.sensitivity_at == "end" and self.sensitivity_samples > 0)
-        if "fit_end" in self.stages or (deferred and "validation_end" in self.stages):
-            # the final pass, with the deferred work (even when every_n_epochs skipped every epoch);
-            # it replaces a pass made on the same weights
-            self._trigger(trainer, pl_module, "fit_end", hook_allows_log=False)
+        return super().runs_at(stage) or (stage == "fit_end" and deferred and "validation_end" in self.stages)
 
     # the pass ---------------------------------------------------------------------------------
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         start = time.perf_counter()
         final = stage != "validation_end"
-        replace = final and self.last is not None and self.last.step == trainer.global_step and self.last.stage == "validation_end"
+        replace = (
+            final
+            and self.last is not None
+            and self.last.step == trainer.global_step
+            and self.last.stage == "validation_end"
+        )
         result = self.explain(pl_module, trainer, stage=stage, final=final, replace_last=replace)
         metrics = {
             "explain/drift": result.drift,
@@ -311,22 +304,32 @@ class Attribution(ScheduledPass):
             return self._explain(pl_module, trainer, stage, final, start, device)
 
     def _explain(self, pl_module: Any, trainer: Any, stage: str, final: bool, start: float, device: Any) -> Explanation:
+        assert self.sample is not None  # drawn by `explain`
         inputs = self.sample.inputs.to(device).clone()  # a normal tensor even if drawn under inference mode
         modality = self._modality(inputs)
-        with isolated_eval(pl_module, trainer, grad=True) as module, _fork_host_rngs():
+        with isolated_eval(pl_module, trainer, grad=True) as module:  # forks every RNG Captum draws from
             for p in module.parameters():
                 p.requires_grad_(False)  # gradients w.r.t. inputs only: no trace in parameter grads or hooks
             torch.manual_seed(self.seed)
             np.random.seed(self.seed % 2**32)
             targets = self._targets(module, inputs)
             baselines = self._baselines(inputs)
-            with_sensitivity = self.sensitivity_samples > 0 and (final or self.sensitivity_at == "every")
-            attributions, delta, infid, sens = self._attribute(
-                trainer, module, inputs, baselines, targets, modality, with_sensitivity
-            )
-        input_attr = self._to_input_space(attributions, inputs, modality)
+            spec = METHODS[self.method]
+            quality = modality != "text" and not spec.layer  # Captum's metrics perturb float inputs
+            with_sensitivity = quality and self.sensitivity_samples > 0 and (final or self.sensitivity_at == "every")
+            chunks = chunk_slices(len(inputs), self.batch_size)
+            steps = len(chunks) * (1 + (quality and self.infidelity_samples > 0) + with_sensitivity)
+            with progress(trainer, steps, f"Attribution ({self.method})", self.progress) as bar:
+                attributions, delta, infid, sens = attribute(
+                    self.method, module, inputs, chunks, bar.advance, layer=self.layer, options=self.method_kwargs,
+                    baselines=baselines, targets=targets, infidelity_samples=self.infidelity_samples if quality else 0,
+                    infidelity_noise=self.infidelity_noise, sensitivity_samples=self.sensitivity_samples if with_sensitivity else 0,
+                    sensitivity_radius=self.sensitivity_radius,
+                )  # fmt: skip
+        input_attr = to_input_space(attributions, inputs, modality, self.method)
         importance = input_attr.detach().abs().float().mean(dim=0).flatten().cpu()
-        names = self._names(trainer, inputs, input_attr, modality)
+        datamodule_names = getattr(getattr(trainer, "datamodule", None), "feature_names", None)
+        names = feature_names(input_attr, modality, self.feature_names, datamodule_names)
         drift = rank_correlation(importance, self.previous) if self.previous is not None else None
         result = Explanation(
             stage=stage,
@@ -370,9 +373,7 @@ class Attribution(ScheduledPass):
                 raise ValueError("`target='true'` needs targets in the batches; use 'pred' or a class index.")
             return self.sample.targets.to(inputs.device).long()
         with torch.no_grad():
-            scores = module(inputs)
-        if not isinstance(scores, Tensor):
-            raise TypeError(f"Attribution needs the module's forward to return a tensor of scores, got {type(scores).__name__}.")
+            scores = logits_of(call_module(module, inputs))
         if scores.ndim == 1 or (scores.ndim == 2 and scores.shape[1] == 1):
             return None  # a single score per sample: attribute that score
         return scores.argmax(dim=1)
@@ -384,169 +385,18 @@ class Attribution(ScheduledPass):
         reference = None if self.reference is None else self.reference.to(inputs.device).clone()
         return make_baselines(self.baseline, inputs, reference, self.blur_sigma, spec.baseline == "distribution")
 
-    def _attribute(
-        self,
-        trainer: Any,
-        module: Any,
-        inputs: Tensor,
-        baselines: Optional[Tensor],
-        targets: Optional[Tensor],
-        modality: str,
-        with_sensitivity: bool,
-    ) -> tuple[Tensor, Optional[Tensor], Optional[float], Optional[float]]:
-        from captum.metrics import infidelity, sensitivity_max
-
-        spec = METHODS[self.method]
-        explainer = build_explainer(self.method, module, self.layer, self.method_kwargs)
-        _, call = split_options(self.method, self.method_kwargs)
-        n = len(inputs)
-        size = self.batch_size or n
-        chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
-        per_sample_base = baselines is not None and spec.baseline == "single"
-        quality = modality != "text" and not spec.layer
-        with_sensitivity = with_sensitivity and quality
-        steps = len(chunks) * (1 + (quality and self.infidelity_samples > 0) + with_sensitivity)
-        attrs, deltas, infids, sens = [], [], [], []
-        with progress(trainer, steps, f"Attribution ({self.method})", self.progress) as bar:
-            for part in chunks:
-                kwargs: dict[str, Any] = dict(call)
-                if baselines is not None:
-                    kwargs["baselines"] = baselines[part] if per_sample_base else baselines
-                if targets is not None:
-                    kwargs["target"] = targets[part]
-                if spec.delta:
-                    attr, delta = explainer.attribute(inputs[part], return_convergence_delta=True, **kwargs)
-                    deltas.append(delta.reshape(-1))
-                else:
-                    attr = explainer.attribute(inputs[part], **kwargs)
-                attrs.append(attr.detach())
-                bar.advance()
-                if quality and self.infidelity_samples > 0:
-                    noise = self.infidelity_noise
-
-                    def perturb(x: Tensor) -> tuple[Tensor, Tensor]:
-                        delta_x = torch.randn_like(x) * noise
-                        return delta_x, x - delta_x
-
-                    value = infidelity(
-                        module, perturb, inputs[part], attr.detach(), target=kwargs.get("target"),
-                        n_perturb_samples=self.infidelity_samples, normalize=True,
-                    )  # fmt: skip
-                    infids.append(value.detach().reshape(-1))
-                    bar.advance()
-                if with_sensitivity:
-                    fixed_base = kwargs.pop("baselines", None) if spec.baseline == "distribution" else None
-
-                    def explanation(x: Tensor, **kw: Any) -> Tensor:
-                        if fixed_base is not None:
-                            kw["baselines"] = fixed_base  # a distribution: not expanded per perturbation
-                        return explainer.attribute(x, **kw)
-
-                    value = sensitivity_max(
-                        explanation, inputs[part], perturb_radius=self.sensitivity_radius,
-                        n_perturb_samples=self.sensitivity_samples, **kwargs,
-                    )  # fmt: skip
-                    sens.append(value.detach().reshape(-1))
-                    bar.advance()
-        attributions = torch.cat(attrs)
-        delta = torch.cat(deltas) if deltas else None
-        mean_infid = float(torch.cat(infids).float().mean()) if infids else None
-        mean_sens = float(torch.cat(sens).float().mean()) if sens else None
-        return attributions, delta, mean_infid, mean_sens
-
-    def _to_input_space(self, attributions: Tensor, inputs: Tensor, modality: str) -> Tensor:
-        if modality == "text" and attributions.ndim > 2:
-            return attributions.sum(dim=tuple(range(2, attributions.ndim)))  # per token
-        if self.method == "layer_gradcam" and modality == "image" and attributions.shape[-2:] != inputs.shape[-2:]:
-            from captum.attr import LayerAttribution
-
-            return LayerAttribution.interpolate(attributions, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
-        return attributions
-
-    def _names(self, trainer: Any, inputs: Tensor, input_attr: Tensor, modality: str) -> list[str]:
-        count = int(input_attr[0].numel())
-        for candidate in (self.feature_names, getattr(getattr(trainer, "datamodule", None), "feature_names", None)):
-            if candidate is not None and len(candidate) == count:
-                return [str(c) for c in candidate]
-        if self.feature_names is not None:
-            raise ValueError(f"`feature_names` has {len(self.feature_names)} names but the attributions have {count} features.")
-        shape = tuple(input_attr.shape[1:])
-        if modality == "text":
-            return [f"token[{t}]" for t in range(count)]
-        if modality == "image" and len(shape) == 3:
-            c, h, w = shape
-            if c == 1:
-                return [f"pixel({r},{k})" for r in range(h) for k in range(w)]
-            return [f"c{ch}({r},{k})" for ch in range(c) for r in range(h) for k in range(w)]
-        if len(shape) == 1:
-            return [f"x[{i}]" for i in range(count)]
-        return [f"x{list(np.unravel_index(i, shape))}" for i in range(count)]
-
     # outputs ----------------------------------------------------------------------------------
     def _write(self, trainer: Any, result: Explanation) -> None:
-        folder = self.folder(trainer)
-        order = torch.argsort(result.importance, descending=True, stable=True).tolist()
-        with open(folder / "importance.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["rank", "feature", "score"])
-            for rank, i in enumerate(order, start=1):
-                writer.writerow([rank, result.names[i], f"{float(result.importance[i]):.8g}"])
-        write_json(folder / "importance.json", {
-            "method": self.method, "stage": result.stage, "epoch": result.epoch, "step": result.step,
-            "importance": [{"feature": result.names[i], "score": float(result.importance[i])} for i in order],
-        })  # fmt: skip
-        write_json(folder / "history.json", self.history)
-        torch.save({
-            "indices": self.sample.indices if self.sample else [], "inputs": result.inputs, "targets": result.targets,
-            "baselines": result.baselines, "attributions": result.attributions, "delta": result.delta,
-            "names": result.names, "epoch": result.epoch,
-        }, folder / "attributions.pt")  # fmt: skip
-        result.files = {k: str(folder / v) for k, v in (
-            ("importance_csv", "importance.csv"), ("importance_json", "importance.json"),
-            ("history", "history.json"), ("attributions", "attributions.pt"),
-        )}  # fmt: skip
+        indices = self.sample.indices if self.sample else []
+        result.files = write_files(self.folder(trainer), result, self.method, self.history, indices)
 
     def _draw(self, trainer: Any, result: Explanation) -> None:
-        folder = self.folder(trainer)
-        modality = self._modality(result.inputs)
-        title = f"{self.method}, epoch {result.epoch}"
-        k = min(self.top_k, len(result.names))
-        top = result.top(k)
-        if modality == "image" and result.input_attributions.ndim == 4:
-            amap = result.importance.reshape(result.input_attributions.shape[1:]).sum(dim=0)
-            fig = plots.new_figure(figsize=(3.2, 3.0))
-            ax = fig.add_subplot(1, 1, 1)
-            image = ax.imshow(amap.numpy(), cmap="inferno")
-            fig.colorbar(image, ax=ax)
-            ax.set_title(f"mean |attribution| ({title})", fontsize=8)
-            ax.axis("off")
-        else:
-            fig = plots.importance_figure([t["feature"] for t in top], [t["score"] for t in top], f"Top {k} features ({title})")
-        save_figure(trainer, fig, folder / "feature_importance.png", tag="explain/feature_importance")
-        self._figures["feature_importance"] = str(folder / "feature_importance.png")
         m = min(self.num_heatmaps, len(result.inputs))
-        captions = self._captions(result, m)
-        if modality == "image" and result.input_attributions.ndim == 4:
-            rgb = plots.overlays(result.inputs[:m], result.input_attributions[:m])
-            grid = plots.heatmap_grid(rgb, captions, title)
-            save_figure(trainer, grid, folder / "heatmaps.png", tag="explain/heatmaps")
-            self._figures["heatmaps"] = str(folder / "heatmaps.png")
-            plots.save_overlays(folder / "heatmaps", rgb)
-            for logger in trainer.loggers:
-                if type(logger).__name__ == "TensorBoardLogger":
-                    logger.experiment.add_images("explain/overlays", rgb.astype(np.float32), result.step, dataformats="NHWC")
-        elif modality == "text":
-            vocab = None
-            datamodule = getattr(trainer, "datamodule", None)
-            for attr in ("vocab", "itos", "id_to_token"):
-                vocab = vocab if vocab is not None else getattr(datamodule, attr, None)
-            tokens = plots.tokens_of(result.inputs[:m], vocab)
-            page = plots.token_html(tokens, result.input_attributions[:m].float().numpy(), captions, title)
-            (folder / "tokens.html").write_text(page)
-            self._figures["tokens_html"] = str(folder / "tokens.html")
-            for logger in trainer.loggers:
-                if type(logger).__name__ == "TensorBoardLogger":
-                    logger.experiment.add_text("explain/tokens", page, result.step)
+        drawn = plots.draw_explanation(
+            trainer, self.folder(trainer), result, self._modality(result.inputs), f"{self.method}, epoch {result.epoch}",
+            self.top_k, self.num_heatmaps, self._captions(result, m),
+        )  # fmt: skip
+        self._figures.update(drawn)
 
     def _captions(self, result: Explanation, m: int) -> list[str]:
         captions = []
@@ -561,6 +411,7 @@ class Attribution(ScheduledPass):
 
     # report and checkpoint ------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
+        """The last pass as plain JSON (see :attr:`report_keys`), figures under ``"figures"``."""
         last = self.last
         return to_jsonable({
             "method": self.method,
@@ -579,6 +430,7 @@ class Attribution(ScheduledPass):
             "files": {} if last is None else dict(last.files),
         })  # fmt: skip
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "sample": None if self.sample is None else self.sample.state(),
@@ -588,6 +440,7 @@ class Attribution(ScheduledPass):
             "history": self.history,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sample = state_dict.get("sample")
         self.sample = None if sample is None else FixedSample.from_state(sample)

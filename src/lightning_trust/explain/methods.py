@@ -1,20 +1,28 @@
-"""Captum attribution methods by name, their options, and baselines.
+"""Captum attribution methods by name, their options, baselines, and the chunked Captum calls.
 
 Captum does the math; this module only maps a YAML-friendly name to the Captum class, splits the
-user's options between the class's constructor and its ``attribute``, and builds baselines.
+user's options between the class's constructor and its ``attribute``, builds baselines, and calls
+``attribute`` (plus Captum's ``infidelity`` and ``sensitivity_max``) chunk by chunk.
 
 Example:
-    >>> spec = METHODS["integrated_gradients"]
-    >>> explainer = build_explainer("integrated_gradients", model, options={"n_steps": 32})
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    >>> explainer = build_explainer("integrated_gradients", model, options={"n_steps": 8})
+    >>> split_options("integrated_gradients", {"n_steps": 8})
+    ({}, {'n_steps': 8})
+    >>> found = attribute("saliency", model, torch.randn(5, 4), chunk_slices(5, 2), targets=torch.zeros(5, dtype=torch.long))
+    >>> found.attributions.shape, found.delta, found.infidelity
+    (torch.Size([5, 4]), None, None)
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +48,7 @@ class MethodSpec:
     (``None``: none, ``"single"``: a reference per input, ``"distribution"``: a set of references) and
     whether it returns a convergence delta."""
 
-    cls: type
+    cls: type[Any]
     layer: bool = False
     baseline: Optional[str] = "single"
     delta: bool = False
@@ -76,12 +84,14 @@ def split_options(method: str, options: Optional[dict[str, Any]]) -> tuple[dict[
     Raises ``ValueError`` naming the unknown options and the accepted ones.
     """
     spec = METHODS[method]
-    init_names = _params(spec.cls.__init__) - {"forward_func", "model", "layer"}
+    init_names = _params(spec.cls) - {"forward_func", "model", "layer"}  # the constructor's signature
     call_names = _params(spec.cls.attribute) - _MANAGED
     init, call, unknown = {}, {}, []
     for name, value in (options or {}).items():
         if name in call_names:
-            call[name] = tuple(value) if name in ("sliding_window_shapes", "strides") and isinstance(value, list) else value
+            call[name] = (
+                tuple(value) if name in ("sliding_window_shapes", "strides") and isinstance(value, list) else value
+            )
         elif name in init_names:
             init[name] = value
         else:
@@ -105,7 +115,9 @@ def resolve_layer(module: nn.Module, path: str) -> nn.Module:
         return module.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in module.named_modules() if n][:30]
-        raise ValueError(f"`layer={path!r}` is not a submodule of {type(module).__name__}; some of its modules: {names}.")
+        raise ValueError(
+            f"`layer={path!r}` is not a submodule of {type(module).__name__}; some of its modules: {names}."
+        ) from None
 
 
 def build_explainer(method: str, module: nn.Module, layer: Optional[str] = None, options: Optional[dict] = None) -> Any:
@@ -123,7 +135,7 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
         raise ValueError(
             f"baseline='blur' is for images (N, C, H, W), got inputs of shape {tuple(images.shape)}; use 'zeros' or 'mean'."
         )
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, math.ceil(3 * sigma))
     grid = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-0.5 * (grid / sigma) ** 2)
     kernel = kernel / kernel.sum()
@@ -193,3 +205,99 @@ def make_baselines(
     if base.shape[0] != inputs.shape[0]:
         return base.mean(dim=0, keepdim=True).expand_as(inputs).contiguous()  # a distribution as one reference
     return base
+
+
+class Attributions(NamedTuple):
+    """What :func:`attribute` returns: the attributions, the per-sample convergence delta (methods
+    with one), and the mean ``infidelity`` and ``sensitivity_max`` (``None`` when not computed)."""
+
+    attributions: Tensor
+    delta: Optional[Tensor]
+    infidelity: Optional[float]
+    sensitivity_max: Optional[float]
+
+
+def _explanation_func(explainer: Any, fixed_base: Optional[Tensor]) -> Callable[..., Tensor]:
+    """``explainer.attribute`` for ``sensitivity_max``; a baseline distribution stays fixed (it is not
+    expanded per perturbation)."""
+
+    def explanation(x: Tensor, **kw: Any) -> Tensor:
+        if fixed_base is not None:
+            kw["baselines"] = fixed_base
+        return explainer.attribute(x, **kw)
+
+    return explanation
+
+
+def chunk_slices(n: int, batch_size: Optional[int]) -> list[slice]:
+    """``n`` samples in chunks of ``batch_size`` (``None``: one chunk)."""
+    size = batch_size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def attribute(
+    method: str,
+    module: nn.Module,
+    inputs: Tensor,
+    chunks: list[slice],
+    advance: Callable[[], None] = lambda: None,
+    *,
+    layer: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+    baselines: Optional[Tensor] = None,
+    targets: Optional[Tensor] = None,
+    infidelity_samples: int = 0,
+    infidelity_noise: float = 0.1,
+    sensitivity_samples: int = 0,
+    sensitivity_radius: float = 0.02,
+) -> Attributions:
+    """``method``'s attributions of ``inputs`` chunk by chunk, with Captum's ``infidelity`` (Gaussian
+    perturbations of std ``infidelity_noise``) and ``sensitivity_max`` (L-inf radius
+    ``sensitivity_radius``) when their sample counts are positive. ``advance`` is called after each
+    Captum call (a progress bar)."""
+    from captum.metrics import infidelity, sensitivity_max
+
+    spec = METHODS[method]
+    explainer = build_explainer(method, module, layer, dict(options or {}))
+    _, call = split_options(method, dict(options or {}))
+    per_sample_base = baselines is not None and spec.baseline == "single"
+    attrs, deltas, infids, sens = [], [], [], []
+    for part in chunks:
+        kwargs: dict[str, Any] = dict(call)
+        if baselines is not None:
+            kwargs["baselines"] = baselines[part] if per_sample_base else baselines
+        if targets is not None:
+            kwargs["target"] = targets[part]
+        if spec.delta:
+            attr, delta = explainer.attribute(inputs[part], return_convergence_delta=True, **kwargs)
+            deltas.append(delta.reshape(-1))
+        else:
+            attr = explainer.attribute(inputs[part], **kwargs)
+        attrs.append(attr.detach())
+        advance()
+        if infidelity_samples > 0:
+
+            def perturb(x: Tensor) -> tuple[Tensor, Tensor]:
+                delta_x = torch.randn_like(x) * infidelity_noise
+                return delta_x, x - delta_x
+
+            value = infidelity(
+                module, perturb, inputs[part], attr.detach(), target=kwargs.get("target"),
+                n_perturb_samples=infidelity_samples, normalize=True,
+            )  # fmt: skip
+            infids.append(value.detach().reshape(-1))
+            advance()
+        if sensitivity_samples > 0:
+            fixed_base = kwargs.pop("baselines", None) if spec.baseline == "distribution" else None
+            value = sensitivity_max(
+                _explanation_func(explainer, fixed_base), inputs[part], perturb_radius=sensitivity_radius,
+                n_perturb_samples=sensitivity_samples, **kwargs,
+            )  # fmt: skip
+            sens.append(value.detach().reshape(-1))
+            advance()
+    return Attributions(
+        attributions=torch.cat(attrs),
+        delta=torch.cat(deltas) if deltas else None,
+        infidelity=float(torch.cat(infids).float().mean()) if infids else None,
+        sensitivity_max=float(torch.cat(sens).float().mean()) if sens else None,
+    )

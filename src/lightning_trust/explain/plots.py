@@ -1,21 +1,41 @@
-"""Pictures and HTML of attributions: ranked feature importance, image heatmaps, token highlights.
+"""Pictures and HTML of the explain callbacks: ranked feature importance, image heatmaps, token
+highlights, robust accuracy per epsilon.
 
 Token highlights use Captum's ``format_word_importances``. Image heatmaps are |attribution| in a
 colormap blended over the image, tiled in one mosaic (cheap enough to draw every epoch).
+
+Example:
+    >>> fig = importance_figure(["age", "hours-per-week"], [0.4, 0.1], "Top 2 features")
+    >>> len(fig.axes)
+    1
+    >>> import torch
+    >>> tokens_of(torch.tensor([[1, 2]]), ["<pad>", "good", "film"])
+    [['good', 'film']]
 """
 
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from torch import Tensor
 
-from lightning_trust.core import new_figure
+from lightning_trust.core.output import new_figure, save_figure
+
+__all__ = [
+    "draw_explanation",
+    "heatmap_grid",
+    "importance_figure",
+    "overlays",
+    "robust_accuracy_figure",
+    "save_overlays",
+    "token_html",
+    "tokens_of",
+]
 
 
 def importance_figure(names: Sequence[str], scores: Sequence[float], title: str) -> Any:
@@ -110,3 +130,80 @@ def tokens_of(ids: Tensor, vocab: Optional[Any]) -> list[list[str]]:
     elif isinstance(vocab, (list, tuple)):
         lookup = dict(enumerate(map(str, vocab)))
     return [[lookup.get(int(t), str(int(t))) for t in row] for row in ids.tolist()]
+
+
+def _tensorboards(trainer: Any) -> list[Any]:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return [logger for logger in getattr(trainer, "loggers", []) or [] if isinstance(logger, TensorBoardLogger)]
+
+
+def draw_explanation(
+    trainer: Any,
+    folder: Path,
+    result: Any,
+    modality: str,
+    title: str,
+    top_k: int,
+    num_heatmaps: int,
+    captions: Sequence[str],
+) -> dict[str, str]:
+    """Draw an :class:`~lightning_trust.explain.explanation.Explanation` into ``folder`` and the
+    loggers: ``feature_importance.png`` (a mean |attribution| map for images, a ranked bar chart
+    otherwise), then ``heatmaps.png`` + ``heatmaps/sample_XX.png`` for images or ``tokens.html`` for
+    token inputs. Returns ``{figure name: path}``."""
+    figures: dict[str, str] = {}
+    k = min(top_k, len(result.names))
+    top = result.top(k)
+    image = modality == "image" and result.input_attributions.ndim == 4
+    if image:
+        amap = result.importance.reshape(result.input_attributions.shape[1:]).sum(dim=0)
+        fig = new_figure(figsize=(3.2, 3.0))
+        ax = fig.add_subplot(1, 1, 1)
+        shown = ax.imshow(amap.numpy(), cmap="inferno")
+        fig.colorbar(shown, ax=ax)
+        ax.set_title(f"mean |attribution| ({title})", fontsize=8)
+        ax.axis("off")
+    else:
+        fig = importance_figure([t["feature"] for t in top], [t["score"] for t in top], f"Top {k} features ({title})")
+    save_figure(trainer, fig, folder / "feature_importance.png", tag="explain/feature_importance")
+    figures["feature_importance"] = str(folder / "feature_importance.png")
+    m = min(num_heatmaps, len(result.inputs))
+    if image:
+        rgb = overlays(result.inputs[:m], result.input_attributions[:m])
+        save_figure(trainer, heatmap_grid(rgb, captions, title), folder / "heatmaps.png", tag="explain/heatmaps")
+        figures["heatmaps"] = str(folder / "heatmaps.png")
+        save_overlays(folder / "heatmaps", rgb)
+        for logger in _tensorboards(trainer):
+            logger.experiment.add_images("explain/overlays", rgb.astype(np.float32), result.step, dataformats="NHWC")
+    elif modality == "text":
+        vocab = None
+        datamodule = getattr(trainer, "datamodule", None)
+        for attr in ("vocab", "itos", "id_to_token"):
+            vocab = vocab if vocab is not None else getattr(datamodule, attr, None)
+        tokens = tokens_of(result.inputs[:m], vocab)
+        page = token_html(tokens, result.input_attributions[:m].float().numpy(), captions, title)
+        (folder / "tokens.html").write_text(page)
+        figures["tokens_html"] = str(folder / "tokens.html")
+        for logger in _tensorboards(trainer):
+            logger.experiment.add_text("explain/tokens", page, result.step)
+    return figures
+
+
+def robust_accuracy_figure(
+    epsilons: Sequence[float], curves: Mapping[str, Sequence[float]], clean: float, title: str
+) -> Any:
+    """Accuracy against epsilon, one line per attack (``curves[attack]``: accuracy at each epsilon),
+    the clean accuracy dashed."""
+    fig = new_figure(figsize=(4.5, 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for attack, accuracies in curves.items():
+        ax.plot(list(epsilons), list(accuracies), marker="o", label=attack.upper())
+    ax.axhline(clean, color="grey", linestyle="--", linewidth=1, label="clean")
+    ax.set_xlabel("epsilon")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

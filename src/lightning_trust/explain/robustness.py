@@ -2,33 +2,44 @@
 
 Example:
     >>> robust = AdversarialRobustness(attacks=["fgsm", "pgd"], epsilons=[0.0, 0.05, 0.1], num_samples=256)
-    >>> pl.Trainer(max_epochs=5, callbacks=[robust]).fit(SmallCNN(), DigitsDataModule())
-    >>> robust.report()["robust_accuracy"]["pgd"]["0.1"]
+    >>> [eps_name(e) for e in robust.epsilons]  # how report keys and metric names write them
+    ['0', '0.05', '0.1']
+    >>> import lightning.pytorch as pl
+    >>> from lightning_trust.demo import DigitsDataModule, SmallCNN
+    >>> pl.Trainer(max_epochs=5, callbacks=[robust]).fit(SmallCNN(), DigitsDataModule())  # doctest: +SKIP
+    >>> robust.report()["robust_accuracy"]["pgd"]["0.1"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract
-from lightning_trust.explain._common import (
-    FixedSample,
-    ScheduledPass,
-    draw_sample,
-    eps_name,
-    find_loader,
-    log_metrics,
-    progress,
-)
-from lightning_trust.core import isolated_eval, new_figure, save_figure, to_jsonable, write_json
+from lightning_trust.core.batch import BatchContract, call_module, logits_of
+from lightning_trust.core.loaders import find_loader
+from lightning_trust.core.output import log_metrics, save_figure, write_json
+from lightning_trust.core.passes import isolated_eval
+from lightning_trust.core.tensors import to_jsonable
+from lightning_trust.explain.plots import robust_accuracy_figure
+from lightning_trust.explain.progress import progress
+from lightning_trust.explain.sample import FixedSample, draw_sample
+from lightning_trust.explain.schedule import ScheduledPass
+
+__all__ = ["ATTACKS", "AdversarialRobustness", "eps_name"]
 
 ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
+
+
+def eps_name(eps: float) -> str:
+    """ε as written in report keys and metric names: ``0.1``, ``0``, ``0.03``."""
+    return f"{float(eps):g}"
 
 
 def _cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
@@ -70,10 +81,30 @@ class AdversarialRobustness(ScheduledPass):
         batch_size: samples per attack call (``None``: all at once).
         progress: show progress in the Trainer's progress bar style.
         batch_keys: how to read batches (see :class:`~lightning_trust.core.batch.BatchContract`).
+        name: the report section (default ``"robustness"``).
     """
 
     report_section = "robustness"
     area = "robustness"
+    logged_keys: ClassVar[dict[str, str]] = {
+        "robustness/clean_acc": "accuracy on the fixed sample without attack",
+        "robustness/worst_acc": "lowest accuracy over the attacks and epsilons (and clean)",
+        "robustness/<attack>/acc@<eps>": "robust accuracy under an attack at one epsilon",
+        "robustness/<attack>/success@<eps>": "share of the clean-correct samples the attack flips at one epsilon",
+        "robustness/min_perturbation": "median smallest FGSM epsilon that flips a sample (min_perturbation=True)",
+    }
+    report_keys: ClassVar[dict[str, str]] = {
+        "attacks": "the attacks run",
+        "epsilons": "the perturbation budgets, sorted",
+        "num_samples": "size of the fixed sample attacked",
+        "norm": "PGD's norm ('Linf' or 'L2')",
+        "epoch": "epoch of the last pass (null before any)",
+        "clean_accuracy": "accuracy on the sample without attack",
+        "robust_accuracy": "accuracy per attack and epsilon, {attack: {eps: accuracy}}",
+        "worst_accuracy": "lowest accuracy over the attacks and epsilons (and clean)",
+        "attack_success_rate": "share of clean-correct samples flipped, {attack: {eps: rate}}",
+        "min_perturbation": "the smallest breaking FGSM epsilons found (null unless min_perturbation=True)",
+    }
 
     def __init__(
         self,
@@ -94,7 +125,9 @@ class AdversarialRobustness(ScheduledPass):
         batch_size: Optional[int] = None,
         progress: bool = True,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
+        name: Optional[str] = None,
     ) -> None:
+        super().__init__(run_on, every_n_epochs, name=name)
         attacks = ["fgsm", "pgd"] if attacks is None else [a.lower() for a in attacks]
         epsilons = [0.0, 0.05, 0.1, 0.2] if epsilons is None else [float(e) for e in epsilons]
         if not attacks or any(a not in ATTACKS for a in attacks) or len(set(attacks)) != len(attacks):
@@ -104,7 +137,9 @@ class AdversarialRobustness(ScheduledPass):
         if num_samples < 1 or pgd_steps < 1 or min_perturbation_samples < 1:
             raise ValueError("`num_samples`, `pgd_steps` and `min_perturbation_samples` must be positive integers.")
         if pgd_step_size is not None and pgd_step_size <= 0:
-            raise ValueError(f"`pgd_step_size` must be positive (or None for 2.5 * epsilon / pgd_steps), got {pgd_step_size}.")
+            raise ValueError(
+                f"`pgd_step_size` must be positive (or None for 2.5 * epsilon / pgd_steps), got {pgd_step_size}."
+            )
         if norm not in ("Linf", "L2"):
             raise ValueError(f"`norm` must be 'Linf' or 'L2', got {norm!r}.")
         if input_range is not None and (len(input_range) != 2 or not input_range[0] < input_range[1]):
@@ -121,7 +156,6 @@ class AdversarialRobustness(ScheduledPass):
         self.input_range = None if input_range is None else [float(v) for v in input_range]
         self.min_perturbation = min_perturbation
         self.min_perturbation_samples = min_perturbation_samples
-        self._init_schedule(run_on, every_n_epochs)
         self.seed = seed
         self.stratify = stratify
         self.batch_size = batch_size
@@ -153,16 +187,18 @@ class AdversarialRobustness(ScheduledPass):
     # the pass ---------------------------------------------------------------------------------
     def evaluate(self, pl_module: Any, trainer: Any = None, stage: str = "manual") -> dict[str, Any]:
         """Attack the fixed sample now (the hooks call this) and return the result dict."""
-        from captum.robust import FGSM, PGD
-
         contract = BatchContract.resolve(self.batch_keys, trainer)
         if self.sample is None:
             loader, kind = find_loader(trainer, ("val", "test"))
             if loader is None:
-                raise RuntimeError("AdversarialRobustness found no validation (or test) DataLoader to draw its sample from.")
+                raise RuntimeError(
+                    "AdversarialRobustness found no validation (or test) DataLoader to draw its sample from."
+                )
             self.sample = draw_sample(loader, contract, self.num_samples, self.seed, self.stratify, source=kind)
             if self.sample.targets is None:
-                raise ValueError("AdversarialRobustness needs class targets in the batches (see `batch_keys: {target: ...}`).")
+                raise ValueError(
+                    "AdversarialRobustness needs class targets in the batches (see `batch_keys: {target: ...}`)."
+                )
         # validate/test hooks run under torch.inference_mode, which enable_grad alone does not lift
         with torch.inference_mode(False):
             return self._evaluate(pl_module, trainer, stage)
@@ -189,17 +225,21 @@ class AdversarialRobustness(ScheduledPass):
 
             def predict(inputs: Tensor) -> Tensor:
                 with torch.no_grad():
-                    return torch.cat([module(inputs[s]).argmax(dim=1) for s in parts])
+                    return torch.cat([logits_of(call_module(module, inputs[s])).argmax(dim=1) for s in parts])
 
             clean_correct = predict(x) == y
             fgsm = FGSM(module, loss_func=_cross_entropy, lower_bound=low, upper_bound=high)
             pgd = PGD(module, loss_func=_cross_entropy, lower_bound=low, upper_bound=high)
-            total = len(self.attacks) * len(self.epsilons) + (self.min_perturbation_samples if self.min_perturbation else 0)
+            total = len(self.attacks) * len(self.epsilons) + (
+                self.min_perturbation_samples if self.min_perturbation else 0
+            )
             with progress(trainer, total, "Adversarial robustness", self.progress) as bar:
                 for attack in self.attacks:
                     for eps in self.epsilons:
                         if attack == "fgsm":
-                            adv = torch.cat([fgsm.perturb(x[s].clone().requires_grad_(), epsilon=eps, target=y[s]) for s in parts])
+                            adv = torch.cat(
+                                [fgsm.perturb(x[s].clone().requires_grad_(), epsilon=eps, target=y[s]) for s in parts]
+                            )
                         else:
                             step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * eps / self.pgd_steps
                             adv = torch.cat([
@@ -231,7 +271,9 @@ class AdversarialRobustness(ScheduledPass):
         self.history.append({k: v for k, v in result.items()})
         return result
 
-    def _min_perturbation(self, module: Any, fgsm: Any, x: Tensor, y: Tensor, clean_correct: Tensor, bar: Any) -> dict[str, Any]:
+    def _min_perturbation(
+        self, module: Any, fgsm: Any, x: Tensor, y: Tensor, clean_correct: Tensor, bar: Any
+    ) -> dict[str, Any]:
         from captum.robust import MinParamPerturbation
 
         upper = max(self.epsilons) or 1.0
@@ -257,23 +299,16 @@ class AdversarialRobustness(ScheduledPass):
             "max_epsilon": upper,
         }
 
-    def _draw(self, trainer: Any, result: dict[str, Any], folder: Any) -> None:
-        fig = new_figure(figsize=(4.5, 3.2))
-        ax = fig.add_subplot(1, 1, 1)
-        for attack in self.attacks:
-            ax.plot(self.epsilons, [result["robust_accuracy"][attack][eps_name(e)] for e in self.epsilons], marker="o", label=attack.upper())
-        ax.axhline(result["clean_accuracy"], color="grey", linestyle="--", linewidth=1, label="clean")
-        ax.set_xlabel("epsilon")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"Robust accuracy, epoch {result['epoch']}", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+    def _draw(self, trainer: Any, result: dict[str, Any], folder: Path) -> None:
+        curves = {a: [result["robust_accuracy"][a][eps_name(e)] for e in self.epsilons] for a in self.attacks}
+        title = f"Robust accuracy, epoch {result['epoch']}"
+        fig = robust_accuracy_figure(self.epsilons, curves, result["clean_accuracy"], title)
         save_figure(trainer, fig, folder / "robust_accuracy.png", tag="robustness/robust_accuracy")
         self._figures["robust_accuracy"] = str(folder / "robust_accuracy.png")
 
     # report and checkpoint ------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
+        """The last pass as plain JSON (see :attr:`report_keys`), figures under ``"figures"``."""
         last = self.last or {}
         return to_jsonable({
             "attacks": list(self.attacks),
@@ -289,9 +324,15 @@ class AdversarialRobustness(ScheduledPass):
             "figures": dict(self._figures),
         })  # fmt: skip
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"sample": None if self.sample is None else self.sample.state(), "history": self.history, "last": self.last}
+        return {
+            "sample": None if self.sample is None else self.sample.state(),
+            "history": self.history,
+            "last": self.last,
+        }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sample = state_dict.get("sample")
         self.sample = None if sample is None else FixedSample.from_state(sample)

@@ -1,0 +1,146 @@
+"""The fixed, seeded sample the explain callbacks work on: drawn once, stratified by class.
+
+Example:
+    >>> import numpy as np, torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> labels = torch.tensor([0] * 90 + [1] * 10)
+    >>> picked = stratified_indices(labels, 10, np.random.default_rng(0))
+    >>> int((labels[picked] == 1).sum())
+    5
+    >>> loader = DataLoader(TensorDataset(torch.randn(100, 3), labels), batch_size=16)
+    >>> sample = draw_sample(loader, BatchContract(), num_samples=8, seed=0)
+    >>> sample.inputs.shape, sample.targets.tolist()
+    (torch.Size([8, 3]), [0, 0, 0, 0, 1, 1, 1, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from lightning_trust.core.batch import BatchContract
+from lightning_trust.core.passes import fork_rngs
+
+__all__ = ["FixedSample", "draw_sample", "stratified_indices"]
+
+
+@dataclass
+class FixedSample:
+    """Samples drawn once: ``inputs`` and (when the batch has one) ``targets``, with their dataset indices."""
+
+    inputs: Tensor
+    targets: Optional[Tensor]
+    indices: list[int]
+    source: str
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (see :meth:`from_state`)."""
+        return {"inputs": self.inputs, "targets": self.targets, "indices": list(self.indices), "source": self.source}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FixedSample:
+        return cls(state["inputs"], state.get("targets"), list(state["indices"]), state.get("source", "val"))
+
+
+def _collated(loader: DataLoader, indices: Sequence[int]) -> Iterator[Any]:
+    """Batches of ``loader.dataset[indices]`` collated like the user's loader (no shuffling)."""
+    sub = DataLoader(Subset(loader.dataset, list(indices)), batch_size=512, shuffle=False, collate_fn=loader.collate_fn)
+    yield from sub
+
+
+def _read(
+    batches: Iterable[Any], contract: BatchContract, limit: Optional[int] = None
+) -> tuple[Tensor, Optional[Tensor]]:
+    inputs: list[Tensor] = []
+    targets: list[Tensor] = []
+    has_target = True
+    count = 0
+    for batch in batches:
+        x = contract.inputs(batch)
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"The explain callbacks need a single input tensor per batch, got {type(x).__name__}; point "
+                "`batch_keys: {input: <key>}` at the model's input tensor."
+            )
+        inputs.append(x.detach().cpu())
+        target = contract.target(batch) if has_target and contract.has_target(batch) else None
+        if isinstance(target, Tensor):
+            targets.append(target.detach().cpu())
+        else:
+            has_target = False
+        count += len(x)
+        if limit is not None and count >= limit:
+            break
+    if not inputs:
+        raise ValueError("The data to explain is empty.")
+    x = torch.cat(inputs)
+    y = torch.cat(targets) if has_target and targets else None
+    if limit is not None:
+        x, y = x[:limit], (y[:limit] if y is not None else None)
+    return x, y
+
+
+def stratified_indices(
+    targets: Optional[Tensor], num: int, generator: np.random.Generator, size: Optional[int] = None
+) -> np.ndarray:
+    """``num`` of ``size`` positions, balanced over classes (round-robin over a seeded shuffle of each
+    class) when ``targets`` are integer class labels; a seeded random choice otherwise. Sorted by class."""
+    n = len(targets) if targets is not None else int(size or 0)
+    if targets is None or targets.ndim != 1 or targets.is_floating_point() or targets.dtype == torch.bool:
+        return np.sort(generator.choice(n, size=min(num, n), replace=False)) if n else np.arange(0)
+    labels = targets.numpy()
+    classes = np.unique(labels)
+    queues = [list(generator.permutation(np.flatnonzero(labels == c))) for c in classes]
+    chosen: list[int] = []
+    while len(chosen) < min(num, n):
+        for queue in queues:
+            if queue and len(chosen) < num:
+                chosen.append(int(queue.pop(0)))
+    chosen_arr = np.array(chosen, dtype=np.int64)
+    return chosen_arr[np.lexsort((chosen_arr, labels[chosen_arr]))]
+
+
+def draw_sample(
+    loader: DataLoader,
+    contract: BatchContract,
+    num_samples: int,
+    seed: int,
+    stratify: bool = True,
+    pool_size: int = 4096,
+    source: str = "val",
+) -> FixedSample:
+    """Draw ``num_samples`` fixed samples from ``loader``'s dataset through the batch contract.
+
+    A map-style dataset is read at a seeded pool of at most ``pool_size`` positions (the loader's own
+    sampler, shuffling or DDP sharding play no part, so every rank and every run draws the same);
+    an iterable dataset gives its first ``pool_size`` samples. Within the pool the sample is
+    stratified by class when the batch has integer class targets.
+    """
+    generator = np.random.default_rng(seed)
+    dataset = loader.dataset
+    # iterating a DataLoader draws its base seed from torch's global RNG: fork it, so that drawing the
+    # sample leaves no trace on training (DP noise, dropout, shuffling)
+    with fork_rngs(devices=[]):
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            x, y = _read(loader, contract, limit=pool_size)
+            pool = np.arange(len(x))
+        else:
+            n = len(dataset)
+            if n == 0:
+                raise ValueError(f"The {source} dataset is empty: there is nothing to explain.")
+            pool = np.sort(generator.choice(n, size=min(n, pool_size), replace=False))
+            x, y = _read(_collated(loader, pool.tolist()), contract)
+    picked = stratified_indices(y if stratify else None, num_samples, generator, size=len(x))
+    index = torch.as_tensor(picked, dtype=torch.long)
+    return FixedSample(
+        inputs=x[index].contiguous(),
+        targets=y[index].contiguous() if y is not None else None,
+        indices=[int(pool[i]) for i in picked],
+        source=source,
+    )
