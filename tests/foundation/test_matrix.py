@@ -107,7 +107,8 @@ _QAT_KWARGS = (
 _expect(
     "DifferentialPrivacy",
     bert=_OPACUS_BROADCAST, gpt2_cls=_OPACUS_BROADCAST, gpt2_lm=_OPACUS_BROADCAST, vit=WORKS, bert_lora=WORKS,
-    boring=WORKS, demo_transformer=REFUSED,
+    boring=WORKS,
+    demo_transformer=REFUSED,
 )  # fmt: skip
 REFUSALS[("DifferentialPrivacy", "demo_transformer")] = (ValueError, r"Set `DifferentialPrivacy\(fix_module=True\)`")
 _expect(
@@ -560,6 +561,7 @@ SPECS: dict[str, Spec] = {
 def run_cell(callback_name: str, model_name: str, root: Path, accelerator: str = "cpu") -> Outcome:
     """Fit one cell and classify what happened (never raises for the callback's failures)."""
     spec = SPECS[callback_name]
+    torch.manual_seed(0)  # Poisson sampling, client sampling, shuffles: one reproducible draw per cell
     module, datamodule = build(model_name)
     counter = StepCounter()
     initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
