@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
@@ -35,10 +36,17 @@ from lightning_trust.federated.partition import Partitioner
 __all__ = [
     "ClientSegment",
     "RoundLoader",
+    "check_client_behaviour",
     "check_round_config",
+    "check_selection",
+    "check_simulation_trainer",
     "check_user_loader",
     "client_loader",
+    "client_loaders",
+    "client_sample_rate",
     "client_seed",
+    "client_steps",
+    "expected_clients",
     "plan_segments",
 ]
 
@@ -87,6 +95,72 @@ def check_round_config(
             raise ValueError(f"`{label}` must be a positive integer, got {value!r}.")
 
 
+def check_client_behaviour(
+    proximal_mu: float, dropout_rate: float, byzantine_fraction: float, byzantine_scale: float
+) -> None:
+    """Refuse client behaviour settings of the simulation out of their range."""
+    for label, value, ok, rule in (
+        ("proximal_mu", proximal_mu, lambda v: v >= 0, ">= 0"),
+        ("dropout_rate", dropout_rate, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("byzantine_fraction", byzantine_fraction, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("byzantine_scale", byzantine_scale, lambda v: v > 0, "> 0"),
+    ):
+        if not (isinstance(value, (int, float)) and ok(value)):
+            raise ValueError(f"`{label}` must be {rule}, got {value!r}.")
+
+
+def check_simulation_trainer(trainer: pl.Trainer) -> None:
+    """Refuse Trainer settings under which the simulation's rounds cannot run."""
+    if trainer.world_size > 1:
+        raise RuntimeError(
+            "FederatedSimulation simulates all clients in one process; it cannot run under a "
+            f"{trainer.world_size}-process strategy. Use `strategy=FederatedStrategy(...)` to federate across "
+            "processes, or run the simulation with devices=1."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            "FederatedSimulation needs `accumulate_grad_batches=1`: a client's round is `local_steps` optimizer "
+            "steps, and accumulated gradients would mix clients."
+        )
+    if trainer.limit_train_batches not in (1.0, None):
+        raise ValueError(
+            "FederatedSimulation sets the length of each epoch (one round: the sampled clients' local steps); "
+            "remove `limit_train_batches` and use `local_steps` instead."
+        )
+
+
+def client_sample_rate(num_clients: Optional[int], clients_per_round: Optional[Union[int, float]]) -> float:
+    """Expected share of clients per round."""
+    n = num_clients or 1
+    if clients_per_round is None:
+        return 1.0
+    if isinstance(clients_per_round, float):
+        return float(clients_per_round)
+    return min(clients_per_round / n, 1.0)
+
+
+def expected_clients(num_clients: Optional[int], clients_per_round: Optional[Union[int, float]]) -> Optional[int]:
+    """Clients sampled per round (the expected number under Poisson sampling with client DP)."""
+    if num_clients is None:
+        return None
+    if clients_per_round is None:
+        return num_clients
+    if isinstance(clients_per_round, float):
+        return max(1, round(clients_per_round * num_clients))
+    return min(clients_per_round, num_clients)
+
+
+def check_selection(clients: Iterable[Any], num_clients: int, round_index: int) -> list[int]:
+    """The clients ``select_clients`` returned, as ints, refused unless distinct ids in ``range(num_clients)``."""
+    selected = [int(c) for c in clients]
+    if len(set(selected)) != len(selected) or any(not 0 <= c < num_clients for c in selected):
+        raise ValueError(
+            f"`select_clients` must return distinct client ids in range({num_clients}), got {selected} for round "
+            f"{round_index}."
+        )
+    return selected
+
+
 def check_user_loader(user_loader: Any) -> DataLoader:
     """The user's training loader, if the simulation can partition it; else a clear error."""
     if not isinstance(user_loader, DataLoader):
@@ -117,6 +191,31 @@ def client_loader(user_loader: DataLoader, indices: Iterable[int], generator: to
         drop_last=user_loader.drop_last,
         worker_init_fn=user_loader.worker_init_fn,
     )
+
+
+def client_loaders(
+    user_loader: DataLoader,
+    parts: Sequence[Sequence[int]],
+    segments: Iterable[ClientSegment],
+    seed: int,
+    round_index: int,
+) -> dict[int, DataLoader]:
+    """The loaders of the round's clients, each shuffled by its own ``(seed, round, client)`` stream."""
+    return {
+        seg.client: client_loader(
+            user_loader, parts[seg.client], torch.Generator().manual_seed(client_seed(seed, round_index, seg.client))
+        )
+        for seg in segments
+    }
+
+
+def client_steps(
+    user_loader: DataLoader, indices: Sequence[int], local_steps: Optional[int], local_epochs: Optional[int]
+) -> int:
+    """A client's optimizer steps in a round: ``local_steps``, else ``local_epochs`` passes over its batches."""
+    if local_steps:
+        return local_steps
+    return int(local_epochs or 1) * len(client_loader(user_loader, indices, torch.Generator()))
 
 
 def plan_segments(

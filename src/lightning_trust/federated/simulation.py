@@ -1,26 +1,7 @@
-"""Mode 1: in-process federated simulation of any LightningModule, as a drop-in callback.
-
-One Lightning epoch is one round. The callback partitions the dataset of the user's training
-DataLoader into clients once and, each round, feeds Lightning a *round loader*
-(:mod:`lightning_trust.federated.rounds`): the batches of the selected clients one after another
-(client loaders mirror the user's: same batch size, collate function, workers, ``drop_last``;
-shuffled when the user's loader shuffles). Lightning runs the user's own ``training_step``,
-backward and optimizer from ``configure_optimizers`` (so precision, gradient clipping and other
-callbacks apply unchanged). Around each client's batches the callback
-
-* loads the current global weights (plus the client's ``keep_local`` entries) and clears the
-  optimizer state, as FedAvg-style algorithms assume;
-* adds the FedProx proximal gradient ``mu * (w - w_global)`` before each optimizer step (the
-  user's loss is unchanged);
-* after the client's last step, takes its weights as its update (or drops it when the client
-  fails, ``dropout_rate``);
-
-and after the round's last batch it aggregates (:class:`~lightning_trust.federated.server.Server`),
-loads the new global weights, so Lightning's validation runs on the global model, and logs
-``federated/*`` metrics. Which clients train in a round is the overridable
-:meth:`FederatedSimulation.select_clients`. The state (round, global weights, server optimizer,
-client sampler RNG, DP accountant, FedBN local weights, history) is checkpointed; resuming
-continues identically.
+"""Mode 1: :class:`FederatedSimulation`, the in-process federated simulation of any LightningModule
+as a drop-in callback: its arguments, client selection policy and Lightning hooks (one epoch is
+one round, see :mod:`lightning_trust.federated`); rounds are planned in
+:mod:`~lightning_trust.federated.rounds` and recorded in :mod:`~lightning_trust.federated.bookkeeping`.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -41,27 +22,42 @@ from typing import Any, ClassVar, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
-from lightning_trust.core.batch import BatchContract, batch_size_of
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.seam import restore_train_loader, swap_train_loader, train_loader_owner
 from lightning_trust.federated.aggregators import Aggregator
+from lightning_trust.federated.bookkeeping import (
+    ClientTally,
+    log_round,
+    pick_byzantine,
+    restore_simulation,
+    round_record,
+    scalar_val_metrics,
+    sign_flipped,
+    simulation_report,
+    simulation_state,
+    write_artifacts,
+)
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.metrics import SIMULATION_LOGGED_KEYS, SIMULATION_REPORT_KEYS
 from lightning_trust.federated.partition import Partitioner, resolve_partition, split_clients
 from lightning_trust.federated.rounds import (
     ClientSegment,
     RoundLoader,
+    check_client_behaviour,
     check_round_config,
+    check_selection,
+    check_simulation_trainer,
     check_user_loader,
-    client_loader,
-    client_seed,
+    client_loaders,
+    client_sample_rate,
+    client_steps,
+    expected_clients,
     plan_segments,
 )
 from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad, matches_any
@@ -76,11 +72,6 @@ PER_SAMPLE_DP_REASON = (
     "per-sample guarantee over the pooled data would not describe the federated run. For client-level DP use "
     "`FederatedSimulation(client_dp=ClientDP(...))`"
 )
-
-#: The scalars logged once per round (``federated/<key>``) when the round has them.
-_ROUND_SCALARS = (
-    "clients_aggregated", "update_norm_mean", "client_drift", "global_update_norm", "epsilon", "train_loss_mean",
-)  # fmt: skip
 
 
 class FederatedSimulation(TrustCallback):
@@ -148,14 +139,7 @@ class FederatedSimulation(TrustCallback):
         super().__init__(name=name)
         self.partitioner = resolve_partition(partition)
         check_round_config(num_clients, clients_per_round, local_steps, local_epochs, self.partitioner)
-        for label, value, ok, rule in (
-            ("proximal_mu", proximal_mu, lambda v: v >= 0, ">= 0"),
-            ("dropout_rate", dropout_rate, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-            ("byzantine_fraction", byzantine_fraction, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-            ("byzantine_scale", byzantine_scale, lambda v: v > 0, "> 0"),
-        ):
-            if not (isinstance(value, (int, float)) and ok(value)):
-                raise ValueError(f"`{label}` must be {rule}, got {value!r}.")
+        check_client_behaviour(proximal_mu, dropout_rate, byzantine_fraction, byzantine_scale)
         self.byzantine_fraction = float(byzantine_fraction)
         self.byzantine_scale = float(byzantine_scale)
         self.byzantine_clients: list[int] = []
@@ -183,9 +167,7 @@ class FederatedSimulation(TrustCallback):
         self._segments: list[ClientSegment] = []
         self._plan_round = -1
         self._updates: list[ClientUpdate] = []
-        self._loss_sum: Optional[Tensor] = None
-        self._loss_count = 0
-        self._samples_seen = 0
+        self._tally = ClientTally()
         self._resume: Optional[dict[str, Any]] = None
         self._contract: Optional[BatchContract] = None
         self._figure: Optional[str] = None
@@ -208,23 +190,12 @@ class FederatedSimulation(TrustCallback):
     @property
     def sample_rate(self) -> float:
         """Expected share of clients per round."""
-        n = self.num_clients or 1
-        if self.clients_per_round is None:
-            return 1.0
-        if isinstance(self.clients_per_round, float):
-            return float(self.clients_per_round)
-        return min(self.clients_per_round / n, 1.0)
+        return client_sample_rate(self.num_clients, self.clients_per_round)
 
     @property
     def expected_clients_per_round(self) -> Optional[int]:
         """Clients sampled per round (the expected number under Poisson sampling with client DP)."""
-        if self.num_clients is None:
-            return None
-        if self.clients_per_round is None:
-            return self.num_clients
-        if isinstance(self.clients_per_round, float):
-            return max(1, round(self.clients_per_round * self.num_clients))
-        return min(self.clients_per_round, self.num_clients)
+        return expected_clients(self.num_clients, self.clients_per_round)
 
     # policy ---------------------------------------------------------------------------------------
     def select_clients(self, round_index: int, num_clients: int, generator: torch.Generator) -> list[int]:
@@ -253,12 +224,7 @@ class FederatedSimulation(TrustCallback):
 
     def _selected_clients(self) -> list[int]:
         n = len(self._parts or [])
-        clients = [int(c) for c in self.select_clients(self.round, n, self._sampler)]
-        if len(set(clients)) != len(clients) or any(not 0 <= c < n for c in clients):
-            raise ValueError(
-                f"`select_clients` must return distinct client ids in range({n}), got {clients} for round {self.round}."
-            )
-        return clients
+        return check_selection(self.select_clients(self.round, n, self._sampler), n, self.round)
 
     # setup ----------------------------------------------------------------------------------------
     def _should_skip(self, trainer: pl.Trainer) -> bool:
@@ -270,7 +236,7 @@ class FederatedSimulation(TrustCallback):
         super().setup(trainer, pl_module, stage)
         if self._should_skip(trainer):
             return
-        _check_trainer(trainer)
+        check_simulation_trainer(trainer)
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
         self._param_keys = {name for name, _ in pl_module.named_parameters()}
         self._trainer = trainer
@@ -302,12 +268,7 @@ class FederatedSimulation(TrustCallback):
         )
         if self.num_clients is None:
             self.num_clients = len(self._parts)
-        n_bad = round(self.byzantine_fraction * len(self._parts))
-        if n_bad:
-            perm = torch.randperm(
-                len(self._parts), generator=torch.Generator().manual_seed(client_seed(self.seed, 7919))
-            )
-            self.byzantine_clients = sorted(perm[:n_bad].tolist())
+        self.byzantine_clients = pick_byzantine(len(self._parts), self.byzantine_fraction, self.seed)
 
     def _round_loader(self, user_loader: Any) -> RoundLoader:
         """``wrap`` of the seam: this round's loader, from the user's loader Lightning just loaded."""
@@ -319,22 +280,13 @@ class FederatedSimulation(TrustCallback):
         if self._plan_round != self.round:
 
             def steps_of(client: int) -> int:
-                if self.local_steps:
-                    return self.local_steps
-                return int(self.local_epochs or 1) * len(client_loader(user_loader, parts[client], torch.Generator()))
+                return client_steps(user_loader, parts[client], self.local_steps, self.local_epochs)
 
             self._segments = plan_segments(self._selected_clients(), steps_of, self.dropout_rate, self._sampler)
             self._plan_round = self.round
             if not self._resume:
                 self._updates = []
-        loaders = {
-            seg.client: client_loader(
-                user_loader,
-                parts[seg.client],
-                torch.Generator().manual_seed(client_seed(self.seed, self.round, seg.client)),
-            )
-            for seg in self._segments
-        }
+        loaders = client_loaders(user_loader, parts, self._segments, self.seed, self.round)
         skip = 0
         if self._resume and self._trainer is not None:  # resumed mid-round: skip the batches already run
             skip = self._trainer.fit_loop.epoch_loop.batch_progress.current.ready
@@ -353,7 +305,7 @@ class FederatedSimulation(TrustCallback):
         for optimizer in trainer.optimizers:
             optimizer.state.clear()  # fresh local optimizer, as FedAvg/FedProx assume
         self._global_device = self._global_on(pl_module) if self.proximal_mu else {}
-        self._loss_sum, self._loss_count, self._samples_seen = None, 0, 0
+        self._tally = ClientTally()
 
     def _global_on(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         assert self._global is not None
@@ -382,35 +334,22 @@ class FederatedSimulation(TrustCallback):
         seg = self._segment_at(batch_idx)
         if seg is None:
             return
-        self._record_step(outputs, batch)
+        self._tally.record(outputs, batch, self._contract)
         if batch_idx == seg.start + seg.steps - 1:
             self._end_client(pl_module, seg)
         if batch_idx == sum(s.steps for s in self._segments) - 1:
             self._close_round(pl_module)
-
-    def _record_step(self, outputs: Any, batch: Any) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, Tensor):
-            loss = loss.detach().float()
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_count += 1
-        self._samples_seen += batch_size_of(batch, self._contract) or 0
 
     def _end_client(self, pl_module: pl.LightningModule, seg: ClientSegment) -> None:
         if seg.failed:
             return
         assert self._parts is not None
         state = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
-        if seg.client in self.byzantine_clients and self._global is not None:  # sign-flipping attacker
-            for k in self._param_keys:
-                g = self._global[k]
-                state[k] = (g.double() - self.byzantine_scale * (state[k].double() - g.double())).to(g.dtype)
+        if seg.client in self.byzantine_clients and self._global is not None:
+            state = sign_flipped(state, self._global, self._param_keys, self.byzantine_scale)
         if self.server.keep_local:
             self._local_states[seg.client] = {k: v for k, v in state.items() if matches_any(k, self.server.keep_local)}
-        loss = float(self._loss_sum / self._loss_count) if self._loss_sum is not None and self._loss_count else None
-        self._updates.append(
-            ClientUpdate(seg.client, state, len(self._parts[seg.client]), loss, {"samples_seen": self._samples_seen})
-        )
+        self._updates.append(self._tally.update(seg.client, state, len(self._parts[seg.client])))
 
     def _close_round(self, pl_module: pl.LightningModule) -> None:
         assert self._global is not None
@@ -421,40 +360,11 @@ class FederatedSimulation(TrustCallback):
             metrics["epsilon"] = self.client_dp.epsilon()
         self._global = new_global
         pl_module.load_state_dict(new_global, strict=True)
-        losses = [u.loss for u in self._updates if u.loss is not None]
-        record: dict[str, Any] = {
-            "round": self.round + 1,
-            "clients": [u.client_id for u in self._updates],
-            "failed": [seg.client for seg in self._segments if seg.failed and not seg.idle],
-            "client_loss": {str(u.client_id): u.loss for u in self._updates},
-            "client_samples": {str(u.client_id): u.metrics.get("samples_seen", 0) for u in self._updates},
-            "client_steps": {str(seg.client): seg.steps for seg in self._segments if not seg.idle},
-            **metrics,
-        }
-        if losses:
-            record["train_loss_mean"] = sum(losses) / len(losses)
+        record = round_record(self.round + 1, self._updates, self._segments, metrics)
         self.history.append(record)
         self.round += 1
         self._updates = []
-        self._log_round(pl_module, record)
-
-    def _log_round(self, pl_module: pl.LightningModule, record: dict[str, Any]) -> None:
-        scalars = {"round": float(record["round"]), "clients_failed": float(len(record["failed"]))}
-        scalars.update({key: float(record[key]) for key in _ROUND_SCALARS if key in record})
-        for key, value in scalars.items():
-            pl_module.log(f"federated/{key}", value, on_step=False, on_epoch=True, batch_size=1)
-        if self.log_clients:
-            self._log_clients(pl_module.trainer, record)
-
-    @rank_zero_only
-    def _log_clients(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
-        metrics: dict[str, float] = {}
-        for cid, loss in record["client_loss"].items():
-            if loss is not None:
-                metrics[f"federated/client_{cid}/train_loss"] = loss
-            metrics[f"federated/client_{cid}/samples"] = float(record["client_samples"][cid])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_round(pl_module, record, self.log_clients)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -466,129 +376,24 @@ class FederatedSimulation(TrustCallback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._should_skip(trainer) or not self.history:
             return
-        self.history[-1]["val"] = _scalar_val_metrics(trainer)
+        self.history[-1]["val"] = scalar_val_metrics(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write_artifacts(trainer)
-
-    @rank_zero_only
-    def _write_artifacts(self, trainer: pl.Trainer) -> None:
-        folder = artifact_dir(trainer, "federated")
-        write_json(folder / "simulation.json", self.report())
-        curves: dict[str, list[tuple[int, float]]] = {}
-        for record in self.history:
-            for k, v in record.get("val", {}).items():
-                curves.setdefault(k, []).append((record["round"], v))
-        if curves:
-            fig = new_figure(figsize=(5, 3.2))
-            ax = fig.add_subplot(1, 1, 1)
-            for metric, points in curves.items():
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=metric)
-            ax.set_xlabel("round")
-            ax.set_title(f"Global model, {self.aggregator.name}")
-            ax.legend()
-            path = folder / "rounds.png"
-            save_figure(trainer, fig, path, tag="federated/rounds")
-            self._figure = str(path)
+        figure = write_artifacts(trainer, self.report(), self.history, self.aggregator.name)
+        if figure:
+            self._figure = figure
 
     # checkpointing ----------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "round": self.round,
-            "global": self._global,
-            "server": self.server.state_dict(),
-            "sampler": self._sampler.get_state(),
-            "local_states": self._local_states,
-            "history": self.history,
-            "num_clients": self.num_clients,
-            "partition_sizes": [len(p) for p in self._parts] if self._parts is not None else None,
-        }
-        if self._plan_round == self.round and self._segments and self._updates_in_flight():
-            # saved mid-round: the plan and finished clients, so the round resumes where it stopped
-            state["in_round"] = {
-                "segments": [vars(s).copy() for s in self._segments],
-                "updates": [vars(u).copy() for u in self._updates],
-            }
-        return state
-
-    def _updates_in_flight(self) -> bool:
-        if self._trainer is None:
-            return False
-        position = self._trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return 0 < position < sum(s.steps for s in self._segments)
+        return simulation_state(self)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.round = int(state_dict["round"])
-        self._global = state_dict["global"]
-        self.server.load_state_dict(state_dict["server"])
-        self._sampler.set_state(state_dict["sampler"])
-        self._local_states = state_dict.get("local_states", {})
-        self.history = list(state_dict.get("history", []))
-        self.num_clients = state_dict.get("num_clients", self.num_clients)
-        self._expected_sizes = state_dict.get("partition_sizes")
-        in_round = state_dict.get("in_round")
-        if in_round:
-            self._segments = [ClientSegment(**s) for s in in_round["segments"]]
-            self._updates = [ClientUpdate(**u) for u in in_round["updates"]]
-            self._plan_round = self.round
-            self._resume = {"in_round": True}
+        restore_simulation(self, state_dict)
 
     # report -----------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """The federated section of the report (keys: :attr:`report_keys`)."""
-        last_val: dict[str, float] = next((r["val"] for r in reversed(self.history) if "val" in r), {})
-        out: dict[str, Any] = {
-            "mode": "simulation",
-            "rounds": self.round,
-            "num_clients": self.num_clients,
-            "clients_per_round": self.expected_clients_per_round,
-            "sample_rate": self.sample_rate,
-            "aggregator": self.aggregator.name,
-            "aggregator_config": repr(self.aggregator),
-            "local_steps": self.local_steps,
-            "local_epochs": self.local_epochs,
-            "proximal_mu": self.proximal_mu,
-            "dropout_rate": self.dropout_rate,
-            "byzantine_clients": self.byzantine_clients,
-            "keep_local": self.server.keep_local,
-            "partition": self.partition_info,
-            "final_val": last_val,
-            "per_round": self.history,
-        }
-        if self.client_dp is not None:
-            dp = self.client_dp.report()
-            out.update({"epsilon": dp["epsilon"], "delta": dp["delta"], "client_dp": dp})
-        if self._figure:
-            out["figures"] = {"rounds": self._figure}
-        return out
-
-
-def _scalar_val_metrics(trainer: pl.Trainer) -> dict[str, float]:
-    """The Trainer's scalar ``val*`` metrics (the global model's, after a round)."""
-    return {
-        k: float(v)
-        for k, v in trainer.callback_metrics.items()
-        if k.startswith("val") and isinstance(v, Tensor) and v.numel() == 1
-    }
-
-
-def _check_trainer(trainer: pl.Trainer) -> None:
-    if trainer.world_size > 1:
-        raise RuntimeError(
-            "FederatedSimulation simulates all clients in one process; it cannot run under a "
-            f"{trainer.world_size}-process strategy. Use `strategy=FederatedStrategy(...)` to federate across "
-            "processes, or run the simulation with devices=1."
-        )
-    if trainer.accumulate_grad_batches != 1:
-        raise ValueError(
-            "FederatedSimulation needs `accumulate_grad_batches=1`: a client's round is `local_steps` optimizer "
-            "steps, and accumulated gradients would mix clients."
-        )
-    if trainer.limit_train_batches not in (1.0, None):
-        raise ValueError(
-            "FederatedSimulation sets the length of each epoch (one round: the sampled clients' local steps); "
-            "remove `limit_train_batches` and use `local_steps` instead."
-        )
+        return simulation_report(self, self._figure)

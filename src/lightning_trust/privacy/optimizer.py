@@ -1,5 +1,7 @@
 """The DP optimizer: the user's optimizer wrapped in Opacus's ``DPOptimizer`` (clipping, noise,
-and the step hook that feeds the accountant), and unwrapped again after fit.
+and the step hook that feeds the accountant), and unwrapped again after fit; the checks and
+adjustments of its per-sample gradients during training (accumulated batches, a pruned module),
+and Lightning's DDP all-reduce switched off while ``DistributedDPOptimizer`` all-reduces the noisy sum.
 
 Example:
     >>> import torch
@@ -18,11 +20,21 @@ from typing import Optional, Union
 
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_trust.privacy.loader import noise_generator
 
-__all__ = ["CLIPPINGS", "default_clip", "unwrap_optimizers", "wrap_optimizer"]
+__all__ = [
+    "CLIPPINGS",
+    "check_holds_parameters",
+    "default_clip",
+    "scale_grad_samples",
+    "set_ddp_grad_sync",
+    "single_optimizer",
+    "unwrap_optimizers",
+    "wrap_optimizer",
+]
 
 CLIPPINGS = ("flat", "per_layer")
 
@@ -30,6 +42,17 @@ CLIPPINGS = ("flat", "per_layer")
 def unwrap_optimizers(optimizers: Sequence[Optimizer]) -> list[Optimizer]:
     """The user's optimizers under any ``DPOptimizer``."""
     return [opt.original_optimizer if isinstance(opt, DPOptimizer) else opt for opt in optimizers]
+
+
+def single_optimizer(optimizers: Sequence[Optimizer]) -> Optimizer:
+    """The one user optimizer (under any ``DPOptimizer``); DP-SGD wraps exactly one."""
+    unwrapped = unwrap_optimizers(optimizers)
+    if len(unwrapped) != 1:
+        raise ValueError(
+            f"DifferentialPrivacy wraps one optimizer; configure_optimizers returned {len(unwrapped)}. Use one "
+            "optimizer with several param groups."
+        )
+    return unwrapped[0]
 
 
 def default_clip(
@@ -78,3 +101,33 @@ def wrap_optimizer(
     if step_hook is not None:
         dp_optimizer.attach_step_hook(step_hook)
     return dp_optimizer
+
+
+def check_holds_parameters(optimizer: DPOptimizer, module: nn.Module) -> None:
+    """Refuse a DP optimizer that still holds parameters ``module`` replaced (structural pruning)."""
+    current = {id(p) for p in module.parameters()}
+    stale = [p for p in optimizer.params if id(p) not in current]
+    if stale:
+        raise RuntimeError(
+            f"The module's parameters were replaced during training, but the DP optimizer still holds {len(stale)} "
+            "of the old ones: their clipped, noised gradients would not reach the model. A callback that changes "
+            "the model's structure must point the optimizer's param_groups at the new parameters (as "
+            "ProgressivePruning does)."
+        )
+
+
+def scale_grad_samples(optimizer: DPOptimizer, factor: float) -> None:
+    """Multiply the per-sample gradients by ``factor`` (Lightning divided the loss by
+    ``accumulate_grad_batches``; the true per-sample gradients are clipped)."""
+    for p in optimizer.params:
+        samples = p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample]
+        for g in samples:
+            if g is not None:
+                g.mul_(factor)
+
+
+def set_ddp_grad_sync(model: Optional[nn.Module], sync: bool) -> None:
+    """Switch DDP's own gradient all-reduce on or off (the ``DistributedDPOptimizer`` all-reduces the
+    noisy sum once; the raw, unclipped gradients need none)."""
+    if isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = sync

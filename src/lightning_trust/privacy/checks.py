@@ -1,0 +1,124 @@
+"""What :class:`~lightning_trust.privacy.DifferentialPrivacy` refuses before training: arguments
+that contradict each other or DP-SGD, and Trainer settings that break per-sample clipping.
+
+Example:
+    >>> check_arguments(target_epsilon=3.0, noise_multiplier=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: DifferentialPrivacy needs exactly one of `target_epsilon` (the noise is computed from it) or `noise_multiplier` (fixed noise); got target_epsilon=3.0, noise_multiplier=1.0.
+    >>> check_arguments(noise_multiplier=1.0, max_grad_norm=[1.0, 0.5])
+    Traceback (most recent call last):
+    ...
+    ValueError: A list `max_grad_norm` (one bound per parameter) needs `clipping='per_layer'`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from lightning_trust.privacy.accounting import ACCOUNTANTS
+from lightning_trust.privacy.hooks import GRAD_SAMPLE_MODES
+from lightning_trust.privacy.optimizer import CLIPPINGS
+
+__all__ = ["SUPPORTED_PRECISIONS", "check_arguments", "check_trainer"]
+
+#: Trainer precisions DP-SGD supports (fp16 loss scaling would scale per-sample gradients before clipping).
+SUPPORTED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
+
+
+def check_arguments(
+    target_epsilon: Optional[float] = None,
+    target_delta: Optional[float] = None,
+    noise_multiplier: Optional[float] = None,
+    max_grad_norm: Union[float, list[float]] = 1.0,
+    accountant: str = "prv",
+    poisson_sampling: bool = True,
+    clipping: str = "flat",
+    grad_sample_mode: str = "hooks",
+    max_physical_batch_size: Optional[int] = None,
+    secure_rng: bool = False,
+    stop_at_epsilon: Optional[float] = None,
+    epsilon_tolerance: float = 0.01,
+    dataset_size: Optional[int] = None,
+    log_every_n_steps: Optional[int] = None,
+) -> None:
+    """Raise ``ValueError`` naming the fix for arguments of ``DifferentialPrivacy`` that cannot work."""
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ValueError(
+            "DifferentialPrivacy needs exactly one of `target_epsilon` (the noise is computed from it) or "
+            f"`noise_multiplier` (fixed noise); got target_epsilon={target_epsilon}, "
+            f"noise_multiplier={noise_multiplier}."
+        )
+    if target_epsilon is not None and not target_epsilon > 0:
+        raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
+    if noise_multiplier is not None and not noise_multiplier >= 0:
+        raise ValueError(f"`noise_multiplier` must be >= 0, got {noise_multiplier}.")
+    if target_delta is not None and not 0 < target_delta < 1:
+        raise ValueError(f"`target_delta` must be in (0, 1), got {target_delta}; a typical value is 1e-5.")
+    norms = max_grad_norm if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm]
+    if not norms or any(not isinstance(c, (int, float)) or not c > 0 for c in norms):
+        raise ValueError(f"`max_grad_norm` must be a positive number (or a list of them), got {max_grad_norm}.")
+    if isinstance(max_grad_norm, (list, tuple)) and clipping != "per_layer":
+        raise ValueError("A list `max_grad_norm` (one bound per parameter) needs `clipping='per_layer'`.")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
+    if clipping not in CLIPPINGS:
+        raise ValueError(f"`clipping` must be one of {CLIPPINGS}, got {clipping!r}.")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"`grad_sample_mode` must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
+    if grad_sample_mode == "ghost" and clipping != "flat":
+        raise ValueError("Opacus's ghost clipping supports only `clipping='flat'`; use grad_sample_mode='hooks'.")
+    if max_physical_batch_size is not None and max_physical_batch_size < 1:
+        raise ValueError(f"`max_physical_batch_size` must be a positive integer, got {max_physical_batch_size}.")
+    if max_physical_batch_size is not None and not poisson_sampling:
+        raise ValueError("`max_physical_batch_size` splits Poisson batches; it needs `poisson_sampling=True`.")
+    if stop_at_epsilon is not None and not stop_at_epsilon > 0:
+        raise ValueError(f"`stop_at_epsilon` must be > 0, got {stop_at_epsilon}.")
+    if not epsilon_tolerance > 0:
+        raise ValueError(f"`epsilon_tolerance` must be > 0, got {epsilon_tolerance}.")
+    if dataset_size is not None and dataset_size < 1:
+        raise ValueError(f"`dataset_size` must be a positive integer, got {dataset_size}.")
+    if log_every_n_steps is not None and log_every_n_steps < 1:
+        raise ValueError(f"`log_every_n_steps` must be a positive integer, got {log_every_n_steps}.")
+    if secure_rng and importlib.util.find_spec("torchcsprng") is None:
+        raise ValueError(
+            "`secure_rng=True` needs cryptographically secure randomness from `torchcsprng` "
+            "(`pip install torchcsprng`); it is not installed. Set `secure_rng=False` to use torch's RNG."
+        )
+
+
+def check_trainer(trainer: pl.Trainer, grad_sample_mode: str, max_physical_batch_size: Optional[int]) -> int:
+    """Refuse Trainer settings that break DP-SGD; return ``accumulate_grad_batches``."""
+    if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"DifferentialPrivacy supports single-device and DDP training, not {type(trainer.strategy).__name__}; "
+            "use `strategy='ddp'` (or 'auto' on one device)."
+        )
+    if str(trainer.precision) not in SUPPORTED_PRECISIONS:
+        raise ValueError(
+            f"DifferentialPrivacy does not support `precision={trainer.precision!r}`: fp16 loss scaling scales the "
+            "per-sample gradients before they are clipped, and Opacus has no fp16 grad samplers. "
+            f"Use one of {SUPPORTED_PRECISIONS}."
+        )
+    if trainer.gradient_clip_val:
+        raise ValueError(
+            f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips the summed gradient, which DP-SGD "
+            "replaces by per-sample clipping; remove it and set `DifferentialPrivacy(max_grad_norm=...)` instead."
+        )
+    accumulate = int(trainer.accumulate_grad_batches)
+    if accumulate > 1 and grad_sample_mode == "ghost":
+        raise ValueError(
+            "Opacus's ghost clipping takes one backward pass per optimizer step, so it cannot be combined with "
+            f"Trainer(accumulate_grad_batches={accumulate}); use grad_sample_mode='hooks' or "
+            "`max_physical_batch_size` for memory."
+        )
+    if accumulate > 1 and max_physical_batch_size is not None:
+        raise ValueError(
+            "Use either Trainer(accumulate_grad_batches) or DifferentialPrivacy(max_physical_batch_size) to split "
+            "logical batches, not both."
+        )
+    return accumulate
