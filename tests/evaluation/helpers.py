@@ -1,23 +1,11 @@
-"""Shared pieces of the evaluation tests: quick trainers and reference numbers from scikit-learn/torchmetrics."""
+"""Reference numbers from scikit-learn/torchmetrics for the evaluation tests (the Trainer is tests/support.py's)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from torchmetrics.functional.classification import multiclass_calibration_error
-
-
-def trainer(tmp_path: Any, callbacks: list, **kwargs: Any) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-    )  # fmt: skip
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
 
 
 def probabilities(model: torch.nn.Module, inputs: torch.Tensor) -> np.ndarray:
@@ -31,8 +19,11 @@ def reference_metrics(probs: np.ndarray, target: np.ndarray, n_bins: int = 15) -
     out = {
         "accuracy": accuracy_score(target, probs.argmax(1)),
         "nll": log_loss(target, probs, labels=list(range(probs.shape[1]))),
-        "ece": float(multiclass_calibration_error(torch.from_numpy(probs), torch.from_numpy(target), probs.shape[1],
-                                                  n_bins=n_bins)),  # fmt: skip
+        "ece": float(
+            multiclass_calibration_error(
+                torch.from_numpy(probs), torch.from_numpy(target), probs.shape[1], n_bins=n_bins
+            )
+        ),
     }
     if probs.shape[1] == 2:
         out["f1"] = f1_score(target, probs.argmax(1), zero_division=0)

@@ -12,10 +12,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_trust.core.batch import BatchKeyError
-from lightning_trust.demo import AdultDataModule, DigitsDataModule, SmallCNN, TabularMLP
-from lightning_trust.evaluation import CrossDomainEvaluation, DomainSubset
 from lightning_trust.core.protocol import Reportable
-from tests.evaluation.helpers import probabilities, reference_metrics, trainer
+from lightning_trust.demo import SmallCNN, TabularMLP
+from lightning_trust.evaluation import CrossDomainEvaluation, DomainSubset
+from tests.evaluation.helpers import probabilities, reference_metrics
+from tests.support import trainer
 
 METRICS = ["accuracy", "f1", "auroc", "nll", "ece"]
 
@@ -39,7 +40,9 @@ def digits_model(digits):
 
 def test_per_domain_metrics_equal_sklearn_on_filtered_arrays(adult, adult_model, tmp_path):
     # a small buffer makes several flushes per pass; in_domain given by name
-    cb = CrossDomainEvaluation(domain_key="native_region", in_domain=["United-States"], metrics=METRICS, buffer_size=700)
+    cb = CrossDomainEvaluation(
+        domain_key="native_region", in_domain=["United-States"], metrics=METRICS, buffer_size=700
+    )
     t = trainer(tmp_path, [cb])
     t.validate(adult_model, datamodule=adult, verbose=False)
     report = cb.report()
@@ -139,7 +142,9 @@ def test_tuple_batches_with_a_domain_position_and_an_empty_domain(tmp_path):
 
 def test_unknown_domain_key_lists_the_batch_keys(adult, adult_model, tmp_path):
     cb = CrossDomainEvaluation(domain_key="country", domain_values=[0, 1], metrics=["accuracy"])
-    with pytest.raises(BatchKeyError, match=r"domain_key='country'.*'x', 'y', 'sex', 'race', 'age_group', 'native_region'"):
+    with pytest.raises(
+        BatchKeyError, match=r"domain_key='country'.*'x', 'y', 'sex', 'race', 'age_group', 'native_region'"
+    ):
         trainer(tmp_path, [cb]).validate(adult_model, datamodule=adult, verbose=False)
 
 
@@ -174,8 +179,12 @@ def test_corruptions_error_grows_with_severity_and_baseline_normalizes(digits, d
         assert errors["5"] > errors["1"], name  # a trained model fails more at higher severity
     mean_by_severity = [np.mean([e[s] for e in corruption["errors"].values()]) for s in ("1", "3", "5")]
     assert mean_by_severity[0] < mean_by_severity[1] < mean_by_severity[2]
-    assert report["corruption_error"] == pytest.approx(np.mean([v["ce"] for v in corruption["per_corruption"].values()]))
-    assert float(report["per_domain"]["contrast_s5"]["accuracy"]) == pytest.approx(1 - corruption["errors"]["contrast"]["5"])
+    assert report["corruption_error"] == pytest.approx(
+        np.mean([v["ce"] for v in corruption["per_corruption"].values()])
+    )
+    assert float(report["per_domain"]["contrast_s5"]["accuracy"]) == pytest.approx(
+        1 - corruption["errors"]["contrast"]["5"]
+    )
     # the same model as its own baseline: CE = relative CE = 1 (and the corruption noise is seeded)
     baseline = report["tables"]["corruption_errors"]
     again = CrossDomainEvaluation(corruptions="all", severities=[1, 3, 5], metrics=["accuracy"], baseline_errors=baseline,
@@ -212,7 +221,7 @@ def test_fit_every_n_epochs_figures_logs_and_pauses_other_callbacks(adult, tmp_p
     recorder = Recorder()
     cb = CrossDomainEvaluation(domain_key="native_region", in_domain=["United-States"], every_n_epochs=2,
                                metrics=["accuracy", "ece"], domains={"test_split": "test_dataloader"})  # fmt: skip
-    t = trainer(tmp_path, [cb, recorder], max_epochs=3, limit_train_batches=10,
+    t = trainer(tmp_path, [cb, recorder], max_epochs=3, limit_train_batches=10, num_sanity_val_steps=2,
                 logger=pl.loggers.CSVLogger(tmp_path, name=""))  # fmt: skip
     t.fit(TabularMLP(), adult)
     assert [h["epoch"] for h in cb.history] == [1, 2]  # epoch 2 (every 2nd) and the last one
@@ -241,7 +250,8 @@ def test_resume_from_checkpoint_gives_the_same_numbers(adult, tmp_path):
         cb = CrossDomainEvaluation(domain_key="native_region", domain_values=[0, 1, 2, 3, 4], in_domain=[0],
                                    metrics=["accuracy", "nll"], figures=False)  # fmt: skip
         ckpt_cb = ModelCheckpoint(dirpath=root, save_last=True)
-        t = trainer(root, [cb, ckpt_cb], max_epochs=max_epochs, enable_checkpointing=True, deterministic=True)
+        t = trainer(root, [cb, ckpt_cb], max_epochs=max_epochs, enable_checkpointing=True, deterministic=True,
+                    num_sanity_val_steps=2)  # fmt: skip
         t.fit(TabularMLP(), train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt)
         return cb
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_trust.core.batch import BatchContract
 from lightning_trust.evaluation import DomainSubset, HoldOutDomain
@@ -30,7 +30,7 @@ def test_hold_out_domain_filters_the_training_loaders(adult, tmp_path):
     import lightning.pytorch as pl
 
     from lightning_trust.demo import TabularMLP
-    from tests.evaluation.helpers import trainer
+    from tests.support import trainer
 
     seen = []
 
@@ -39,27 +39,34 @@ def test_hold_out_domain_filters_the_training_loaders(adult, tmp_path):
             seen.append(batch["native_region"])
 
     hold = HoldOutDomain("native_region", held_out=["Asia", "Europe"])
-    trainer(tmp_path, [hold, Spy()], max_epochs=1, limit_train_batches=20).fit(TabularMLP(), adult)
+    trainer(tmp_path, [hold, Spy()], max_epochs=1, limit_train_batches=20, num_sanity_val_steps=2).fit(
+        TabularMLP(), adult
+    )
     regions = torch.cat(seen)
     assert not bool(((regions == 2) | (regions == 3)).any())
     train_regions = adult.train_dataset.tensors["native_region"]
     assert hold.kept_sizes["train"] == int(((train_regions != 2) & (train_regions != 3)).sum())
     assert "train_dataloader" not in vars(adult)  # the datamodule's own method is back
     with pytest.raises(ValueError, match="'Mars' is not a value of 'native_region'"):
-        trainer(tmp_path, [HoldOutDomain("native_region", held_out=["Mars"])]).fit(TabularMLP(), adult)
+        trainer(tmp_path, [HoldOutDomain("native_region", held_out=["Mars"])], max_epochs=1).fit(TabularMLP(), adult)
 
 
 @pytest.mark.slow
 def test_leave_one_domain_out_tabulates_one_run_per_domain(tmp_path):
-    args = ["--config", "configs/adult_domains.yaml", "--trainer.max_epochs=1", "--trainer.limit_train_batches=8",
-            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    args = [
+        "--config",
+        "configs/adult_domains.yaml",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=8",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     result = leave_one_domain_out(args, "native_region", domains=["Asia", "Europe"], out_dir=tmp_path)
     assert [r["held_out"] for r in result["runs"]] == ["Asia", "Europe"]
     for run in result["runs"]:
         assert 0.5 < run["held_out_accuracy"] <= 1.0 and run["held_out_samples"] > 100
-    assert result["average"]["held_out"] == pytest.approx(
-        sum(r["held_out_accuracy"] for r in result["runs"]) / 2
-    )
+    assert result["average"]["held_out"] == pytest.approx(sum(r["held_out_accuracy"] for r in result["runs"]) / 2)
     table = Path(result["table"]["markdown"]).read_text()
     assert "| Algorithm | Asia | Europe | Avg |" in table
     assert json.loads(Path(result["table"]["json"]).read_text())["metric"] == "accuracy"

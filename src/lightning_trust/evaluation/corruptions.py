@@ -17,14 +17,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Callable, Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "resolve_corruptions", "corruption_errors"]
+__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "corruption_errors", "resolve_corruptions"]
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -170,8 +170,8 @@ def resolve_corruptions(corruptions: object) -> list[str]:
 def corruption_errors(
     clean_error: float,
     errors: Mapping[str, Mapping[int, float]],
-    baseline: Optional[Mapping[str, object]] = None,
-) -> dict[str, object]:
+    baseline: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
     """ImageNet-C corruption errors from top-1 errors per corruption and severity.
 
     Without a baseline: ``ce_c`` is the mean error over severities and ``relative_ce_c`` the mean of
@@ -180,22 +180,24 @@ def corruption_errors(
     ``relative CE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean)``; ``mCE`` and
     relative ``mCE`` are the means over corruptions. Returns plain floats.
     """
-    per: dict[str, dict[str, object]] = {}
+    per: dict[str, dict[str, Any]] = {}
     base_errors = baseline.get("errors", {}) if baseline else {}
-    base_clean = float(baseline["clean_error"]) if baseline else float("nan")  # type: ignore[index, arg-type]
+    base_clean = float(baseline["clean_error"]) if baseline else float("nan")
     if baseline is not None:
-        missing = [c for c in errors if c not in base_errors]  # type: ignore[operator]
+        missing = [c for c in errors if c not in base_errors]
         if missing:
-            raise ValueError(f"`baseline_errors` has no errors for corruption(s) {missing}; rerun the baseline with them.")
+            raise ValueError(
+                f"`baseline_errors` has no errors for corruption(s) {missing}; rerun the baseline with them."
+            )
     for name, by_severity in errors.items():
         sev = sorted(by_severity)
         e = [float(by_severity[s]) for s in sev]
-        entry: dict[str, object] = {"errors": {str(s): v for s, v in zip(sev, e)}}
+        entry: dict[str, Any] = {"errors": {str(s): v for s, v in zip(sev, e)}}
         if baseline is None:
             entry["ce"] = sum(e) / len(e)
             entry["relative_ce"] = sum(v - clean_error for v in e) / len(e)
         else:
-            b_by = {int(k): float(v) for k, v in base_errors[name].items()}  # type: ignore[index, union-attr]
+            b_by = {int(k): float(v) for k, v in base_errors[name].items()}
             if any(s not in b_by for s in sev):
                 raise ValueError(f"`baseline_errors` lacks severities {sev} of {name!r}; it has {sorted(b_by)}.")
             b = [b_by[s] for s in sev]
@@ -210,5 +212,5 @@ def corruption_errors(
         "corruption_error": mean("ce"),
         "relative_corruption_error": mean("relative_ce"),
         "per_corruption": per,
-        "errors": {name: dict(v["errors"]) for name, v in per.items()},  # type: ignore[call-overload]
+        "errors": {name: dict(v["errors"]) for name, v in per.items()},
     }

@@ -1,36 +1,42 @@
 """Filter any map-style dataset by a domain side column, and hold domains out of a Lightning run.
 
 Example:
-    >>> europe = DomainSubset(dm.val_dataset, "native_region", keep=[3])
-    >>> trainer = pl.Trainer(callbacks=[HoldOutDomain("native_region", held_out=["Asia"])])
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> data = TensorDataset(torch.randn(6, 2), torch.zeros(6), torch.tensor([0, 1, 2, 0, 1, 3]))
+    >>> DomainSubset(data, "site", keep=[0, 3], contract=BatchContract(columns={"site": 2})).indices
+    [0, 3, 5]
+    >>> hold = HoldOutDomain("native_region", held_out=["Asia"])
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract
+from lightning_trust.core.batch import BatchContract, read_column
 
-# One column of a map-style dataset, read through the batch contract (shared with federated's ByKey).
-from lightning_trust.core.batch import read_column
-
-__all__ = ["DomainSubset", "HoldOutDomain", "read_column", "domain_codes"]
+__all__ = ["DomainSubset", "HoldOutDomain", "domain_codes"]
 
 
-def domain_codes(values: Sequence[Union[str, int]], key: str, categories: Optional[Mapping[str, Sequence[str]]]) -> list[Any]:
+def domain_codes(
+    values: Sequence[Union[str, int]], key: str, categories: Optional[Mapping[str, Sequence[str]]]
+) -> list[Any]:
     """Column values for domain names or codes: names map to their index in ``categories[key]``."""
     names = list(categories[key]) if isinstance(categories, Mapping) and key in categories else None
     codes: list[Any] = []
     for value in values:
         if isinstance(value, str) and names is not None:
             if value not in names:
-                raise ValueError(f"{value!r} is not a value of {key!r}; its values are {names} (or codes 0..{len(names) - 1}).")
+                raise ValueError(
+                    f"{value!r} is not a value of {key!r}; its values are {names} (or codes 0..{len(names) - 1})."
+                )
             codes.append(names.index(value))
         else:
             codes.append(value)
@@ -94,7 +100,7 @@ class HoldOutDomain(Callback):
         batch_keys: batch contract overrides.
 
     Example:
-        >>> trainer = pl.Trainer(callbacks=[HoldOutDomain("native_region", held_out=["Asia"])])
+        >>> trainer = pl.Trainer(callbacks=[HoldOutDomain("native_region", held_out=["Asia"])], logger=False)
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class HoldOutDomain(Callback):
         self._patched: list[tuple[Any, str, Any]] = []
         self.kept_sizes: dict[str, int] = {}
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         contract = BatchContract.resolve(self.batch_keys, trainer)
         datamodule = getattr(trainer, "datamodule", None)
@@ -133,12 +140,16 @@ class HoldOutDomain(Callback):
             setattr(owner, name, self._filtered(original, split, codes, contract))
             self._patched.append((owner, name, own))
 
-    def _filtered(self, original: Callable[[], Any], split: str, codes: list[Any], contract: BatchContract) -> Callable[[], Any]:
+    def _filtered(
+        self, original: Callable[[], Any], split: str, codes: list[Any], contract: BatchContract
+    ) -> Callable[[], Any]:
         def loader() -> Any:
             source = original()
             if not isinstance(source, DataLoader):
-                raise ValueError(f"HoldOutDomain filters DataLoaders; `{split}_dataloader` returned {type(source).__name__}.")
-            subset = DomainSubset(source.dataset, self.domain_key, exclude=codes, contract=contract)  # type: ignore[arg-type]
+                raise ValueError(
+                    f"HoldOutDomain filters DataLoaders; `{split}_dataloader` returned {type(source).__name__}."
+                )
+            subset = DomainSubset(source.dataset, self.domain_key, exclude=codes, contract=contract)
             self.kept_sizes[split] = len(subset)
             return DataLoader(
                 subset,
@@ -154,6 +165,7 @@ class HoldOutDomain(Callback):
 
         return loader
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for owner, name, own in reversed(self._patched):
             if own is None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["NAMED_METRICS", "MetricSpec", "NegativeLogLikelihood", "BrierScore", "to_probabilities"]
+__all__ = ["NAMED_METRICS", "BrierScore", "MetricSpec", "NegativeLogLikelihood", "to_probabilities"]
 
 #: Short metric names and what they build (two-class variant, multiclass variant).
 NAMED_METRICS: dict[str, tuple[str, str]] = {
@@ -63,6 +63,8 @@ class NegativeLogLikelihood(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    total: Tensor  # states registered with add_state
+    count: Tensor
 
     def __init__(self, eps: float = 1e-12, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -87,6 +89,8 @@ class BrierScore(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    total: Tensor  # states registered with add_state
+    count: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -148,7 +152,7 @@ class MetricSpec:
         """A fresh metric object; ``num_classes`` and ``validate_args=False`` are passed where accepted."""
         path = self.paths[0] if num_classes == 2 else self.paths[1]
         metric_cls = _import(path)
-        params = inspect.signature(metric_cls.__init__).parameters
+        params = inspect.signature(metric_cls).parameters  # the constructor's
         kwargs = dict(self.kwargs)
         if "num_classes" in params:
             kwargs.setdefault("num_classes", num_classes)

@@ -1,4 +1,4 @@
-"""Summaries over domains (average, weighted average, worst, in-domain vs OOD gap), tables and figures.
+"""Summaries over domains (average, weighted average, worst, in-domain vs OOD gap) and their tables.
 
 Example:
     >>> s = summarize({"a": {"accuracy": 0.9}, "b": {"accuracy": 0.6}}, {"a": 30, "b": 10},
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["summarize", "write_tables", "bar_chart", "reliability_diagram"]
+__all__ = ["has_value", "summarize", "write_tables"]
 
 
 def _mean(values: Sequence[float], weights: Optional[Sequence[float]] = None) -> Optional[float]:
@@ -50,7 +50,9 @@ def summarize(
                   "in_domain_weighted", "ood", "ood_weighted", "ood_gap")
     }  # fmt: skip
     for metric, higher in higher_is_better.items():
-        rows = [(d, float(v[metric]), sizes.get(d, 0)) for d, v in per_domain.items() if _valid(v.get(metric))]
+        rows = [
+            (d, float(v[metric] or 0.0), sizes.get(d, 0)) for d, v in per_domain.items() if has_value(v.get(metric))
+        ]
         if not rows:
             continue
         values = [v for _, v, _ in rows]
@@ -77,12 +79,13 @@ def summarize(
     return out
 
 
-def _valid(value: Any) -> bool:
+def has_value(value: Any) -> bool:
+    """Whether ``value`` is a number (not NaN, not ``None``)."""
     return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if _valid(value) else ("" if value is None else str(value))
+    return f"{value:.4f}" if has_value(value) else ("" if value is None else str(value))
 
 
 def write_tables(
@@ -115,57 +118,3 @@ def write_tables(
     lines += ["| " + " | ".join(r) + " |" for r in rows + summary_rows]
     md_path.write_text("\n".join(lines) + "\n")
     return {"csv": str(csv_path), "markdown": str(md_path)}
-
-
-def bar_chart(
-    metric: str,
-    per_domain: Mapping[str, Mapping[str, Optional[float]]],
-    in_domain: Sequence[str],
-    reference: Optional[float],
-) -> Any:
-    """A bar per domain (in-domain ones highlighted) with a dashed line at the in-domain value."""
-    from lightning_trust.core import new_figure
-
-    names = [d for d, v in per_domain.items() if _valid(v.get(metric))]
-    values = [float(per_domain[d][metric]) for d in names]  # type: ignore[arg-type]
-    fig = new_figure(figsize=(max(4.0, 0.45 * len(names) + 2), 3.6))
-    ax = fig.add_subplot(1, 1, 1)
-    colors = ["tab:blue" if d in in_domain else "tab:orange" for d in names]
-    ax.bar(range(len(names)), values, color=colors)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=60 if len(names) > 6 else 20, ha="right", fontsize=8)
-    if reference is not None and _valid(reference):
-        ax.axhline(reference, color="black", linestyle="--", linewidth=1, label=f"in-domain {reference:.3f}")
-        ax.legend(loc="best", fontsize=8)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per domain (blue: in-domain, orange: out-of-domain)", fontsize=9)
-    return fig
-
-
-def reliability_diagram(domain: str, accuracy: Sequence[float], confidence: Sequence[float],
-                        proportion: Sequence[float], ece: Optional[float]) -> Any:  # fmt: skip
-    """Accuracy vs confidence per bin (bars) against the diagonal, with the bin weights below."""
-    from lightning_trust.core import new_figure
-
-    n = len(accuracy)
-    width = 1.0 / n
-    centers = [(i + 0.5) * width for i in range(n)]
-    fig = new_figure(figsize=(3.8, 4.4))
-    grid = fig.add_gridspec(2, 1, height_ratios=[3, 1], hspace=0.35)
-    ax, ax2 = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
-    used = [i for i in range(n) if proportion[i] > 0]
-    ax.bar([centers[i] for i in used], [accuracy[i] for i in used], width=width, edgecolor="black",
-           color="tab:blue", label="accuracy")  # fmt: skip
-    ax.bar([centers[i] for i in used], [confidence[i] - accuracy[i] for i in used], bottom=[accuracy[i] for i in used],
-           width=width, color="tab:red", alpha=0.3, label="gap")  # fmt: skip
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{domain}: ECE {ece:.3f}" if ece is not None and _valid(ece) else domain, fontsize=9)
-    ax.legend(loc="upper left", fontsize=7)
-    ax2.bar(centers, list(proportion), width=width, color="gray")
-    ax2.set_xlim(0, 1)
-    ax2.set_xlabel("confidence")
-    ax2.set_ylabel("share")
-    return fig
