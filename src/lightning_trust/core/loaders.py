@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 __all__ = ["all_loaders", "find_loader", "first_loader", "split_loaders"]
@@ -41,20 +42,28 @@ def first_loader(loaders: Any) -> Optional[DataLoader]:
 
 def split_loaders(trainer: Any, split: str) -> list[DataLoader]:
     """The loaders of one split (``"train"``, ``"val"``, ``"test"``): the Trainer's when it has
-    loaded them, else the datamodule's (a datamodule without that split gives none)."""
+    loaded them, else the datamodule's, else the LightningModule's own ``*_dataloader`` hook (a
+    source without that split gives none)."""
     if split not in _TRAINER_ATTRS:
         raise ValueError(f"`split` must be one of {sorted(_TRAINER_ATTRS)}, got {split!r}.")
     loaders = all_loaders(getattr(trainer, _TRAINER_ATTRS[split], None))
     if loaders:
         return loaders
-    datamodule = getattr(trainer, "datamodule", None)
-    method = getattr(datamodule, f"{split}_dataloader", None) if datamodule is not None else None
-    if not callable(method) or _is_base_hook(datamodule, f"{split}_dataloader"):
+    for source in (getattr(trainer, "datamodule", None), getattr(trainer, "lightning_module", None)):
+        loaders = _hook_loaders(source, f"{split}_dataloader")
+        if loaders:
+            return loaders
+    return []
+
+
+def _hook_loaders(source: Any, name: str) -> list[DataLoader]:
+    method = getattr(source, name, None) if source is not None else None
+    if not callable(method) or _is_base_hook(source, name):
         return []
     try:
         return all_loaders(method())
-    except (NotImplementedError, TypeError, AttributeError, RuntimeError):  # the datamodule lacks that split
-        return []
+    except (NotImplementedError, TypeError, AttributeError, RuntimeError, MisconfigurationException):
+        return []  # that source lacks the split
 
 
 def find_loader(trainer: Any, splits: Sequence[str]) -> tuple[Optional[DataLoader], str]:
@@ -66,7 +75,9 @@ def find_loader(trainer: Any, splits: Sequence[str]) -> tuple[Optional[DataLoade
     return None, ""
 
 
-def _is_base_hook(datamodule: Any, name: str) -> bool:
+def _is_base_hook(source: Any, name: str) -> bool:
+    """Whether ``source``'s hook is Lightning's default (which raises or returns nothing)."""
     import lightning.pytorch as pl
 
-    return getattr(type(datamodule), name, None) is getattr(pl.LightningDataModule, name, None)
+    hook = getattr(type(source), name, None)
+    return any(hook is getattr(base, name, None) for base in (pl.LightningDataModule, pl.LightningModule))

@@ -74,7 +74,7 @@ def discover_values(domain_key: str, trainer: Any, contract: BatchContract) -> l
     else the LightningModule's own ``val_dataloader``)."""
     dataset = getattr(getattr(trainer, "datamodule", None), "val_dataset", None)
     if dataset is None:
-        loader = next(iter(split_loaders(trainer, "val")), None) or _module_val_loader(trainer)
+        loader = next(iter(split_loaders(trainer, "val")), None)
         dataset = getattr(loader, "dataset", None)
     if dataset is None:
         raise ValueError(
@@ -83,19 +83,6 @@ def discover_values(domain_key: str, trainer: Any, contract: BatchContract) -> l
         )
     column = read_column(dataset, contract, domain_key)
     return sorted(set(column.tolist()))
-
-
-def _module_val_loader(trainer: Any) -> Optional[DataLoader]:
-    """The LightningModule's own ``val_dataloader`` (core's loader finder reads the Trainer and the
-    datamodule only), or ``None``."""
-    module = getattr(trainer, "lightning_module", None)
-    method = getattr(module, "val_dataloader", None)
-    if not callable(method):
-        return None
-    try:
-        return first_loader(method())
-    except Exception:
-        return None
 
 
 def in_domain_names(
