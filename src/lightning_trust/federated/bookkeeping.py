@@ -177,9 +177,9 @@ def simulation_state(sim: FederatedSimulation) -> dict[str, Any]:
 
 
 def _updates_in_flight(sim: FederatedSimulation) -> bool:
-    if sim._trainer is None:
+    if sim._fit_trainer is None:
         return False
-    position = sim._trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    position = sim._fit_trainer.fit_loop.epoch_loop.batch_progress.current.ready
     return 0 < position < sum(s.steps for s in sim._segments)
 
 

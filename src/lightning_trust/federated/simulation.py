@@ -171,7 +171,7 @@ class FederatedSimulation(TrustCallback):
         self._resume: Optional[dict[str, Any]] = None
         self._contract: Optional[BatchContract] = None
         self._figure: Optional[str] = None
-        self._trainer: Optional[pl.Trainer] = None
+        self._fit_trainer: Optional[pl.Trainer] = None
         self._user_reload = 0
         self._expected_sizes: Optional[list[int]] = None
 
@@ -239,7 +239,7 @@ class FederatedSimulation(TrustCallback):
         check_simulation_trainer(trainer)
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
         self._param_keys = {name for name, _ in pl_module.named_parameters()}
-        self._trainer = trainer
+        self._fit_trainer = trainer
         if train_loader_owner(trainer) is not self:
             self._user_reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]  # set by Lightning's data connector
             swap_train_loader(trainer, self, self._round_loader)
@@ -258,7 +258,7 @@ class FederatedSimulation(TrustCallback):
         if not self._should_skip(trainer) and train_loader_owner(trainer) is self:
             restore_train_loader(trainer, self)
             trainer.reload_dataloaders_every_n_epochs = self._user_reload  # type: ignore[attr-defined]  # see setup
-        self._trainer = None
+        self._fit_trainer = None
 
     # round planning ---------------------------------------------------------------------------------
     def _partition(self, user_loader: DataLoader) -> None:
@@ -288,8 +288,8 @@ class FederatedSimulation(TrustCallback):
                 self._updates = []
         loaders = client_loaders(user_loader, parts, self._segments, self.seed, self.round)
         skip = 0
-        if self._resume and self._trainer is not None:  # resumed mid-round: skip the batches already run
-            skip = self._trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if self._resume and self._fit_trainer is not None:  # resumed mid-round: skip the batches already run
+            skip = self._fit_trainer.fit_loop.epoch_loop.batch_progress.current.ready
         self._resume = None
         return RoundLoader(self._segments, loaders, skip)
 
