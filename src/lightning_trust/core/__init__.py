@@ -4,7 +4,8 @@
 module             concern
 =================  ==========================================================================
 ``batch``          the batch contract: inputs (tensor or model keyword arguments), target, side
-                   columns; calling a module on inputs; logits from any output; batch size
+                   columns, batch size
+``calls``          calling a module on a batch's inputs; logits from any output
 ``protocol``       the report protocol (sections, stable names) and the pause protocol
 ``compat``         declared capabilities and the one compatibility check
 ``callback``       the base class of the pack's callbacks
@@ -13,6 +14,7 @@ module             concern
 ``loaders``        finding a Trainer's or datamodule's dataloaders
 ``capture``        reusing the forward a user's step already ran
 ``output``         run folders, JSON, figures, logging, warnings once per run
+``macs``           the one MAC counter (pruning, its report and the model card)
 ``seam``           every private attribute of Lightning and other libraries the pack needs
 =================  ==========================================================================
 
