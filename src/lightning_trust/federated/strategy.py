@@ -128,9 +128,11 @@ class FederatedStrategy(DDPStrategy):
         client_dp: client-level DP (each process is a client, all take part every round).
         keep_local: parameter/buffer name patterns that stay on each process (FedBN).
         reset_optimizer: clear the local optimizer state after each aggregation.
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
-        process_group_backend, timeout, start_method: as for :class:`~lightning.pytorch.strategies.DDPStrategy`.
         name: the report section of its state callback (default ``"federated"``).
+
+    ``accelerator``, ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``,
+    ``precision_plugin``, ``process_group_backend``, ``timeout`` and ``start_method`` are as for
+    :class:`~lightning.pytorch.strategies.DDPStrategy`.
 
     The strategy adds its state callback (:attr:`state_callback`) to the Trainer: it checkpoints
     the federated state, aggregates before validation and reports.
