@@ -25,7 +25,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_trust.core.batch import BatchContract, read_column
 from lightning_trust.core.loaders import first_loader, split_loaders
 
-__all__ = ["DomainIndex", "discover_values", "extra_domain_loader", "in_domain_names", "safe_name", "side_domains"]
+__all__ = [
+    "DomainIndex",
+    "discover_values",
+    "domain_names",
+    "extra_domain_loader",
+    "in_domain_names",
+    "safe_name",
+    "side_domains",
+]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
 
@@ -83,6 +91,16 @@ def discover_values(domain_key: str, trainer: Any, contract: BatchContract) -> l
         )
     column = read_column(dataset, contract, domain_key)
     return sorted(set(column.tolist()))
+
+
+def domain_names(clean: Sequence[str], extra: Sequence[str], corrupted: Sequence[str]) -> list[str]:
+    """Every evaluated domain, in order: the validation/test data's own, the extra domains, the
+    corrupted copies; a name may appear only once."""
+    names = [*clean, *extra, *corrupted]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Domain names must be unique; {duplicates} appear twice. Rename the extra `domains`.")
+    return names
 
 
 def in_domain_names(

@@ -25,10 +25,20 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassCalibrationError
 
+from lightning_trust.core.output import warn_once
 from lightning_trust.evaluation.corruptions import corruption_errors
 from lightning_trust.evaluation.metrics import MetricSpec, higher_is_better
+from lightning_trust.evaluation.summary import summarize
 
-__all__ = ["DomainMetrics", "DomainValues", "corruption_summary", "load_baseline", "reliability_bins"]
+__all__ = [
+    "DomainMetrics",
+    "DomainValues",
+    "corruption_summary",
+    "load_baseline",
+    "pass_result",
+    "reliability_bins",
+    "warn_gaps",
+]
 
 
 @dataclass
@@ -173,6 +183,54 @@ def reliability_bins(metric: Metric) -> dict[str, list[float]]:
         "proportion": (count / count.sum().clamp_min(1)).tolist(),
         "count": count.long().tolist(),
     }
+
+
+def pass_result(
+    values: DomainValues,
+    stage: str,
+    epoch: int,
+    step: int,
+    metric_names: Sequence[str],
+    names: Sequence[str],
+    in_names: Sequence[str],
+) -> dict[str, Any]:
+    """One pass's result from its computed ``values``: the domains and their sizes, the per-domain
+    metrics, the summaries over the domains (:func:`~lightning_trust.evaluation.summary.summarize`)
+    and the reliability bins."""
+    return {
+        "stage": stage,
+        "epoch": epoch,
+        "step": step,
+        "metrics": list(metric_names),
+        "domains": list(names),
+        "in_domain_domains": [n for n in names if n in in_names],
+        "ood_domains": [n for n in names if n not in in_names],
+        "sizes": values.sizes,
+        "empty_domains": [n for n in names if values.sizes[n] == 0],
+        "unlisted_samples": values.unlisted,
+        "per_domain": values.per_domain,
+        **summarize(values.per_domain, values.sizes, values.directions, in_names),
+        "reliability": values.reliability,
+    }
+
+
+def warn_gaps(
+    owner: object, values: DomainValues, names: Sequence[str], stage: str, domain_key: Optional[str],
+    side_names: Sequence[str],
+) -> None:  # fmt: skip
+    """Warn ``owner``'s run once of domains without samples and of samples of domains not evaluated."""
+    empty = [n for n in names if values.sizes[n] == 0]
+    if empty:
+        warn_once(owner, f"empty {empty}", (
+            f"CrossDomainEvaluation: domain(s) {empty} had no samples in this {stage} pass; their metrics "
+            "are left out of the summaries (reported as null, listed under `empty_domains`)."
+        ))  # fmt: skip
+    if values.unlisted:
+        warn_once(owner, "unlisted", (
+            f"CrossDomainEvaluation: {values.unlisted} samples had a {domain_key!r} value outside the "
+            f"evaluated domains {list(side_names)}; add the value to `domain_values` to evaluate it (the count "
+            "of each pass is reported as `unlisted_samples`)."
+        ))  # fmt: skip
 
 
 def corruption_summary(
