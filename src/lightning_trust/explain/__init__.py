@@ -6,6 +6,9 @@ module             concern
 =================  ==========================================================================
 ``attribution``    the ``Attribution`` callback
 ``robustness``     the ``AdversarialRobustness`` callback
+``arguments``      what ``Attribution`` refuses at construction
+``keys``           the callbacks' declared logged metrics and report keys
+``resolution``     what a pass explains: the inputs' modality, the targets, the baselines
 ``explanation``    one pass's result: input-space attributions, feature names, files, drift
 ``methods``        Captum methods by name, their options, baselines, the chunked Captum calls
 ``sample``         the fixed, seeded, class-stratified sample

@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract, call_module, logits_of
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.output import log_metrics
 from lightning_trust.core.passes import isolated_eval
 from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain import plots
+from lightning_trust.explain.arguments import check_attribution_arguments
 from lightning_trust.explain.explanation import (
     Explanation,
     feature_names,
@@ -33,14 +34,14 @@ from lightning_trust.explain.explanation import (
     to_input_space,
     write_files,
 )
-from lightning_trust.explain.methods import BASELINES, METHODS, attribute, chunk_slices, make_baselines, split_options
+from lightning_trust.explain.keys import ATTRIBUTION_LOGGED_KEYS, ATTRIBUTION_REPORT_KEYS
+from lightning_trust.explain.methods import BASELINES, METHODS, attribute, chunk_slices
 from lightning_trust.explain.progress import progress
+from lightning_trust.explain.resolution import Modality, resolve_baselines, resolve_modality, resolve_targets
 from lightning_trust.explain.sample import FixedSample, draw_sample
 from lightning_trust.explain.schedule import ScheduledPass
 
 __all__ = ["Attribution"]
-
-Modality = Literal["auto", "tabular", "image", "text"]
 
 
 class Attribution(ScheduledPass):
@@ -103,28 +104,8 @@ class Attribution(ScheduledPass):
 
     report_section = "explain"
     area = "explain"
-    logged_keys: ClassVar[dict[str, str]] = {
-        "explain/drift": "Spearman rank correlation of the global importance with the previous pass's",
-        "explain/convergence_delta": "mean |convergence delta| of the attributions (IG, DeepLift, SHAP methods)",
-        "explain/infidelity": "Captum's infidelity of the attributions (lower: more faithful)",
-        "explain/sensitivity_max": "Captum's sensitivity_max of the attributions (lower: more stable)",
-        "explain/importance/<feature>": "mean |attribution| of one of the top_k features",
-    }
-    report_keys: ClassVar[dict[str, str]] = {
-        "method": "the Captum method",
-        "target": "the class explained: 'pred', 'true' or a class index",
-        "baseline": "the baseline: a named one, a number, or 'file'",
-        "num_samples": "size of the fixed sample explained",
-        "epoch": "epoch of the last pass (null before any)",
-        "top_features": "the top_k features of the last pass, [{feature, score}]",
-        "infidelity": "Captum's infidelity of the last pass",
-        "sensitivity_max": "Captum's sensitivity_max of the last pass (null when not computed)",
-        "convergence_delta": "mean |convergence delta| of the last pass (null for methods without one)",
-        "drift": "rank correlation of the last pass's importance with the pass before",
-        "drift_history": "drift of every pass, in order",
-        "seconds": "time spent in this callback's passes (explaining, files, figures)",
-        "files": "paths of importance.csv/.json, history.json and attributions.pt",
-    }
+    logged_keys: ClassVar[dict[str, str]] = ATTRIBUTION_LOGGED_KEYS
+    report_keys: ClassVar[dict[str, str]] = ATTRIBUTION_REPORT_KEYS
 
     def __init__(
         self,
@@ -156,54 +137,13 @@ class Attribution(ScheduledPass):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(run_on, every_n_epochs, name=name)
-        if method not in METHODS:
-            raise ValueError(f"Unknown `method={method!r}`; choose one of {sorted(METHODS)}.")
-        spec = METHODS[method]
-        if spec.layer and not layer:
-            raise ValueError(
-                f"method {method!r} attributes to a layer: set `layer` to its dotted module path (e.g. 'features.3')."
-            )
-        if layer and not spec.layer:
-            raise ValueError(
-                f"`layer` is only used by the layer_* methods, not by {method!r}; remove it or pick a layer_* method."
-            )
-        split_options(method, method_kwargs)  # fails early on unknown options
-        if num_samples < 1:
-            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples}.")
-        if not (
-            target in ("pred", "true") or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)
-        ):
-            raise ValueError(f"`target` must be 'pred', 'true' or a class index >= 0, got {target!r}.")
-        if isinstance(baseline, bool) or not isinstance(baseline, (str, int, float)):
-            raise ValueError(
-                f"`baseline` must be one of {list(BASELINES)}, a number or a tensor file path, got {baseline!r}."
-            )
-        if isinstance(baseline, str) and baseline not in BASELINES and not baseline.endswith((".pt", ".pth", ".npy")):
-            raise ValueError(
-                f"`baseline={baseline!r}` is not one of {list(BASELINES)} nor a tensor file (.pt, .pth, .npy)."
-            )
-        if spec.baseline is None and baseline != "zeros":
-            raise ValueError(f"method {method!r} takes no baseline; leave `baseline` at 'zeros' (it is ignored).")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}.")
-        for arg, count in (("infidelity_samples", infidelity_samples), ("sensitivity_samples", sensitivity_samples)):
-            if count < 0:
-                raise ValueError(f"`{arg}` must be >= 0 (0 turns the metric off), got {count}.")
-        for arg, scale in (
-            ("infidelity_noise", infidelity_noise),
-            ("sensitivity_radius", sensitivity_radius),
-            ("blur_sigma", blur_sigma),
-        ):
-            if scale <= 0:
-                raise ValueError(f"`{arg}` must be positive, got {scale}.")
-        if top_k < 1 or num_heatmaps < 1 or num_baselines < 1:
-            raise ValueError("`top_k`, `num_heatmaps` and `num_baselines` must be positive integers.")
-        if modality not in ("auto", "tabular", "image", "text"):
-            raise ValueError(f"`modality` must be 'auto', 'tabular', 'image' or 'text', got {modality!r}.")
-        if figures not in ("every", "end", "never"):
-            raise ValueError(f"`figures` must be 'every', 'end' or 'never', got {figures!r}.")
-        if sensitivity_at not in ("every", "end"):
-            raise ValueError(f"`sensitivity_at` must be 'every' or 'end', got {sensitivity_at!r}.")
+        check_attribution_arguments(
+            method=method, num_samples=num_samples, target=target, baseline=baseline, layer=layer,
+            method_kwargs=method_kwargs, batch_size=batch_size, infidelity_samples=infidelity_samples,
+            infidelity_noise=infidelity_noise, sensitivity_samples=sensitivity_samples,
+            sensitivity_radius=sensitivity_radius, top_k=top_k, modality=modality, num_heatmaps=num_heatmaps,
+            blur_sigma=blur_sigma, num_baselines=num_baselines, figures=figures, sensitivity_at=sensitivity_at,
+        )  # fmt: skip
         self.method = method
         self.num_samples = num_samples
         self.target = target
@@ -306,14 +246,14 @@ class Attribution(ScheduledPass):
     def _explain(self, pl_module: Any, trainer: Any, stage: str, final: bool, start: float, device: Any) -> Explanation:
         assert self.sample is not None  # drawn by `explain`
         inputs = self.sample.inputs.to(device).clone()  # a normal tensor even if drawn under inference mode
-        modality = self._modality(inputs)
+        modality = resolve_modality(self.modality, inputs)
         with isolated_eval(pl_module, trainer, grad=True) as module:  # forks every RNG Captum draws from
             for p in module.parameters():
                 p.requires_grad_(False)  # gradients w.r.t. inputs only: no trace in parameter grads or hooks
             torch.manual_seed(self.seed)
             np.random.seed(self.seed % 2**32)
-            targets = self._targets(module, inputs)
-            baselines = self._baselines(inputs)
+            targets = resolve_targets(self.target, module, inputs, self.sample.targets)
+            baselines = resolve_baselines(self.method, self.baseline, inputs, self.reference, self.blur_sigma)
             spec = METHODS[self.method]
             quality = modality != "text" and not spec.layer  # Captum's metrics perturb float inputs
             with_sensitivity = quality and self.sensitivity_samples > 0 and (final or self.sensitivity_at == "every")
@@ -358,33 +298,6 @@ class Attribution(ScheduledPass):
         })  # fmt: skip
         return result
 
-    def _modality(self, inputs: Tensor) -> str:
-        if self.modality != "auto":
-            return self.modality
-        if not inputs.is_floating_point():
-            return "text"
-        return "image" if inputs.ndim == 4 else "tabular"
-
-    def _targets(self, module: Any, inputs: Tensor) -> Optional[Tensor]:
-        if isinstance(self.target, int):
-            return torch.full((len(inputs),), self.target, dtype=torch.long, device=inputs.device)
-        if self.target == "true":
-            if self.sample is None or self.sample.targets is None:
-                raise ValueError("`target='true'` needs targets in the batches; use 'pred' or a class index.")
-            return self.sample.targets.to(inputs.device).long()
-        with torch.no_grad():
-            scores = logits_of(call_module(module, inputs))
-        if scores.ndim == 1 or (scores.ndim == 2 and scores.shape[1] == 1):
-            return None  # a single score per sample: attribute that score
-        return scores.argmax(dim=1)
-
-    def _baselines(self, inputs: Tensor) -> Optional[Tensor]:
-        spec = METHODS[self.method]
-        if spec.baseline is None:
-            return None
-        reference = None if self.reference is None else self.reference.to(inputs.device).clone()
-        return make_baselines(self.baseline, inputs, reference, self.blur_sigma, spec.baseline == "distribution")
-
     # outputs ----------------------------------------------------------------------------------
     def _write(self, trainer: Any, result: Explanation) -> None:
         indices = self.sample.indices if self.sample else []
@@ -393,7 +306,7 @@ class Attribution(ScheduledPass):
     def _draw(self, trainer: Any, result: Explanation) -> None:
         m = min(self.num_heatmaps, len(result.inputs))
         drawn = plots.draw_explanation(
-            trainer, self.folder(trainer), result, self._modality(result.inputs), f"{self.method}, epoch {result.epoch}",
+            trainer, self.folder(trainer), result, resolve_modality(self.modality, result.inputs), f"{self.method}, epoch {result.epoch}",
             self.top_k, self.num_heatmaps, self._captions(result, m),
         )  # fmt: skip
         self._figures.update(drawn)

@@ -27,6 +27,7 @@ from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.output import log_metrics, save_figure, write_json
 from lightning_trust.core.passes import isolated_eval
 from lightning_trust.core.tensors import to_jsonable
+from lightning_trust.explain.keys import ROBUSTNESS_LOGGED_KEYS, ROBUSTNESS_REPORT_KEYS
 from lightning_trust.explain.plots import robust_accuracy_figure
 from lightning_trust.explain.progress import progress
 from lightning_trust.explain.sample import FixedSample, draw_sample
@@ -86,25 +87,8 @@ class AdversarialRobustness(ScheduledPass):
 
     report_section = "robustness"
     area = "robustness"
-    logged_keys: ClassVar[dict[str, str]] = {
-        "robustness/clean_acc": "accuracy on the fixed sample without attack",
-        "robustness/worst_acc": "lowest accuracy over the attacks and epsilons (and clean)",
-        "robustness/<attack>/acc@<eps>": "robust accuracy under an attack at one epsilon",
-        "robustness/<attack>/success@<eps>": "share of the clean-correct samples the attack flips at one epsilon",
-        "robustness/min_perturbation": "median smallest FGSM epsilon that flips a sample (min_perturbation=True)",
-    }
-    report_keys: ClassVar[dict[str, str]] = {
-        "attacks": "the attacks run",
-        "epsilons": "the perturbation budgets, sorted",
-        "num_samples": "size of the fixed sample attacked",
-        "norm": "PGD's norm ('Linf' or 'L2')",
-        "epoch": "epoch of the last pass (null before any)",
-        "clean_accuracy": "accuracy on the sample without attack",
-        "robust_accuracy": "accuracy per attack and epsilon, {attack: {eps: accuracy}}",
-        "worst_accuracy": "lowest accuracy over the attacks and epsilons (and clean)",
-        "attack_success_rate": "share of clean-correct samples flipped, {attack: {eps: rate}}",
-        "min_perturbation": "the smallest breaking FGSM epsilons found (null unless min_perturbation=True)",
-    }
+    logged_keys: ClassVar[dict[str, str]] = ROBUSTNESS_LOGGED_KEYS
+    report_keys: ClassVar[dict[str, str]] = ROBUSTNESS_REPORT_KEYS
 
     def __init__(
         self,

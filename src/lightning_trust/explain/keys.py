@@ -1,0 +1,67 @@
+"""What the explain callbacks declare they log and report: metric name (``<placeholder>`` parts
+match any text) or top-level ``report()`` key -> its one-line meaning.
+
+The callbacks carry them as their ``logged_keys`` / ``report_keys`` ClassVars, which the docs are
+generated from and tests check against real runs.
+
+Example:
+    >>> sorted(ATTRIBUTION_LOGGED_KEYS)[0]
+    'explain/convergence_delta'
+    >>> "worst_accuracy" in ROBUSTNESS_REPORT_KEYS
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = ["ATTRIBUTION_LOGGED_KEYS", "ATTRIBUTION_REPORT_KEYS", "ROBUSTNESS_LOGGED_KEYS", "ROBUSTNESS_REPORT_KEYS"]
+
+#: What :class:`~lightning_trust.explain.Attribution` logs, once per pass.
+ATTRIBUTION_LOGGED_KEYS: dict[str, str] = {
+    "explain/drift": "Spearman rank correlation of the global importance with the previous pass's",
+    "explain/convergence_delta": "mean |convergence delta| of the attributions (IG, DeepLift, SHAP methods)",
+    "explain/infidelity": "Captum's infidelity of the attributions (lower: more faithful)",
+    "explain/sensitivity_max": "Captum's sensitivity_max of the attributions (lower: more stable)",
+    "explain/importance/<feature>": "mean |attribution| of one of the top_k features",
+}
+
+#: The top-level keys of :meth:`Attribution.report() <lightning_trust.explain.Attribution.report>`
+#: (besides ``"figures"``).
+ATTRIBUTION_REPORT_KEYS: dict[str, str] = {
+    "method": "the Captum method",
+    "target": "the class explained: 'pred', 'true' or a class index",
+    "baseline": "the baseline: a named one, a number, or 'file'",
+    "num_samples": "size of the fixed sample explained",
+    "epoch": "epoch of the last pass (null before any)",
+    "top_features": "the top_k features of the last pass, [{feature, score}]",
+    "infidelity": "Captum's infidelity of the last pass",
+    "sensitivity_max": "Captum's sensitivity_max of the last pass (null when not computed)",
+    "convergence_delta": "mean |convergence delta| of the last pass (null for methods without one)",
+    "drift": "rank correlation of the last pass's importance with the pass before",
+    "drift_history": "drift of every pass, in order",
+    "seconds": "time spent in this callback's passes (explaining, files, figures)",
+    "files": "paths of importance.csv/.json, history.json and attributions.pt",
+}
+
+#: What :class:`~lightning_trust.explain.AdversarialRobustness` logs, once per pass.
+ROBUSTNESS_LOGGED_KEYS: dict[str, str] = {
+    "robustness/clean_acc": "accuracy on the fixed sample without attack",
+    "robustness/worst_acc": "lowest accuracy over the attacks and epsilons (and clean)",
+    "robustness/<attack>/acc@<eps>": "robust accuracy under an attack at one epsilon",
+    "robustness/<attack>/success@<eps>": "share of the clean-correct samples the attack flips at one epsilon",
+    "robustness/min_perturbation": "median smallest FGSM epsilon that flips a sample (min_perturbation=True)",
+}
+
+#: The top-level keys of :meth:`AdversarialRobustness.report()
+#: <lightning_trust.explain.AdversarialRobustness.report>` (besides ``"figures"``).
+ROBUSTNESS_REPORT_KEYS: dict[str, str] = {
+    "attacks": "the attacks run",
+    "epsilons": "the perturbation budgets, sorted",
+    "num_samples": "size of the fixed sample attacked",
+    "norm": "PGD's norm ('Linf' or 'L2')",
+    "epoch": "epoch of the last pass (null before any)",
+    "clean_accuracy": "accuracy on the sample without attack",
+    "robust_accuracy": "accuracy per attack and epsilon, {attack: {eps: accuracy}}",
+    "worst_accuracy": "lowest accuracy over the attacks and epsilons (and clean)",
+    "attack_success_rate": "share of clean-correct samples flipped, {attack: {eps: rate}}",
+    "min_perturbation": "the smallest breaking FGSM epsilons found (null unless min_perturbation=True)",
+}
