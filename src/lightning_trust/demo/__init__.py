@@ -1,6 +1,19 @@
 """Bundled demo data and plain models: everything a demo needs, offline."""
 
 from lightning_trust.demo.data import AdultDataModule, DictDataset, DigitsDataModule
+from lightning_trust.demo.foundation import TinyTextTransformer, TinyViT
 from lightning_trust.demo.models import ADULT_NUM_FEATURES, SmallCNN, TabularMLP
+from lightning_trust.demo.text import AdultTextDataModule, WordTokenizer
 
-__all__ = ["ADULT_NUM_FEATURES", "AdultDataModule", "DictDataset", "DigitsDataModule", "SmallCNN", "TabularMLP"]
+__all__ = [
+    "ADULT_NUM_FEATURES",
+    "AdultDataModule",
+    "AdultTextDataModule",
+    "DictDataset",
+    "DigitsDataModule",
+    "SmallCNN",
+    "TabularMLP",
+    "TinyTextTransformer",
+    "TinyViT",
+    "WordTokenizer",
+]
