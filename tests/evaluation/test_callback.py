@@ -2,6 +2,7 @@
 the filtered arrays, extra domains, corruptions, errors, logging, files and checkpoint resume."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -21,12 +22,26 @@ from tests.support import trainer
 METRICS = ["accuracy", "f1", "auroc", "nll", "ece"]
 
 
+@contextmanager
+def _keeps_determinism():
+    """A module-scoped fixture runs before conftest's per-test restore takes its snapshot, so its
+    Trainer(deterministic=True) would leave torch's global determinism on for the rest of the session
+    (breaking e.g. Captum's DeepLift through MaxPool in later tests): restore it here."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 @pytest.fixture(scope="module")
 def adult_model(adult):
     """A TabularMLP trained for a few steps (so f1/auroc are not degenerate)."""
     pl.seed_everything(0)
     model = TabularMLP()
-    trainer(Path("/tmp"), [], max_epochs=1, limit_train_batches=30, limit_val_batches=0).fit(model, adult)
+    with _keeps_determinism():
+        trainer(Path("/tmp"), [], max_epochs=1, limit_train_batches=30, limit_val_batches=0).fit(model, adult)
     return model
 
 
@@ -34,7 +49,8 @@ def adult_model(adult):
 def digits_model(digits):
     pl.seed_everything(0)
     model = SmallCNN(channels=[16, 32], lr=0.01)
-    trainer(Path("/tmp"), [], max_epochs=6, limit_val_batches=0).fit(model, digits)
+    with _keeps_determinism():
+        trainer(Path("/tmp"), [], max_epochs=6, limit_val_batches=0).fit(model, digits)
     return model
 
 
