@@ -28,10 +28,19 @@ def digits():
 
 @pytest.fixture(autouse=True)
 def _restore_global_torch_modes():
-    """A Trainer(deterministic=True) run inside a test leaves torch's global determinism on; undo it."""
+    """A Trainer(deterministic=True) run leaves torch's global determinism on, also one in a module- or
+    session-scoped fixture: every test starts from, and leaves, the modes the session started with."""
     import torch
 
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(_SESSION_DETERMINISM[0], warn_only=_SESSION_DETERMINISM[1])
     yield
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.use_deterministic_algorithms(_SESSION_DETERMINISM[0], warn_only=_SESSION_DETERMINISM[1])
+
+
+def _session_determinism() -> tuple[bool, bool]:
+    import torch
+
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+_SESSION_DETERMINISM = _session_determinism()

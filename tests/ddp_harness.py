@@ -5,16 +5,17 @@ start inside pytest's own process. A test writes the body of a small script inst
 runs it with ``python`` in a subprocess, Lightning starts rank 1, and each rank writes what it
 measured with ``save_result(...)`` into ``$LT_DDP_OUT/rank<r>.json``, which the test reads back.
 
-Example:
-    >>> results = run_ddp(
-    ...     '''
-    ...     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False)
-    ...     trainer.fit(TabularMLP(), AdultDataModule(batch_size=512))
-    ...     save_result({"steps": trainer.global_step})
-    ...     ''',
-    ...     tmp_path,
-    ... )
-    >>> results[0]["steps"], results[1]["steps"]
+Example (in a test; ``tmp_path`` is pytest's)::
+
+    results = run_ddp(
+        '''
+        trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False)
+        trainer.fit(TabularMLP(), AdultDataModule(batch_size=512))
+        save_result({"steps": trainer.global_step})
+        ''',
+        tmp_path,
+    )
+    assert results[0]["steps"] == results[1]["steps"]
 """
 
 from __future__ import annotations

@@ -107,3 +107,17 @@ def test_every_callback_resolves_by_short_name_and_no_args_warning_is_printed(tm
     # LightningCLI warns when given both `args=` and a command line; the console script gives only one
     assert "args and command line arguments" not in proc.stderr + proc.stdout
     assert "sys.argv[1:]" not in proc.stderr + proc.stdout
+
+
+def test_main_called_from_python_beside_a_command_line_does_not_warn(monkeypatch, recwarn, capsys):
+    import sys
+
+    from lightning_trust.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q", "-k", "something"])
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(ROOT / "configs" / "adult_plain.yaml"), "--print_config"])
+    assert info.value.code in (0, None)
+    assert "class_path: lightning_trust.demo" in capsys.readouterr().out
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
+    assert sys.argv == ["pytest", "-q", "-k", "something"]

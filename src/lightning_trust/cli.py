@@ -36,10 +36,15 @@ def main(args: Optional[list[str]] = None) -> int:
 
         return report_main(argv[1:])
     import_callbacks()
-    # LightningCLI reads sys.argv itself; `args=` is only for calls from Python (it warns when given
-    # beside a command line), so pass it only when the caller gave arguments.
-    cli = TrustCLI() if args is None else TrustCLI(args=argv)
-    return exit_code(cli)
+    if args is None:
+        return exit_code(TrustCLI())
+    # Called from Python with arguments: they replace the command line. LightningCLI warns when `args=`
+    # comes beside a non-empty sys.argv (a test runner's, a notebook's), so hide it for the call.
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return exit_code(TrustCLI(args=argv))
+    finally:
+        sys.argv = saved
 
 
 def exit_code(cli: LightningCLI) -> int:

@@ -192,8 +192,8 @@ def test_mlm_pretraining_lowers_the_loss(text_dm, tmp_path):
     logger = CSVLogger(str(tmp_path), name="", version="")
     trainer = _trainer(tmp_path, max_epochs=3, limit_train_batches=10, limit_val_batches=4, logger=logger)
     trainer.fit(model, text_dm)
-    train = _epoch_means(tmp_path / "metrics.csv", "train_loss")
-    val = _epoch_means(tmp_path / "metrics.csv", "val_loss")
+    train = _epoch_means(tmp_path / "metrics.csv", "train/loss")
+    val = _epoch_means(tmp_path / "metrics.csv", "val/loss")
     print(f"MLM train loss per epoch {train}, val loss {val}")
     assert len(train) == 3 and len(val) == 3
     assert train[-1] < train[0] - 0.5  # from ~ln(1024) = 6.9 at random init
@@ -252,7 +252,7 @@ def test_finetuning_from_the_pretrained_encoder_beats_the_majority_class(pretrai
     accuracy = trainer.callback_metrics["val/acc"].item()
     print(f"fine-tuned val/acc {accuracy:.4f} vs majority {majority:.4f}")
     assert accuracy > majority + 0.03
-    assert {"train_loss", "val_loss", "val/acc"} <= set(trainer.callback_metrics)
+    assert {"train/loss", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
     trainer.test(model, text_dm, verbose=False)
     assert trainer.callback_metrics["test/acc"] > majority
 

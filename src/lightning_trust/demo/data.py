@@ -46,6 +46,20 @@ _REGION_OF_COUNTRY: dict[str, str] = {
 ADULT_SIDE_COLUMNS: tuple[str, ...] = ("sex", "race", "age_group", "native_region")
 
 
+def adult_split_rows(data_dir: Optional[str], seed: int, val_fraction: float) -> dict[str, list[list[str]]]:
+    """The raw Adult rows (complete ones) of each split: ``train``/``val`` a seeded split of the
+    original training file, ``test`` the original test file. Every Adult datamodule splits so."""
+    train_rows = [r for r in _read_adult(_find_adult_file(data_dir, "adult.data")) if "?" not in r]
+    test_rows = [r for r in _read_adult(_find_adult_file(data_dir, "adult.test")) if "?" not in r]
+    order = np.random.default_rng(seed).permutation(len(train_rows))
+    n_val = round(val_fraction * len(train_rows))
+    return {
+        "train": [train_rows[i] for i in order[n_val:]],
+        "val": [train_rows[i] for i in order[:n_val]],
+        "test": test_rows,
+    }
+
+
 class DictDataset(Dataset):
     """A map-style dataset of equally long tensors, yielding one ``{name: tensor}`` dict per sample.
 
@@ -85,7 +99,9 @@ def _read_adult(path: Path) -> list[list[str]]:
                 continue
             fields = [f.strip() for f in line.split(",")]
             if len(fields) != len(ADULT_COLUMNS):
-                raise ValueError(f"{path}: expected {len(ADULT_COLUMNS)} comma-separated fields, got {len(fields)}: {line!r}")
+                raise ValueError(
+                    f"{path}: expected {len(ADULT_COLUMNS)} comma-separated fields, got {len(fields)}: {line!r}"
+                )
             rows.append(fields)
     return rows
 
@@ -178,13 +194,8 @@ class AdultDataModule(pl.LightningDataModule):
     def _build(self) -> None:
         if self._prepared:
             return
-        train_rows = [r for r in _read_adult(_find_adult_file(self.data_dir, "adult.data")) if "?" not in r]
-        test_rows = [r for r in _read_adult(_find_adult_file(self.data_dir, "adult.test")) if "?" not in r]
-        generator = np.random.default_rng(self.seed)
-        order = generator.permutation(len(train_rows))
-        n_val = int(round(self.val_fraction * len(train_rows)))
-        val_rows = [train_rows[i] for i in order[:n_val]]
-        fit_rows = [train_rows[i] for i in order[n_val:]]
+        split = adult_split_rows(self.data_dir, self.seed, self.val_fraction)
+        fit_rows, val_rows, test_rows = split["train"], split["val"], split["test"]
 
         col = {name: i for i, name in enumerate(ADULT_COLUMNS)}
         # statistics and categories from the train split only
@@ -195,7 +206,9 @@ class AdultDataModule(pl.LightningDataModule):
         vocab = {name: sorted({r[col[name]] for r in fit_rows}) for name in ADULT_CATEGORICAL}
         self.statistics = {name: {"mean": float(m), "std": float(s)} for name, (m, s) in stats.items()}
         self.vocabulary = vocab
-        self.feature_names = list(ADULT_NUMERIC) + [f"{name}={value}" for name in ADULT_CATEGORICAL for value in vocab[name]]
+        self.feature_names = list(ADULT_NUMERIC) + [
+            f"{name}={value}" for name in ADULT_CATEGORICAL for value in vocab[name]
+        ]
         self.categories["sex"] = list(vocab["sex"])
         self.categories["race"] = list(vocab["race"])
 

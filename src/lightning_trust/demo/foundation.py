@@ -1,4 +1,4 @@
-"""Tiny Hugging Face foundation models as plain LightningModules: a BERT for the Adult sentences, a ViT for digits.
+"""A tiny Hugging Face BERT as a plain LightningModule, for the Adult sentences (TinyViT: ``demo/vit.py``).
 
 They stand in for user code built on ``transformers`` (and ``peft`` for LoRA): random init from
 a small config, nothing downloaded, and they know nothing of the pack's callbacks. ``transformers``
@@ -29,7 +29,7 @@ from lightning_trust.demo.text import CLS_TOKEN_ID, MASK_TOKEN_ID, PAD_TOKEN_ID,
 if TYPE_CHECKING:
     from transformers.utils import ModelOutput
 
-__all__ = ["TASKS", "TinyTextTransformer", "TinyViT", "load_encoder_state"]
+__all__ = ["TASKS", "TinyTextTransformer", "load_encoder_state"]
 
 TASKS: tuple[str, ...] = ("classification", "mlm")
 #: Keys a classifier may lack after loading a masked-LM encoder: its pooler and head are new.
@@ -145,9 +145,9 @@ class TinyTextTransformer(pl.LightningModule):
 
     ``task="mlm"``: ``BertForMaskedLM``; each training step masks ``mlm_probability`` of the real
     word tokens itself (80 % ``[MASK]``, 10 % another word of the batch, 10 % kept; ``[PAD]``,
-    ``[CLS]`` and ``[SEP]`` never), validation masks with a fixed seed per batch so ``val_loss`` is
-    comparable across epochs; logs ``train_loss`` and ``val_loss``. ``task="classification"``:
-    ``BertForSequenceClassification``; logs ``train_loss``, ``val_loss``, ``val/acc``, ``test_loss``,
+    ``[CLS]`` and ``[SEP]`` never), validation masks with a fixed seed per batch so ``val/loss`` is
+    comparable across epochs; logs ``train/loss`` and ``val/loss``. ``task="classification"``:
+    ``BertForSequenceClassification``; logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``,
     ``test/acc``. Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (as
     :class:`~lightning_trust.demo.text.AdultTextDataModule` yields).
 
@@ -334,7 +334,7 @@ class TinyTextTransformer(pl.LightningModule):
                 mlm.model.save_pretrained(str(partial))
                 (partial / "vocab.txt").write_text("\n".join(datamodule.id_to_token) + "\n", encoding="utf-8")
             os.replace(partial, path)
-        train_loss = trainer.callback_metrics.get("train_loss")
+        train_loss = trainer.callback_metrics.get("train/loss")
         loss = f", last-epoch MLM loss {float(train_loss):.3f}" if train_loss is not None else ""
         print(
             f"TinyTextTransformer: no pretrained encoder at {path}; pretrained one (masked LM, "
@@ -351,9 +351,15 @@ class TinyTextTransformer(pl.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        vocab = getattr(getattr(self._trainer, "datamodule", None), "id_to_token", None)
+        vocab = getattr(getattr(self._trainer_or_none(), "datamodule", None), "id_to_token", None)
         if vocab is not None:
             checkpoint[_VOCAB_KEY] = list(vocab)  # lets a fine-tuning check that ids mean the same words
+
+    def _trainer_or_none(self) -> Optional[pl.Trainer]:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer (a checkpoint saved by hand)
+            return None
 
     # forward and steps ----------------------------------------------------------------------
     def forward(
@@ -425,7 +431,7 @@ class TinyTextTransformer(pl.LightningModule):
         input_ids, attention_mask = self._trimmed(batch)
         logits = self(input_ids=input_ids, attention_mask=attention_mask).logits
         loss = F.cross_entropy(logits, labels)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         if metric is not None:
             metric(logits, labels)
             self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
@@ -435,7 +441,7 @@ class TinyTextTransformer(pl.LightningModule):
         if self._hp.task == "mlm":
             loss = self._mlm_loss(batch)
             self.log(
-                "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"])
+                "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"])
             )
             return loss
         return self._classify(batch, "train", None)
@@ -444,7 +450,7 @@ class TinyTextTransformer(pl.LightningModule):
         if self._hp.task == "mlm":
             generator = torch.Generator(device=batch["input_ids"].device).manual_seed(self.seed * 100_003 + batch_idx)
             loss = self._mlm_loss(batch, generator)
-            self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]))
+            self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]))
             return
         self._classify(batch, "val", self.val_acc)
 
@@ -452,7 +458,7 @@ class TinyTextTransformer(pl.LightningModule):
         if self._hp.task == "mlm":
             generator = torch.Generator(device=batch["input_ids"].device).manual_seed(self.seed * 100_003 + batch_idx)
             self.log(
-                "test_loss",
+                "test/loss",
                 self._mlm_loss(batch, generator),
                 on_step=False,
                 on_epoch=True,
@@ -468,129 +474,3 @@ class TinyTextTransformer(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=self._hp.lr, weight_decay=self._hp.weight_decay)
-
-
-def _images_and_labels(batch: Any) -> tuple[Tensor, Tensor]:
-    # User-style code, like the demo SmallCNN: tuples (images, labels) or dicts.
-    if isinstance(batch, Mapping):
-        return batch.get("pixel_values", batch.get("x")), batch.get("labels", batch.get("y"))
-    return batch[0], batch[1]
-
-
-class TinyViT(pl.LightningModule):
-    """A small Hugging Face ViT (random init, no download) for the bundled 8x8 digits.
-
-    Reads ``(images, labels)`` batches (as :class:`~lightning_trust.demo.data.DigitsDataModule`
-    yields; dicts with ``pixel_values``/``labels`` too) and logs what the demo ``SmallCNN`` logs:
-    ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
-
-    Args:
-        image_size: height = width of the images (8 for digits).
-        patch_size: patch side (must divide ``image_size``).
-        num_channels: image channels.
-        hidden_size: width of the encoder.
-        num_hidden_layers: transformer layers.
-        num_attention_heads: attention heads (must divide ``hidden_size``).
-        intermediate_size: width of the feed-forward blocks.
-        num_labels: classes.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-
-    Example:
-        >>> out = TinyViT()(torch.zeros(2, 1, 8, 8))
-        >>> tuple(out.logits.shape)
-        (2, 10)
-    """
-
-    def __init__(
-        self,
-        image_size: int = 8,
-        patch_size: int = 2,
-        num_channels: int = 1,
-        hidden_size: int = 64,
-        num_hidden_layers: int = 2,
-        num_attention_heads: int = 4,
-        intermediate_size: int = 128,
-        num_labels: int = 10,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-    ) -> None:
-        super().__init__()
-        if (
-            min(
-                image_size,
-                patch_size,
-                num_channels,
-                hidden_size,
-                num_hidden_layers,
-                num_attention_heads,
-                intermediate_size,
-            )
-            < 1
-        ):
-            raise ValueError("All sizes of TinyViT must be positive integers.")
-        if image_size % patch_size:
-            raise ValueError(f"`patch_size` ({patch_size}) must divide `image_size` ({image_size}).")
-        if hidden_size % num_attention_heads:
-            raise ValueError(
-                f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})."
-            )
-        if num_labels < 2:
-            raise ValueError(f"`num_labels` must be >= 2, got {num_labels}.")
-        if lr <= 0 or weight_decay < 0:
-            raise ValueError(f"`lr` must be positive and `weight_decay` >= 0, got {lr} and {weight_decay}.")
-        self.save_hyperparameters()
-        from transformers import ViTConfig, ViTForImageClassification
-
-        self.config = ViTConfig(
-            image_size=image_size, patch_size=patch_size, num_channels=num_channels, hidden_size=hidden_size,
-            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-            intermediate_size=intermediate_size,
-        )  # fmt: skip
-        self.config.num_labels = num_labels
-        self.model: Any = ViTForImageClassification(self.config)
-        self.train_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
-
-    @property
-    def _hp(self) -> Any:  # the saved init arguments, read by attribute
-        return self.hparams
-
-    def forward(self, pixel_values: Tensor) -> ModelOutput:
-        """The Hugging Face model's own output (``.logits`` of shape ``(B, num_labels)``)."""
-        return self.model(pixel_values=pixel_values)
-
-    def _step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
-        images, labels = _images_and_labels(batch)
-        logits = self(images).logits
-        loss = F.cross_entropy(logits, labels)
-        metric(logits, labels)
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=stage != "train",
-            batch_size=len(labels),
-            sync_dist=not on_step,
-        )
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        images, _ = _images_and_labels(batch)
-        return self(images).logits.softmax(dim=-1)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self._hp.lr, weight_decay=self._hp.weight_decay)

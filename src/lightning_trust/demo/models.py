@@ -43,7 +43,15 @@ class _Classifier(pl.LightningModule):
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train", batch_size=len(y), sync_dist=not on_step)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=stage != "train",
+            batch_size=len(y),
+            sync_dist=not on_step,
+        )
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
@@ -61,7 +69,7 @@ class _Classifier(pl.LightningModule):
         return self(x).softmax(dim=-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
+        hp: Any = self.hparams
         if hp.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
         return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -117,9 +125,9 @@ class TabularMLP(_Classifier):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         expected = getattr(datamodule, "num_features", None)
-        if isinstance(expected, int) and expected != self.hparams.input_dim:
+        if isinstance(expected, int) and expected != self.hparams["input_dim"]:
             raise ValueError(
-                f"TabularMLP(input_dim={self.hparams.input_dim}) does not match the data's {expected} features; "
+                f"TabularMLP(input_dim={self.hparams['input_dim']}) does not match the data's {expected} features; "
                 f"set `model.init_args.input_dim: {expected}`."
             )
 

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from typing import Optional
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -25,8 +24,7 @@ from lightning_trust.demo.data import (
     AdultDataModule,
     DictDataset,
     _age_group,
-    _find_adult_file,
-    _read_adult,
+    adult_split_rows,
 )
 
 __all__ = [
@@ -351,16 +349,8 @@ class AdultTextDataModule(pl.LightningDataModule):
             return
         tab = self.tabular
         tab.setup()
-        # the same rows in the same order as AdultDataModule._build (checked against its labels below)
-        train_rows = [r for r in _read_adult(_find_adult_file(self.data_dir, "adult.data")) if "?" not in r]
-        test_rows = [r for r in _read_adult(_find_adult_file(self.data_dir, "adult.test")) if "?" not in r]
-        order = np.random.default_rng(self.seed).permutation(len(train_rows))
-        n_val = round(self.val_fraction * len(train_rows))
-        rows = {
-            "train": [train_rows[i] for i in order[n_val:]],
-            "val": [train_rows[i] for i in order[:n_val]],
-            "test": test_rows,
-        }
+        # the same rows in the same order as AdultDataModule (checked against its labels below)
+        rows = adult_split_rows(self.data_dir, self.seed, self.val_fraction)
         tabular = {"train": tab.train_dataset, "val": tab.val_dataset, "test": tab.test_dataset}
         col = {name: i for i, name in enumerate(ADULT_COLUMNS)}
         for split, split_rows in rows.items():
