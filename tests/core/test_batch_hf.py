@@ -157,3 +157,16 @@ def test_call_module_passes_tensors_and_dict_inputs_positionally():
     assert call_module(DictInput(), one_dict).item() == 3.0
     assert call_module(KeywordModel(), {"input_ids": torch.zeros(2, 3, dtype=torch.long)}).shape == (2, 2)
     assert call_module(KwargsModel(), {"input_ids": torch.zeros(2, 3, dtype=torch.long)}).shape == (2, 2)
+
+
+def test_a_callbacks_single_input_wins_over_the_datamodules_keyword_inputs():
+    class _Trainer:
+        lightning_module = None
+
+        class datamodule:  # noqa: N801 - a stand-in attribute holder
+            batch_keys = {"input_keys": ["input_ids", "attention_mask"], "target": "labels"}
+
+    batch = hf_batch()
+    assert BatchContract.resolve({"input": "input_ids"}, _Trainer()).inputs(batch) is batch["input_ids"]
+    assert list(BatchContract.resolve(None, _Trainer()).inputs(batch)) == ["input_ids", "attention_mask"]
+    assert list(BatchContract.resolve({"input_keys": ["input_ids"]}, _Trainer()).inputs(batch)) == ["input_ids"]

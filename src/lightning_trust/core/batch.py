@@ -52,6 +52,7 @@ from torch.utils.data import default_collate
 
 from lightning_trust.core.calls import (
     PREDICTION_KEYS,
+    ScoresModule,
     call_module,
     forward_no_grad,
     forward_parameters,
@@ -65,6 +66,7 @@ __all__ = [
     "PREDICTION_KEYS",
     "BatchContract",
     "BatchKeyError",
+    "ScoresModule",
     "batch_size_of",
     "call_module",
     "describe_keys",
@@ -196,7 +198,12 @@ class BatchContract:
                 merged.update(dm_keys.to_keys())
             elif isinstance(dm_keys, Mapping):
                 merged.update(dm_keys)
-            merged.update(batch_keys or {})
+            own = dict(batch_keys or {})
+            if "input" in own:  # the callback's single input wins over the datamodule's keyword inputs
+                merged.pop("input_keys", None)
+            if "input_keys" in own:
+                merged.pop("input", None)
+            merged.update(own)
             contract = cls.from_keys(merged)
         if side_keys:
             contract.side_keys = contract.side_keys | frozenset(side_keys)

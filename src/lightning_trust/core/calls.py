@@ -25,6 +25,7 @@ from lightning_trust.core.tensors import first_tensor
 
 __all__ = [
     "PREDICTION_KEYS",
+    "ScoresModule",
     "call_module",
     "forward_no_grad",
     "forward_parameters",
@@ -121,3 +122,30 @@ def forward_no_grad(module: nn.Module, inputs: Any) -> Tensor:
     submodule's mode."""
     with saved_modes(module, training=False), torch.no_grad():
         return logits_of(call_module(module, inputs))
+
+
+class ScoresModule(nn.Module):
+    """``module`` returning only its scores (:func:`logits_of` of its output): for libraries that
+    need a module whose forward returns a tensor (Captum's explainers, attacks) when the user's
+    returns a ``ModelOutput``, a dict or a tuple. Its submodules are the user's, under ``module.``.
+
+    Example:
+        >>> from transformers.modeling_outputs import SequenceClassifierOutput
+        >>> class HFLike(nn.Module):
+        ...     def forward(self, input_ids):
+        ...         return SequenceClassifierOutput(logits=input_ids.float())
+        >>> ScoresModule(HFLike())(torch.ones(2, 3)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return logits_of(self.module(*args, **kwargs))
+
+    @staticmethod
+    def unwrap(module: nn.Module) -> nn.Module:
+        """The user's module inside a :class:`ScoresModule` (or ``module`` itself)."""
+        return module.module if isinstance(module, ScoresModule) else module

@@ -41,6 +41,8 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
+from lightning_trust.core.calls import ScoresModule
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -121,12 +123,16 @@ def resolve_layer(module: nn.Module, path: str) -> nn.Module:
 
 
 def build_explainer(method: str, module: nn.Module, layer: Optional[str] = None, options: Optional[dict] = None) -> Any:
-    """The Captum explainer for ``method`` on ``module`` (a callable ``nn.Module`` returning scores)."""
+    """The Captum explainer for ``method`` on ``module``; a module returning a ``ModelOutput``, a dict or
+    a tuple is explained through its scores (:class:`~lightning_trust.core.calls.ScoresModule`), and
+    ``layer`` is a path in the user's module."""
     spec = METHODS[method]
     init, _ = split_options(method, options)
+    user = ScoresModule.unwrap(module)
+    scores = module if isinstance(module, ScoresModule) else ScoresModule(module)
     if spec.layer:
-        return spec.cls(module, resolve_layer(module, layer or ""), **init)
-    return spec.cls(module, **init)
+        return spec.cls(scores, resolve_layer(user, layer or ""), **init)
+    return spec.cls(scores, **init)
 
 
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
@@ -258,6 +264,7 @@ def attribute(
     from captum.metrics import infidelity, sensitivity_max
 
     spec = METHODS[method]
+    module = module if isinstance(module, ScoresModule) else ScoresModule(module)
     explainer = build_explainer(method, module, layer, dict(options or {}))
     _, call = split_options(method, dict(options or {}))
     per_sample_base = baselines is not None and spec.baseline == "single"
