@@ -163,7 +163,7 @@ def test_a_callbacks_single_input_wins_over_the_datamodules_keyword_inputs():
     class _Trainer:
         lightning_module = None
 
-        class datamodule:  # noqa: N801 - a stand-in attribute holder
+        class datamodule:
             batch_keys = {"input_keys": ["input_ids", "attention_mask"], "target": "labels"}
 
     batch = hf_batch()
