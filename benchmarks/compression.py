@@ -26,10 +26,15 @@ import torch
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
-from lightning_trust.core.batch import BatchContract
-from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining, count_macs_params, load_int8_model
+from lightning_trust.compression import (
+    ProgressivePruning,
+    QuantizationAwareTraining,
+    count_macs_params,
+    load_int8_model,
+)
 from lightning_trust.compression.export import plain_forward
 from lightning_trust.compression.measure import collect_predictions, measure_latency
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.demo import AdultDataModule, DigitsDataModule, SmallCNN, TabularMLP
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,7 +47,9 @@ def _trainer(root: Path, epochs: int, callbacks: list[Any]) -> pl.Trainer:
 
 
 def _accuracy(model: Any, datamodule: pl.LightningDataModule) -> float:
-    preds, target = collect_predictions({"m": model}, [datamodule.test_dataloader()], BatchContract.resolve(None, None), torch.device("cpu"))
+    preds, target = collect_predictions(
+        {"m": model}, [datamodule.test_dataloader()], BatchContract.resolve(None, None), torch.device("cpu")
+    )
     return float((preds["m"] == target).float().mean())
 
 
@@ -56,7 +63,9 @@ def _weights(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def run_case(name: str, make_model: Any, datamodule: pl.LightningDataModule, x: torch.Tensor, plan: dict[str, int], root: Path) -> dict[str, Any]:
+def run_case(
+    name: str, make_model: Any, datamodule: pl.LightningDataModule, x: torch.Tensor, plan: dict[str, int], root: Path
+) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     runners: dict[str, Any] = {}
     epochs = plan["epochs"]
@@ -129,7 +138,7 @@ def run_case(name: str, make_model: Any, datamodule: pl.LightningDataModule, x: 
     for key, seconds in best.items():
         rows[key]["latency_ms"] = seconds * 1e3
     d = rows["dense"]
-    for key, row in rows.items():
+    for row in rows.values():
         row["speedup_vs_dense"] = d["latency_ms"] / row["latency_ms"]
         row["file_size_ratio_vs_dense"] = d["file_bytes"] / row["file_bytes"]
         row["accuracy_change_points"] = 100 * (row["accuracy"] - d["accuracy"])

@@ -40,9 +40,18 @@ RESULTS = Path(__file__).resolve().parent / "results" / "explain.json"
 def fit(make_model, make_data, callbacks, epochs):
     pl.seed_everything(0, verbose=False)
     model = make_model()
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=tempfile.mkdtemp(prefix="lt_bench_explain_"), callbacks=callbacks)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(prefix="lt_bench_explain_"),
+        callbacks=callbacks,
+    )
     start = time.perf_counter()
     trainer.fit(model, make_data())
     return time.perf_counter() - start, model, trainer
@@ -121,7 +130,11 @@ def main() -> None:
         "digits", SmallCNN, lambda: digits_dm, args.digits_epochs, args.repeats, Attribution
     )
     out["digits_config_settings"], _, _ = overhead(
-        "digits (configs/digits_explain.yaml settings)", SmallCNN, lambda: digits_dm, args.digits_epochs, args.repeats,
+        "digits (configs/digits_explain.yaml settings)",
+        SmallCNN,
+        lambda: digits_dm,
+        args.digits_epochs,
+        args.repeats,
         lambda: Attribution(every_n_epochs=3, method_kwargs={"n_steps": 32, "internal_batch_size": 512}),
     )
     out["ig_vs_captum"] = {

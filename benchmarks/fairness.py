@@ -26,21 +26,28 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import lightning.pytorch as pl  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import lightning.pytorch as pl
+import numpy as np
+import torch
 
-from lightning_trust.demo import AdultDataModule, TabularMLP  # noqa: E402
-from lightning_trust.fairness import FairnessMetrics  # noqa: E402
-from lightning_trust.fairness.frame import fairness_results  # noqa: E402
+from lightning_trust.demo import AdultDataModule, TabularMLP
+from lightning_trust.fairness import FairnessMetrics
+from lightning_trust.fairness.frame import fairness_results
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRIES = {"sex": ["sex"], "sex+race+sex*race": ["sex", "race", ["sex", "race"]]}
 
 
 def _validate(model: TabularMLP, loader, callbacks: list) -> float:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+    )
     start = time.perf_counter()
     trainer.validate(model, loader, verbose=False)
     return time.perf_counter() - start
@@ -78,8 +85,15 @@ def overhead(repeats: int) -> dict:
             ts = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                fairness_results(y, pred, codes, parsed, ["sex", "race"], dm.categories,
-                                 ["accuracy", "selection_rate", "true_positive_rate", "false_positive_rate"])
+                fairness_results(
+                    y,
+                    pred,
+                    codes,
+                    parsed,
+                    ["sex", "race"],
+                    dm.categories,
+                    ["accuracy", "selection_rate", "true_positive_rate", "false_positive_rate"],
+                )
                 ts.append(time.perf_counter() - start)
             row[name]["metricframe_seconds"] = statistics.median(ts)
         out[split] = row
@@ -93,8 +107,15 @@ def _validate_named(model, loader, callback, dm) -> float:
         def val_dataloader(self):
             return loader
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[callback])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[callback],
+    )
     start = time.perf_counter()
     trainer.validate(model, datamodule=Named(), verbose=False)
     return time.perf_counter() - start

@@ -20,12 +20,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
 
-from lightning_trust.demo import AdultDataModule, TabularMLP  # noqa: E402
-from lightning_trust.federated import FederatedSimulation  # noqa: E402
+from lightning_trust.demo import AdultDataModule, TabularMLP
+from lightning_trust.federated import FederatedSimulation
 
 SEED = 0
 BATCH = 128
@@ -57,9 +57,17 @@ class EpochTimer(Callback):
 
 
 def trainer(rounds: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(max_epochs=rounds, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      callbacks=callbacks)
+    return pl.Trainer(
+        max_epochs=rounds,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
 
 
 def accuracy(module: TabularMLP) -> float:
@@ -79,8 +87,9 @@ def run_centralized(rounds: int) -> dict:
 def run_ours(rounds: int, clients: int, alpha: float) -> dict:
     timer = EpochTimer()
     module = make_module()
-    sim = FederatedSimulation(num_clients=clients, local_epochs=1, partition=f"dirichlet({alpha})", seed=SEED,
-                              log_clients=False)
+    sim = FederatedSimulation(
+        num_clients=clients, local_epochs=1, partition=f"dirichlet({alpha})", seed=SEED, log_clients=False
+    )
     trainer(rounds, [sim, timer]).fit(module, make_datamodule())
     return {"round_times_s": timer.times, "val_acc": accuracy(module), "partition_sizes": sim.partition_info["sizes"]}
 
@@ -102,16 +111,18 @@ def run_flower(rounds: int, clients: int, alpha: float) -> dict:
         return {"val_acc": acc}
 
     # Flower's own FedAvg strategy (not ours), every node every round, no client-side evaluation
-    strategy = FlowerFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
-                            min_available_nodes=clients)
+    strategy = FlowerFedAvg(
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients
+    )
     start = time.perf_counter()
     run_simulation(
         server_app=server_app(make_module, strategy=strategy, num_rounds=rounds, evaluate_fn=evaluate),
         client_app=client_app(make_module, make_datamodule, partition=f"dirichlet({alpha})", local_epochs=1, seed=SEED),
         num_supernodes=clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR",
-                                      "log_to_driver": False}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False},
+        },
     )
     out["total_wall_s"] = time.perf_counter() - start
     # round r's time: from the end of the evaluation after round r-1 to the start of the one after round r
@@ -142,12 +153,20 @@ def main() -> None:
     ours = min(runs["ours"], key=per_round)
 
     result = {
-        "setup": {"model": "TabularMLP", "data": "Adult (27,146 train rows)", "clients": args.clients,
-                  "rounds": args.rounds, "partition": f"dirichlet({args.alpha})", "local_epochs": 1,
-                  "batch_size": BATCH, "aggregator": "FedAvg (ours) / flwr.serverapp.strategy.FedAvg (Flower)",
-                  "threads": 1, "repeats": args.repeats,
-                  "timing": "median training time per round (validation excluded), fastest of the repeats; "
-                            "Flower's rounds exclude Ray start-up (round 1 includes actor start)"},
+        "setup": {
+            "model": "TabularMLP",
+            "data": "Adult (27,146 train rows)",
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "partition": f"dirichlet({args.alpha})",
+            "local_epochs": 1,
+            "batch_size": BATCH,
+            "aggregator": "FedAvg (ours) / flwr.serverapp.strategy.FedAvg (Flower)",
+            "threads": 1,
+            "repeats": args.repeats,
+            "timing": "median training time per round (validation excluded), fastest of the repeats; "
+            "Flower's rounds exclude Ray start-up (round 1 includes actor start)",
+        },
         "centralized": {**centralized, "s_per_round": per_round(centralized)},
         "ours": {**ours, "s_per_round": per_round(ours)},
         "flower": {**flower, "s_per_round": per_round(flower)},

@@ -88,8 +88,14 @@ def _raw(task: str, mode: str, private: bool, steps: int) -> dict[str, Any]:
     if private:
         engine = PrivacyEngine(accountant="prv")
         made = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=NOISE, max_grad_norm=CLIP,
-            poisson_sampling=True, grad_sample_mode=mode, criterion=criterion,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=NOISE,
+            max_grad_norm=CLIP,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+            criterion=criterion,
         )
         if mode == "ghost":
             wrapped, optimizer, criterion, loader = made
@@ -114,8 +120,14 @@ def _raw(task: str, mode: str, private: bool, steps: int) -> dict[str, Any]:
     peak = _rss_mb() - rss0
     epsilon = engine.get_epsilon(DELTA) if engine is not None else None
     target = wrapped._module if private else wrapped
-    return {"step_ms": 1000 * statistics.median(times[10:]), "mean_step_ms": 1000 * statistics.fmean(times[10:]),
-            "peak_mb": peak, "accuracy": _accuracy(target, dm), "epsilon": epsilon, "steps": done}
+    return {
+        "step_ms": 1000 * statistics.median(times[10:]),
+        "mean_step_ms": 1000 * statistics.fmean(times[10:]),
+        "peak_mb": peak,
+        "accuracy": _accuracy(target, dm),
+        "epsilon": epsilon,
+        "steps": done,
+    }
 
 
 def _lightning(task: str, mode: str, private: bool, steps: int) -> dict[str, Any]:
@@ -161,16 +173,29 @@ def _lightning(task: str, mode: str, private: bool, steps: int) -> dict[str, Any
         setattr(dp, name, timed(getattr(dp, name)))
     callbacks = ([dp] if private else []) + [timer]  # the timer last: our hooks' time is inside its window
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         callbacks=callbacks,
     )
     trainer.fit(model, dm)
     peak = _rss_mb() - timer.rss0
-    return {"step_ms": 1000 * statistics.median(timer.times[10:]), "mean_step_ms": 1000 * statistics.fmean(timer.times[10:]),
-            "peak_mb": peak, "accuracy": _accuracy(model, dm), "epsilon": dp.epsilon_spent if private else None,
-            "steps": trainer.global_step, "callback_ms_per_step": 1000 * statistics.median(timer.hook_times[10:]),
-            "callback_mean_ms_per_step": 1000 * statistics.fmean(timer.hook_times[10:])}
+    return {
+        "step_ms": 1000 * statistics.median(timer.times[10:]),
+        "mean_step_ms": 1000 * statistics.fmean(timer.times[10:]),
+        "peak_mb": peak,
+        "accuracy": _accuracy(model, dm),
+        "epsilon": dp.epsilon_spent if private else None,
+        "steps": trainer.global_step,
+        "callback_ms_per_step": 1000 * statistics.median(timer.hook_times[10:]),
+        "callback_mean_ms_per_step": 1000 * statistics.fmean(timer.hook_times[10:]),
+    }
 
 
 def _child(kind: str, task: str, mode: str, steps: int, queue: Any) -> None:
@@ -203,9 +228,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest median is kept")
     args = parser.parse_args()
-    results: dict[str, Any] = {"steps": args.steps, "repeats": args.repeats, "noise_multiplier": NOISE,
-                               "max_grad_norm": CLIP, "delta": DELTA, "tasks": {}}
-    runs = [("plain_raw", "hooks"), ("plain", "hooks")] + [(k, m) for m in ("hooks", "ghost") for k in ("opacus", "ours")]
+    results: dict[str, Any] = {
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "noise_multiplier": NOISE,
+        "max_grad_norm": CLIP,
+        "delta": DELTA,
+        "tasks": {},
+    }
+    runs = [("plain_raw", "hooks"), ("plain", "hooks")] + [
+        (k, m) for m in ("hooks", "ghost") for k in ("opacus", "ours")
+    ]
     for task in ("adult_mlp", "digits_cnn"):
         entry: dict[str, Any] = {}
         for _ in range(args.repeats):  # interleaved, so a burst of load on the shared machine hits all alike

@@ -44,7 +44,10 @@ def main() -> None:
         max_physical_batch_size=args.physical_batch,
     )
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[dp],
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[dp],
         logger=CSVLogger("runs/dp_adult", name=""),
     )
     datamodule = AdultDataModule(batch_size=args.batch_size)

@@ -19,8 +19,11 @@ from lightning_trust.explain import Attribution
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="integrated_gradients",
-                        choices=["integrated_gradients", "deeplift", "feature_ablation", "shapley_value_sampling"])
+    parser.add_argument(
+        "--method",
+        default="integrated_gradients",
+        choices=["integrated_gradients", "deeplift", "feature_ablation", "shapley_value_sampling"],
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--root", default="runs/explain_adult")
     args = parser.parse_args()
@@ -28,8 +31,14 @@ def main() -> None:
     pl.seed_everything(42)
     options = {"n_samples": 5} if args.method == "shapley_value_sampling" else {}
     attribution = Attribution(method=args.method, method_kwargs=options, num_samples=64, baseline="mean", top_k=15)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, default_root_dir=args.root,
-                         logger=CSVLogger(args.root, name=""), callbacks=[attribution])
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=args.root,
+        logger=CSVLogger(args.root, name=""),
+        callbacks=[attribution],
+    )
     trainer.fit(TabularMLP(), AdultDataModule(batch_size=256))
     report = attribution.report()
     for item in report["top_features"]:

@@ -49,8 +49,9 @@ def main() -> None:
         every_n_epochs=2,
         figures="end",
     )
-    robustness = AdversarialRobustness(epsilons=[0.0, 0.05, 0.1, 0.2], input_range=[0.0, 1.0], run_on="fit_end",
-                                       min_perturbation=True)
+    robustness = AdversarialRobustness(
+        epsilons=[0.0, 0.05, 0.1, 0.2], input_range=[0.0, 1.0], run_on="fit_end", min_perturbation=True
+    )
     callbacks: list[pl.Callback] = [attribution, robustness]
     if args.dp:
         from lightning_trust.privacy import DifferentialPrivacy

@@ -30,9 +30,16 @@ def _run(root: Path, epochs: int, seed: int, extra: list[pl.Callback]) -> tuple[
     pl.seed_everything(seed, verbose=False)
     metrics = FairnessMetrics(["sex", "race", ["sex", "race"]], stages=["validation", "test"])
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, default_root_dir=str(root),
-        callbacks=[metrics, *extra], logger=pl.loggers.CSVLogger(str(root), name=""), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        default_root_dir=str(root),
+        callbacks=[metrics, *extra],
+        logger=pl.loggers.CSVLogger(str(root), name=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     model, data = TabularMLP(), AdultDataModule(batch_size=256, seed=seed)
     start = time.perf_counter()
@@ -44,8 +51,13 @@ def _run(root: Path, epochs: int, seed: int, extra: list[pl.Callback]) -> tuple[
     return metrics, seconds
 
 
-def compare(epochs: int = 5, lam: float = 2.0, constraint: str = "demographic_parity", seed: int = 0,
-            root: str = "runs/fairness_adult") -> dict[str, Any]:
+def compare(
+    epochs: int = 5,
+    lam: float = 2.0,
+    constraint: str = "demographic_parity",
+    seed: int = 0,
+    root: str = "runs/fairness_adult",
+) -> dict[str, Any]:
     """Test-split accuracy and disparities (by sex) for no mitigation, the penalty and the ThresholdOptimizer."""
     optimizer = ThresholdOptimizer("sex", constraint=constraint)
     plain, plain_seconds = _run(Path(root) / "none", epochs, seed, [optimizer])
@@ -58,7 +70,14 @@ def compare(epochs: int = 5, lam: float = 2.0, constraint: str = "demographic_pa
 
     after = optimizer.report()["after"]
     return {
-        "settings": {"epochs": epochs, "lam": lam, "constraint": constraint, "seed": seed, "split": "test", "feature": "sex"},
+        "settings": {
+            "epochs": epochs,
+            "lam": lam,
+            "constraint": constraint,
+            "seed": seed,
+            "split": "test",
+            "feature": "sex",
+        },
         "none": {**by_sex(plain.report()), "fit_seconds": plain_seconds},
         "penalty": {**by_sex(fair.report()), "fit_seconds": fair_seconds},
         "threshold_optimizer": {k: after[k] for k in COLUMNS},
@@ -74,7 +93,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["| mitigation | accuracy | demographic parity diff. | equalized odds diff. |", "|---|---|---|---|"]
     for name in ("none", "penalty", "threshold_optimizer"):
         row = results[name]
-        lines.append(f"| {name} | {row['accuracy']:.4f} | {row['demographic_parity_difference']:.4f} | {row['equalized_odds_difference']:.4f} |")
+        lines.append(
+            f"| {name} | {row['accuracy']:.4f} | {row['demographic_parity_difference']:.4f} | {row['equalized_odds_difference']:.4f} |"
+        )
     return "\n".join(lines)
 
 

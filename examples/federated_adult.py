@@ -39,15 +39,23 @@ def main() -> None:
     logger = CSVLogger("runs/federated_adult", name=args.mode)
     if args.mode == "simulation":
         federated = FederatedSimulation(
-            num_clients=args.clients, clients_per_round=args.clients_per_round, local_steps=args.local_steps,
-            partition=args.partition, aggregator=args.aggregator, proximal_mu=args.proximal_mu, client_dp=dp, seed=42,
+            num_clients=args.clients,
+            clients_per_round=args.clients_per_round,
+            local_steps=args.local_steps,
+            partition=args.partition,
+            aggregator=args.aggregator,
+            proximal_mu=args.proximal_mu,
+            client_dp=dp,
+            seed=42,
         )
         trainer = pl.Trainer(max_epochs=args.rounds, callbacks=[federated], logger=logger, accelerator="cpu", devices=1)
     else:
-        strategy = FederatedStrategy(local_steps=args.local_steps, aggregator=args.aggregator,
-                                     proximal_mu=args.proximal_mu, client_dp=dp)
-        trainer = pl.Trainer(max_epochs=max(1, args.rounds // 5), strategy=strategy, accelerator="cpu", devices=2,
-                             logger=logger)
+        strategy = FederatedStrategy(
+            local_steps=args.local_steps, aggregator=args.aggregator, proximal_mu=args.proximal_mu, client_dp=dp
+        )
+        trainer = pl.Trainer(
+            max_epochs=max(1, args.rounds // 5), strategy=strategy, accelerator="cpu", devices=2, logger=logger
+        )
     trainer.fit(TabularMLP(), AdultDataModule(batch_size=64))
     if trainer.is_global_zero:
         reporter = federated if args.mode == "simulation" else strategy

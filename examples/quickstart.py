@@ -1,6 +1,6 @@
 """Train the demo TabularMLP on the bundled Adult data with a plain Lightning Trainer.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import lightning.pytorch as pl

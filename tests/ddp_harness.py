@@ -28,7 +28,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-PRELUDE = '''
+PRELUDE = """
 import json, os, sys
 from pathlib import Path
 import torch
@@ -41,10 +41,10 @@ def save_result(data):
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     (OUT / f"rank{rank}.json").write_text(json.dumps(data))
 
-'''
+"""
 
 
-EPILOGUE = '''
+EPILOGUE = """
 
 # Reached only when the body succeeded. Leave without the interpreter's shutdown: a gloo/TCPStore thread
 # destroyed there occasionally aborts the process ("terminate called without an active exception", exit -6)
@@ -56,7 +56,7 @@ if _dist.is_available() and _dist.is_initialized():
 sys.stdout.flush()
 sys.stderr.flush()
 os._exit(0)
-'''
+"""
 
 
 def run_ddp(body: str, tmp_path: Path, world_size: int = 2, timeout: float = 600) -> list[dict[str, Any]]:

@@ -28,10 +28,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from flwr.simulation import run_simulation
+    from task import make_client_app, make_server_app
 
     from lightning_trust.demo import AdultDataModule
     from lightning_trust.federated.flower import evaluate_client
-    from task import make_client_app, make_server_app
 
     summary: dict = {}
 

@@ -31,8 +31,14 @@ def make_client_app(local_steps: int = LOCAL_STEPS, partition: str = "dirichlet(
 
 def make_server_app(num_rounds: int = NUM_ROUNDS, aggregator: str = AGGREGATOR, on_result=None, num_nodes: int = 2):
     # our aggregator inside a Flower Strategy; any flwr.serverapp.strategy.* works here too
-    strategy = flower_strategy(aggregator, fraction_train=1.0, fraction_evaluate=1.0,
-                               min_train_nodes=num_nodes, min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes)
+    strategy = flower_strategy(
+        aggregator,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=num_nodes,
+        min_evaluate_nodes=num_nodes,
+        min_available_nodes=num_nodes,
+    )
     return server_app(make_module, strategy=strategy, num_rounds=num_rounds, on_result=on_result)
 
 

@@ -95,9 +95,9 @@ def test_digits_splits_and_shapes(digits):
     sizes = (len(digits.train_dataset), len(digits.val_dataset), len(digits.test_dataset))
     assert sum(sizes) == 1797
     assert sizes == (1167, 270, 360)
-    images, labels = next(iter(digits.train_dataloader()))
+    images, _labels = next(iter(digits.train_dataloader()))
     assert images.shape[1:] == (1, 8, 8) and images.dtype == torch.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0
     assert set(digits.test_dataset.tensors[1].tolist()) == set(range(10))
     again = DigitsDataModule(batch_size=64)
     again.setup()

@@ -29,12 +29,24 @@ def test_tabular_mlp_refuses_wrong_input_dim(adult):
 @pytest.mark.slow
 def test_models_learn_on_demo_data(adult, digits, tmp_path):
     pl.seed_everything(0)
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     model = TabularMLP()
     trainer.fit(model, adult)
     assert trainer.callback_metrics["val/acc"] > 0.8
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(SmallCNN(), digits)
     assert trainer.callback_metrics["val/acc"] > 0.8
