@@ -8,6 +8,7 @@ and ``peft`` are imported when a model is built, so importing this module costs 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import shutil
@@ -297,7 +298,9 @@ class TinyTextTransformer(pl.LightningModule):
                     f"No pretrained encoder at {path}. Pretrain one (lightning-trust fit --config configs/text_pretrain.yaml "
                     "writes runs/text_pretrain/checkpoints/last.ckpt), or set `pretrain_if_missing: true`."
                 )
-            self._pretrain(path)
+            # a fresh context: a LightningCLI instantiating this module sets the hyperparameters it
+            # gave in a context variable, which the pretraining module would otherwise save as its own
+            contextvars.Context().run(self._pretrain, path)
         state, vocab = _read_state(path)
         report = load_encoder_state(self.model, state, hp.task)
         self.pretrained_report = {"path": str(path), **report}
