@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from lightning_trust.demo import AdultDataModule, TabularMLP
 from lightning_trust.federated.flower import client_app, flower_strategy, server_app
 
@@ -17,7 +19,11 @@ AGGREGATOR = os.environ.get("LT_FLOWER_AGGREGATOR", "fedavg")
 
 
 def make_module() -> TabularMLP:
-    return TabularMLP(input_dim=104, hidden_dims=[64, 32], lr=1e-3)
+    # seeded: the server's initial global weights (and so a short run's accuracy) do not depend on
+    # whatever the process drew from torch's generator before
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TabularMLP(input_dim=104, hidden_dims=[64, 32], lr=1e-3)
 
 
 def make_datamodule() -> AdultDataModule:
