@@ -60,6 +60,46 @@ def adult_split_rows(data_dir: Optional[str], seed: int, val_fraction: float) ->
     }
 
 
+class SplitLoaders:
+    """The train/val/test/predict loaders of a datamodule holding ``train_dataset``, ``val_dataset``
+    and ``test_dataset`` (built by its ``_build``), with ``batch_size``, ``num_workers`` and ``seed``:
+    the training loader shuffles with a generator seeded by ``seed``; predict reads the test split."""
+
+    batch_size: int
+    num_workers: int
+    seed: int
+    train_dataset: Optional[Dataset]
+    val_dataset: Optional[Dataset]
+    test_dataset: Optional[Dataset]
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
+        self._build()
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)
+
+
 class DictDataset(Dataset):
     """A map-style dataset of equally long tensors, yielding one ``{name: tensor}`` dict per sample.
 
@@ -121,7 +161,7 @@ def _find_adult_file(data_dir: Optional[Union[str, Path]], stem: str) -> Path:
     )
 
 
-class AdultDataModule(pl.LightningDataModule):
+class AdultDataModule(SplitLoaders, pl.LightningDataModule):
     """UCI Adult census income (>50K), bundled, with sensitive side columns.
 
     Rows with unknown values (``?``) are dropped: 30,162 training-file rows and 15,060 test-file
@@ -249,30 +289,6 @@ class AdultDataModule(pl.LightningDataModule):
         self.val_dataset = encode(val_rows)
         self.test_dataset = encode(test_rows)
         self._prepared = True
-
-    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
-        self._build()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
 
 
 class DigitsDataModule(pl.LightningDataModule):

@@ -16,13 +16,13 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from lightning_trust.demo.data import (
     ADULT_COLUMNS,
     ADULT_SIDE_COLUMNS,
     AdultDataModule,
     DictDataset,
+    SplitLoaders,
     _age_group,
     adult_split_rows,
 )
@@ -239,7 +239,7 @@ def adult_sentence(row: Sequence[str], include_sensitive: bool = False) -> str:
     return ", ".join(parts)
 
 
-class AdultTextDataModule(pl.LightningDataModule):
+class AdultTextDataModule(SplitLoaders, pl.LightningDataModule):
     """UCI Adult (bundled) as tokenized sentences, with the same splits and side columns as :class:`AdultDataModule`.
 
     Every row becomes a sentence (:func:`adult_sentence`); sex, race and relationship words are left
@@ -375,27 +375,3 @@ class AdultTextDataModule(pl.LightningDataModule):
         self.categories = tab.categories
         self.val_dataset, self.test_dataset = datasets["val"], datasets["test"]
         self.train_dataset = datasets["train"]  # last: marks the build as done
-
-    def _loader(self, dataset: Optional[DictDataset], shuffle: bool) -> DataLoader:
-        self._build()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
