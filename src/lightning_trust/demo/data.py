@@ -10,7 +10,7 @@ import gzip
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -291,7 +291,7 @@ class AdultDataModule(SplitLoaders, pl.LightningDataModule):
         self._prepared = True
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SplitLoaders, pl.LightningDataModule):
     """scikit-learn's bundled 8x8 handwritten digits as ``1x8x8`` float images in [0, 1], 10 classes.
 
     1,797 images, split with a seed into test (``test_fraction``), validation (``val_fraction``)
@@ -365,26 +365,5 @@ class DigitsDataModule(pl.LightningDataModule):
 
         self.train_dataset, self.val_dataset, self.test_dataset = subset(train), subset(val), subset(test)
 
-    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+    def _build(self) -> None:
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
