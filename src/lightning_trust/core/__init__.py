@@ -15,6 +15,7 @@ module             concern
 ``capture``        reusing the forward a user's step already ran
 ``output``         run folders, JSON, figures, logging, warnings once per run
 ``macs``           the one MAC counter (pruning, its report and the model card)
+``budget``         the one overhead budget of callbacks that add passes (``max_overhead``)
 ``seam``           every private attribute of Lightning and other libraries the pack needs
 =================  ==========================================================================
 
@@ -37,6 +38,7 @@ from lightning_trust.core.batch import (
     predictions_from_outputs,
     read_column,
 )
+from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget, check_max_overhead
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import (
@@ -72,6 +74,7 @@ from lightning_trust.core.protocol import (
 from lightning_trust.core.tensors import first_tensor, iter_tensors, map_tensors, tensor_bytes, to_jsonable
 
 __all__ = [
+    "DEFAULT_MAX_OVERHEAD",
     "FIGURES_KEY",
     "SECTIONS",
     "BatchContract",
@@ -80,6 +83,7 @@ __all__ = [
     "DuplicateSectionError",
     "ForwardCapture",
     "IncompatibleCallbacksError",
+    "OverheadBudget",
     "Pausable",
     "Reportable",
     "TrustCallback",
@@ -90,6 +94,7 @@ __all__ = [
     "callbacks_with",
     "capabilities_of",
     "check_compatibility",
+    "check_max_overhead",
     "collect_reports",
     "describe_keys",
     "find_callback",
