@@ -29,6 +29,7 @@ Example:
 from lightning_trust.core.batch import (
     BatchContract,
     BatchKeyError,
+    PositionalInputs,
     batch_size_of,
     call_module,
     describe_keys,
@@ -85,6 +86,7 @@ __all__ = [
     "IncompatibleCallbacksError",
     "OverheadBudget",
     "Pausable",
+    "PositionalInputs",
     "Reportable",
     "TrustCallback",
     "all_loaders",

@@ -3,7 +3,9 @@
 A batch (or a single dataset sample) is either
 
 * a tuple/list ``(inputs, target, *rest)``: inputs at position 0, target at position 1, side
-  columns only where the user names their position (``{"sex": 2}``); or
+  columns only where the user names their position (``{"sex": 2}``); when the bound module's
+  ``forward`` requires N > 1 positional arguments (``LightningTransformer.forward(inputs,
+  target)``), the inputs are the first N elements, a :class:`PositionalInputs`; or
 * a mapping: inputs under the first of ``"x"``, ``"input"``, ``"inputs"``; the target under the
   first of ``"y"``, ``"target"``, ``"label"``, ``"labels"``; side columns (sensitive features,
   domain, client id...) under their own name unless mapped to another key; or
@@ -52,6 +54,7 @@ from torch.utils.data import default_collate
 
 from lightning_trust.core.calls import (
     PREDICTION_KEYS,
+    PositionalInputs,
     ScoresModule,
     call_module,
     forward_no_grad,
@@ -59,6 +62,7 @@ from lightning_trust.core.calls import (
     logits_of,
     logits_or_none,
     predictions_from_outputs,
+    required_positional,
 )
 from lightning_trust.core.tensors import first_tensor
 
@@ -66,6 +70,7 @@ __all__ = [
     "PREDICTION_KEYS",
     "BatchContract",
     "BatchKeyError",
+    "PositionalInputs",
     "ScoresModule",
     "batch_size_of",
     "call_module",
@@ -163,6 +168,7 @@ class BatchContract:
         self.input_keys: Optional[tuple[str, ...]] = tuple(input_keys) if input_keys is not None else None
         self.side_keys: frozenset[str] = frozenset(side_keys or ())
         self.forward_params: Optional[frozenset[str]] = None
+        self.positional_inputs = 1  # positional arguments the bound module's forward requires
         self._bound = False
 
     # construction -------------------------------------------------------------------------
@@ -217,6 +223,7 @@ class BatchContract:
         from lightning_trust.core.passes import unwrap_module
 
         self.forward_params = forward_parameters(unwrap_module(module))
+        self.positional_inputs = required_positional(unwrap_module(module))
         self._bound = True
         return self
 
@@ -255,6 +262,13 @@ class BatchContract:
                 return {k: batch[k] for k in self.input_keys}
             if not any(k in batch for k in DEFAULT_INPUT_KEYS):
                 return self._keyword_inputs(batch)
+        if (
+            self.positional_inputs > 1
+            and self.input_key is None
+            and isinstance(batch, (tuple, list))
+            and len(batch) >= self.positional_inputs
+        ):
+            return PositionalInputs(batch[: self.positional_inputs])
         return self._get(batch, "inputs", self.input_key, DEFAULT_INPUT_KEYS, 0)
 
     def keyword_inputs(self, batch: Any) -> bool:

@@ -25,6 +25,7 @@ from lightning_trust.core.tensors import first_tensor
 
 __all__ = [
     "PREDICTION_KEYS",
+    "PositionalInputs",
     "ScoresModule",
     "call_module",
     "forward_no_grad",
@@ -32,6 +33,7 @@ __all__ = [
     "logits_of",
     "logits_or_none",
     "predictions_from_outputs",
+    "required_positional",
 ]
 
 #: Keys in a step's returned dict (or attributes of a ``ModelOutput``) taken as predictions, in this order.
@@ -54,10 +56,47 @@ def forward_parameters(module: Any) -> Optional[frozenset[str]]:
     return frozenset(names)
 
 
+def required_positional(module: Any) -> int:
+    """How many positional arguments ``module.forward`` requires (those without a default; 1 when
+    the signature cannot be read or takes ``*args``)."""
+    try:
+        signature = inspect.signature(getattr(module, "forward", module))
+    except (TypeError, ValueError):
+        return 1
+    required = 0
+    for param in signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            return max(required, 1)
+        positional = param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if positional and param.default is inspect.Parameter.empty:
+            required += 1
+    return max(required, 1)
+
+
+class PositionalInputs(tuple):  # a tuple of whatever the batch holds
+    """The inputs of a module whose ``forward`` takes several positional tensors (Lightning's
+    ``LightningTransformer.forward(inputs, target)``): the first elements of a tuple batch, which
+    :func:`call_module` passes as ``module(*inputs)``. The first is the one explanations attribute;
+    the others are additional forward arguments.
+
+    Example:
+        >>> class TwoInputs(nn.Module):
+        ...     def forward(self, a, b):
+        ...         return a + b
+        >>> call_module(TwoInputs(), PositionalInputs((torch.ones(2), torch.ones(2)))).tolist()
+        [2.0, 2.0]
+    """
+
+    __slots__ = ()
+
+
 def call_module(module: Any, inputs: Any) -> Any:
     """Call a module on a batch's inputs: ``module(**inputs)`` for keyword inputs (a dict whose
-    keys the forward accepts by name, or a forward taking ``**kwargs``), ``module(inputs)``
-    otherwise (a tensor, or one dict the forward takes as a single argument)."""
+    keys the forward accepts by name, or a forward taking ``**kwargs``), ``module(*inputs)`` for
+    :class:`PositionalInputs`, ``module(inputs)`` otherwise (a tensor, or one dict the forward
+    takes as a single argument)."""
+    if isinstance(inputs, PositionalInputs):
+        return module(*inputs)
     if isinstance(inputs, Mapping):
         accepted = forward_parameters(module)
         if accepted is None or set(inputs) <= accepted:
