@@ -31,6 +31,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_trust.privacy import loader as private_loader
+from lightning_trust.privacy.broadcast import BatchAlignment
 from lightning_trust.privacy.hooks import PerSampleGradients
 from lightning_trust.privacy.optimizer import (
     check_holds_parameters,
@@ -53,11 +54,16 @@ class OpacusAttachment:
 
     def __init__(self, grad_sample_mode: str, max_grad_norm: float) -> None:
         self.grads = PerSampleGradients(grad_sample_mode, max_grad_norm=max_grad_norm, optimizer_params=self.dp_params)
+        # every hooked layer sees the batch: broadcast index inputs expanded, other broadcasts refused
+        self.alignment = BatchAlignment(self._recording, refuse_reuse=lambda: self.grads.mode == "ghost")
         self.optimizer: Optional[DPOptimizer] = None
         self.accumulate = 1
         self.physical_parts = 1
         self.active = False  # attached to a fit now
         self._loader_ids: set[int] = set()
+
+    def _recording(self) -> bool:
+        return self.grads.recording  # Opacus's hooks enabled, or the bk mode's recording (not paused)
 
     def dp_params(self) -> list[nn.Parameter]:
         """The DP optimizer's parameters (none before it is built)."""
@@ -74,6 +80,7 @@ class OpacusAttachment:
         """Hook ``module`` and make the fit loop train on ``wrap(user's train loader)``."""
         self.active = True
         self.grads.attach(module)
+        self.alignment.attach(module)
         private_loader.install(trainer, owner, wrap, lambda dl: id(dl) in self._loader_ids)
 
     def wrap(
@@ -131,6 +138,7 @@ class OpacusAttachment:
     def restore(self, trainer: pl.Trainer, owner: Any) -> None:
         """Hooks off, the user's loader and optimizer back, Lightning's DDP all-reduce on again."""
         self.grads.detach()
+        self.alignment.detach()
         private_loader.uninstall(trainer, owner)
         if self.optimizer is not None:
             trainer.strategy.optimizers = unwrap_optimizers(trainer.strategy.optimizers)
@@ -142,6 +150,7 @@ class OpacusAttachment:
     def begin_batch(self, trainer: pl.Trainer, module: nn.Module) -> None:
         """Before a training batch: follow a changed structure; DDP's own all-reduce off (one noisy one only)."""
         self.grads.begin_batch()
+        self.alignment.begin_batch()
         if self.grads.structure_changed(module):
             self.follow_structure(module)
         set_ddp_grad_sync(trainer.strategy.model, False)
@@ -150,6 +159,7 @@ class OpacusAttachment:
         """The module's parameters were replaced (structural pruning): hook the new structure and
         check the DP optimizer holds the new parameters."""
         self.grads.reattach(module)
+        self.alignment.attach(module)
         if self.optimizer is not None:
             check_holds_parameters(self.optimizer, module)
             rank_zero_info(

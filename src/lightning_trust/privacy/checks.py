@@ -21,8 +21,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lightning_trust.privacy.accounting import ACCOUNTANTS
+from lightning_trust.privacy.fsdp import check_sharded
 from lightning_trust.privacy.hooks import GRAD_SAMPLE_MODES
 from lightning_trust.privacy.optimizer import CLIPPINGS
+from lightning_trust.privacy.tied import check_ghost_ties
 
 __all__ = ["SUPPORTED_PRECISIONS", "check_arguments", "check_trainer"]
 
@@ -72,6 +74,11 @@ def check_arguments(
         raise ValueError(f"`grad_sample_mode` must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
     if grad_sample_mode == "ghost" and clipping != "flat":
         raise ValueError("Opacus's ghost clipping supports only `clipping='flat'`; use grad_sample_mode='hooks'.")
+    if grad_sample_mode == "bk" and clipping != "flat":
+        raise ValueError(
+            "grad_sample_mode='bk' clips the whole per-sample gradient, so it supports only `clipping='flat'`; use "
+            "grad_sample_mode='hooks' (or 'auto', which picks hooks for per-layer clipping)."
+        )
     if max_physical_batch_size is not None and max_physical_batch_size < 1:
         raise ValueError(f"`max_physical_batch_size` must be a positive integer, got {max_physical_batch_size}.")
     if max_physical_batch_size is not None and not poisson_sampling:
@@ -92,7 +99,9 @@ def check_arguments(
 
 
 def check_trainer(trainer: pl.Trainer, grad_sample_mode: str, max_physical_batch_size: Optional[int]) -> int:
-    """Refuse Trainer settings that break DP-SGD; return ``accumulate_grad_batches``."""
+    """Refuse Trainer settings that break DP-SGD (and ghost clipping of a tied model); return
+    ``accumulate_grad_batches``."""
+    check_sharded(trainer.strategy)
     if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(
             f"DifferentialPrivacy supports single-device and DDP training, not {type(trainer.strategy).__name__}; "
@@ -109,10 +118,14 @@ def check_trainer(trainer: pl.Trainer, grad_sample_mode: str, max_physical_batch
             f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips the summed gradient, which DP-SGD "
             "replaces by per-sample clipping; remove it and set `DifferentialPrivacy(max_grad_norm=...)` instead."
         )
+    module = trainer.strategy.lightning_module
+    if module is not None:
+        check_ghost_ties(module, grad_sample_mode)
     accumulate = int(trainer.accumulate_grad_batches)
-    if accumulate > 1 and grad_sample_mode == "ghost":
+    if accumulate > 1 and grad_sample_mode in ("ghost", "bk"):
         raise ValueError(
-            "Opacus's ghost clipping takes one backward pass per optimizer step, so it cannot be combined with "
+            f"grad_sample_mode={grad_sample_mode!r}: Opacus's ghost clipping takes one backward pass per optimizer "
+            "step (and so does bk), so it cannot be combined with "
             f"Trainer(accumulate_grad_batches={accumulate}); use grad_sample_mode='hooks' or "
             "`max_physical_batch_size` for memory."
         )
