@@ -22,19 +22,25 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of
+from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
+from lightning_trust.core.loaders import first_loader
 from lightning_trust.core.output import artifact_dir
+from lightning_trust.core.seam_r1 import trained_epoch
 from lightning_trust.evaluation.arguments import check_arguments
 from lightning_trust.evaluation.corruptions import SEVERITIES
 from lightning_trust.evaluation.domains import DomainIndex, domain_names, in_domain_names, side_domains
-from lightning_trust.evaluation.extra_passes import evaluate_corruptions, evaluate_extra_domains
+from lightning_trust.evaluation.extra_passes import add_predictions, evaluate_corruptions, evaluate_extra_domains
 from lightning_trust.evaluation.figures import draw_figures, figure_paths
 from lightning_trust.evaluation.keys import HISTORY_KEYS, LOGGED_KEYS, REPORT_KEYS
-from lightning_trust.evaluation.metrics import to_probabilities
 from lightning_trust.evaluation.outputs import log_result, report_of, table_paths, write_artifacts
-from lightning_trust.evaluation.results import DomainMetrics, corruption_summary, load_baseline, pass_result, warn_gaps
+from lightning_trust.evaluation.probe import Probed, check_setup
+from lightning_trust.evaluation.results import (
+    DomainMetrics, corruption_summary, load_baseline, pass_result, restrict_values, warn_gaps,
+)  # fmt: skip
+from lightning_trust.evaluation.tokens import check_label_shift, label_shift
 
 __all__ = ["CrossDomainEvaluation"]
 
@@ -65,10 +71,12 @@ class CrossDomainEvaluation(TrustCallback):
         domains: extra domains ``{name: source}``; a source is a ``Dataset``, a ``DataLoader``, a
             callable returning one, or (YAML) the name of a DataModule/LightningModule attribute or
             method such as ``"test_dataloader"``. Evaluated with the module's own forward.
-        corruptions: ``"all"`` or a list of image corruptions (``gaussian_noise``, ``shot_noise``,
-            ``impulse_noise``, ``speckle_noise``, ``blur``, ``contrast``, ``brightness``,
-            ``pixelate``, ``occlusion``) applied to the validation/test inputs as extra domains
-            ``<corruption>_s<severity>``.
+        corruptions: ``"all"`` or a list of corruptions applied to the validation/test inputs as
+            extra domains ``<corruption>_s<severity>``: image corruptions (``gaussian_noise``,
+            ``shot_noise``, ``impulse_noise``, ``speckle_noise``, ``blur``, ``contrast``,
+            ``brightness``, ``pixelate``, ``occlusion``) for images, text perturbations
+            (``token_dropout``, ``word_swap``, ``char_noise``, :mod:`~lightning_trust.evaluation.text`)
+            for token ids; ``"all"`` is the suite of the inputs' kind. Checked against the data at setup.
         severities: corruption severities (1-5).
         baseline_errors: JSON file of a baseline model's errors (the ``corruption_errors_<stage>.json``
             this callback writes) to normalize the corruption error (ImageNet-C's mCE).
@@ -84,6 +92,14 @@ class CrossDomainEvaluation(TrustCallback):
         buffer_size: predictions kept on the device before the per-domain metric update.
         figures: write the bar charts and reliability diagrams (at the end of fit and of test).
         seed: seed of the corruption noise (each batch and corruption gets its own generator).
+        max_overhead: the corrupted copies and extra domains cost at most this share of the fit's own
+            time (:class:`~lightning_trust.core.budget.OverheadBudget`): a due validation pass skips
+            them when they would exceed it (counted under ``overhead.skipped``); the last epoch's
+            always runs. ``None``: every pass. Test passes are never skipped.
+        tokenizer: for ``char_noise`` and the text vocabulary: an object with ``encode``/``decode``
+            (default: ``datamodule.tokenizer``).
+        label_shift: token-level targets: ``"auto"`` (1 when the labels are the input ids, the Hugging
+            Face causal-LM convention; else 0), ``0`` or ``1``.
         batch_keys: batch contract overrides (``{"input": ..., "target": ..., domain_key: ...}``).
         name: the report section (default ``"evaluation"``); give two evaluations distinct names.
 
@@ -124,10 +140,15 @@ class CrossDomainEvaluation(TrustCallback):
         buffer_size: int = 8192,
         figures: bool = True,
         seed: int = 0,
+        max_overhead: Optional[float] = DEFAULT_MAX_OVERHEAD,
+        tokenizer: Any = None,
+        label_shift: Union[Literal["auto"], int] = "auto",
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
         name: Optional[str] = None,
     ) -> None:
         super().__init__(name=name)
+        self.budget = OverheadBudget(max_overhead)
+        self.label_shift = check_label_shift(label_shift)
         self.corruptions, self.domains, self.specs, names = check_arguments(
             domain_key=domain_key, domain_values=domain_values, domains=domains, corruptions=corruptions,
             severities=severities, baseline_errors=baseline_errors, metrics=metrics, metric_args=metric_args,
@@ -149,7 +170,10 @@ class CrossDomainEvaluation(TrustCallback):
         self.buffer_size = buffer_size
         self.figures = figures
         self.seed = seed
+        self.max_overhead = self.budget.max_overhead
+        self.tokenizer = tokenizer
         self.batch_keys = batch_keys
+        self._corruption_arg = corruptions
 
         self.contract = BatchContract()
         self.results: dict[str, dict[str, Any]] = {}  # stage -> latest evaluation
@@ -166,6 +190,9 @@ class CrossDomainEvaluation(TrustCallback):
         self._active = False
         self._capture = ForwardCapture()
         self._loaders: dict[str, Any] = {}
+        self._probed = Probed(list(self.corruptions), None, None)
+        self._extra_due = True
+        self._overhead: dict[str, Any] = self.budget.summary()
 
     @property
     def capabilities(self) -> frozenset[Capability]:  # type: ignore[override]  # depends on the arguments
@@ -178,6 +205,11 @@ class CrossDomainEvaluation(TrustCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.contract = BatchContract.resolve(self.batch_keys, trainer)
+        self._probed = check_setup(
+            trainer, pl_module, stage, self.contract, domain_key=self.domain_key, corruptions=self._corruption_arg,
+            resolved=self.corruptions, tokenizer=self.tokenizer, shift_setting=self.label_shift,
+        )  # fmt: skip
+        self.corruptions = self._probed.corruptions
         self._resolve_domains(trainer)
         if self.baseline_errors is not None and self._baseline is None:
             self._baseline = load_baseline(self.baseline_errors)
@@ -215,6 +247,10 @@ class CrossDomainEvaluation(TrustCallback):
         return [f"{c}_s{s}" for c in self.corruptions for s in self.severities]
 
     # hooks ------------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.budget.start()
+
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(RunningStage.VALIDATING, trainer)
@@ -259,6 +295,7 @@ class CrossDomainEvaluation(TrustCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._overhead = self.budget.summary()  # the fit's account (the clock would run on after it)
         if self.figures and RunningStage.VALIDATING.value in self.results:
             self._write_figures(trainer, RunningStage.VALIDATING)
 
@@ -274,13 +311,22 @@ class CrossDomainEvaluation(TrustCallback):
         if stage == RunningStage.TESTING or trainer.state.fn == TrainerFn.VALIDATING:
             return False
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        return trainer.sanity_checking or not (epoch % self.every_n_epochs == 0 or last)
+        return trainer.sanity_checking or not (epoch % self.every_n_epochs == 0 or self._last_epoch(trainer))
+
+    @staticmethod
+    def _last_epoch(trainer: pl.Trainer) -> bool:
+        steps_done = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        return steps_done or (trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs)
 
     def _start(self, stage: RunningStage, trainer: pl.Trainer) -> None:
         self._active = not self._should_skip(trainer, stage)
         if self._metrics is not None:
             self._metrics.reset()
+        self._extra_due = True
+        if self._active and (self.corruptions or self.domains) and trainer.state.fn == TrainerFn.FITTING:
+            # one decision for every process (a skipped pass makes no collective)
+            due = self.budget.allows(final=self._last_epoch(trainer))
+            self._extra_due = bool(trainer.strategy.broadcast(due, src=0))
 
     def _arm(self, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
         """Keep the output of the step's own forward call, so the clean domain costs no extra pass."""
@@ -312,44 +358,56 @@ class CrossDomainEvaluation(TrustCallback):
             return
         assert self._metrics is not None
         preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs, trainer)
-        probs = to_probabilities(preds, self.prediction_type)
-        target = torch.as_tensor(self.contract.target(batch), device=probs.device).reshape(-1)
+        target = torch.as_tensor(self.contract.target(batch), device=preds.device)
+        if self._probed.shift is None:  # no sample at setup: decided on the first batch
+            self._probed.shift = label_shift(self.label_shift, self.contract.inputs(batch), target)
         if self.domain_key is not None:
-            index = self._index(self.contract.side(batch, self.domain_key), probs.device)
+            index = self._index(self.contract.side(batch, self.domain_key), preds.device)
         else:
-            index = torch.zeros(len(target), dtype=torch.long, device=probs.device)
-        self._metrics.add(probs, target, index)
+            index = torch.zeros(len(target), dtype=torch.long, device=preds.device)
+        add_predictions(self._metrics, preds, target, index, self._probed.shift, self.prediction_type)
+
+    def _extra_passes(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> None:
+        """The corrupted copies of the stage's batches (the loader read again) and the extra domains."""
+        assert self._metrics is not None
         if self.corruptions:
-            self._corrupted(trainer, pl_module, self.contract.inputs(batch), target, batch_idx)
-
-    def _corrupted(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Any, target: Tensor,
-                   batch_idx: int) -> None:  # fmt: skip
-        """The batch under each corruption and severity, as the domains ``<corruption>_s<severity>``."""
-        assert self._metrics is not None
-        evaluate_corruptions(
-            self._metrics, pl_module, trainer, inputs, target, batch_idx, corruptions=self.corruptions,
-            severities=self.severities, first=self._names.index(self._corrupted_names()[0]), seed=self.seed,
-            value_range=self.value_range, prediction_type=self.prediction_type,
-        )  # fmt: skip
-
-    def _evaluate_extra_domains(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._metrics is not None
+            testing = stage == RunningStage.TESTING
+            loader = first_loader(trainer.test_dataloaders if testing else trainer.val_dataloaders)
+            counts = trainer.num_test_batches if testing else trainer.num_val_batches
+            if loader is not None and counts:
+                evaluate_corruptions(
+                    self._metrics, pl_module, trainer, loader, counts[0], self.contract, corruptions=self.corruptions,
+                    severities=self.severities, first=self._names.index(self._corrupted_names()[0]), seed=self.seed,
+                    value_range=self.value_range, prediction_type=self.prediction_type,
+                    vocabulary=self._probed.vocabulary, shift=self._probed.shift,
+                )  # fmt: skip
         evaluate_extra_domains(
             self._metrics, pl_module, trainer, self.domains, self._loaders, self._names, self.contract,
-            batch_size=self.batch_size, prediction_type=self.prediction_type,
+            batch_size=self.batch_size, prediction_type=self.prediction_type, shift=self._probed.shift,
         )  # fmt: skip
 
     # epoch end --------------------------------------------------------------------------------
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> None:
         assert self._metrics is not None
-        self._evaluate_extra_domains(trainer, pl_module)
+        extra = bool(self.corruptions or self.domains)
+        if extra and self._extra_due:
+            if stage == RunningStage.VALIDATING and trainer.state.fn == TrainerFn.FITTING:
+                with self.budget.timed():
+                    self._extra_passes(trainer, pl_module, stage)
+            else:
+                self._extra_passes(trainer, pl_module, stage)
         values = self._metrics.compute(trainer.strategy, trainer.world_size, pl_module.device)
-        warn_gaps(self, values, self._names, stage.value, self.domain_key, self._side_names)
+        names = self._names if self._extra_due else self._clean_names()
+        values = restrict_values(values, names)
+        warn_gaps(self, values, names, stage.value, self.domain_key, self._side_names)
         result = pass_result(
-            values, stage.value, int(trainer.current_epoch), int(trainer.global_step), self.metric_names,
-            self._names, self._in_names,
+            values, stage.value, trained_epoch(trainer), int(trainer.global_step), self.metric_names,
+            names, [n for n in self._in_names if n in names],
         )  # fmt: skip
-        if self.corruptions:
+        result["extra_passes"] = "none" if not extra else ("run" if self._extra_due else "skipped")
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._overhead = self.budget.summary()
+        if self.corruptions and self._extra_due:
             result.update(corruption_summary(
                 values.per_domain, values.sizes, self._clean_names(), self.corruptions, self.severities, self._baseline
             ))  # fmt: skip
@@ -374,14 +432,20 @@ class CrossDomainEvaluation(TrustCallback):
     def report(self) -> dict[str, Any]:
         """The latest evaluation (test when run, else the last validation) as plain JSON (see
         :attr:`report_keys`), figures under ``"figures"``."""
-        return report_of(self.results, self.history, self._figures, self.metric_names, self.domain_key)
+        report = report_of(self.results, self.history, self._figures, self.metric_names, self.domain_key)
+        if report["evaluated"]:
+            report["overhead"] = dict(self._overhead)
+        return report
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"results": self.results, "history": self.history, "figures": self._figures}
+        return {"results": self.results, "history": self.history, "figures": self._figures,
+                "budget": self.budget.state_dict()}  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = dict(state_dict.get("results", {}))
         self.history = list(state_dict.get("history", []))
         self._figures = dict(state_dict.get("figures", {}))
+        if "budget" in state_dict:
+            self.budget.load_state_dict(state_dict["budget"])

@@ -24,6 +24,7 @@ from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.output import log_metrics
 from lightning_trust.core.passes import isolated_eval
+from lightning_trust.core.seam_r1 import trained_epoch
 from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain import plots
 from lightning_trust.explain.arguments import check_attribution_arguments
@@ -273,7 +274,7 @@ class Attribution(ScheduledPass):
         drift = rank_correlation(importance, self.previous) if self.previous is not None else None
         result = Explanation(
             stage=stage,
-            epoch=int(getattr(trainer, "current_epoch", 0) or 0),
+            epoch=trained_epoch(trainer),
             step=int(getattr(trainer, "global_step", 0) or 0),
             inputs=inputs.detach().cpu(),
             targets=None if targets is None else targets.detach().cpu(),

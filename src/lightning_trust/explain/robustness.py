@@ -26,6 +26,7 @@ from lightning_trust.core.batch import BatchContract, call_module, logits_of
 from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.output import log_metrics, save_figure, write_json
 from lightning_trust.core.passes import isolated_eval
+from lightning_trust.core.seam_r1 import trained_epoch
 from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain.keys import ROBUSTNESS_LOGGED_KEYS, ROBUSTNESS_REPORT_KEYS
 from lightning_trust.explain.plots import robust_accuracy_figure
@@ -242,7 +243,7 @@ class AdversarialRobustness(ScheduledPass):
         clean = float(clean_correct.float().mean())
         result: dict[str, Any] = {
             "stage": stage,
-            "epoch": int(getattr(trainer, "current_epoch", 0) or 0),
+            "epoch": trained_epoch(trainer),
             "step": int(getattr(trainer, "global_step", 0) or 0),
             "clean_accuracy": clean,
             "robust_accuracy": robust,

@@ -49,6 +49,7 @@ from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.output import artifact_dir
+from lightning_trust.core.seam_r1 import trained_epoch
 from lightning_trust.fairness.breaches import (
     FairnessBreachError,
     breaches_limit,
@@ -329,7 +330,7 @@ class FairnessMetrics(TrustCallback):
         if self._state.update_count == 0 and trainer.world_size <= 1:
             return
         results = self.compute(stage)  # identical on every rank: each rank decides the same
-        results.update(stage=stage, epoch=int(trainer.current_epoch), step=int(trainer.global_step))
+        results.update(stage=stage, epoch=trained_epoch(trainer), step=int(trainer.global_step))
         self.results[stage] = results
         self.history.append(
             {"stage": stage, "epoch": results["epoch"], "step": results["step"], **{s: results[s] for s in SUMMARIES}}
