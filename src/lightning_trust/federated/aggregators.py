@@ -82,6 +82,19 @@ class Aggregator:
     def name(self) -> str:
         return type(self).__name__
 
+    def min_clients(self) -> int:
+        """The fewest client updates per round this rule is defined for."""
+        return 1
+
+    def check_clients(self, clients_per_round: int, setting: str = "clients_per_round") -> None:
+        """Refuse (before training) a round size below :meth:`min_clients`; ``setting`` names what to change."""
+        if clients_per_round < self.min_clients():
+            raise ValueError(
+                f"{self!r} needs at least {self.min_clients()} client updates per round, but {setting} gives "
+                f"{clients_per_round}; raise `{setting}` to {self.min_clients()} or more, or choose a smaller rule "
+                "parameter (Krum's `f`)."
+            )
+
     # stage 1 ---------------------------------------------------------------------------
     def combine(self, deltas: Sequence[State], weights: Union[Sequence[float], Tensor]) -> State:
         """The sample-weighted mean of the clients' updates."""
@@ -267,6 +280,10 @@ class Krum(Aggregator):
 
     def _keep(self, n: int) -> int:
         return 1
+
+    def min_clients(self) -> int:
+        """More than ``2f + 2`` updates (Blanchard et al.'s condition)."""
+        return 2 * self.f + 3
 
     def scores(self, deltas: Sequence[State]) -> Tensor:
         """Each client's Krum score (lower is more central)."""

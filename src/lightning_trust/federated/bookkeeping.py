@@ -32,7 +32,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 from lightning_trust.core import artifact_dir, new_figure, save_figure, write_json
-from lightning_trust.core.batch import BatchContract, batch_size_of
+from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of
+from lightning_trust.core.tensors import first_tensor
 from lightning_trust.federated.rounds import ClientSegment, client_seed
 from lightning_trust.federated.server import ClientUpdate
 
@@ -42,7 +43,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ROUND_SCALARS",
     "ClientTally",
+    "count_samples",
     "log_round",
+    "payload_report",
     "pick_byzantine",
     "restore_simulation",
     "round_record",
@@ -58,7 +61,32 @@ State = dict[str, Tensor]
 #: The scalars logged once per round (``federated/<key>``) when the round has them.
 ROUND_SCALARS = (
     "clients_aggregated", "update_norm_mean", "client_drift", "global_update_norm", "epsilon", "train_loss_mean",
+    "bytes_up", "bytes_down", "clip_norm", "unclipped_fraction",
 )  # fmt: skip
+
+
+def count_samples(batch: Any, contract: Optional[BatchContract]) -> int:
+    """Samples in a training batch: the leading size of its inputs as the contract reads them, else
+    (a dict batch whose inputs the contract cannot name, e.g. a ``forward(batch)`` module) of its
+    target, else of its first tensor; 0 for a batch without tensors. Counting never stops training.
+
+    Example:
+        >>> count_samples({"tokens": torch.zeros(3, 5), "label": torch.zeros(3)}, BatchContract())
+        3
+    """
+    try:
+        size = batch_size_of(batch, contract)
+        if size is not None:
+            return size
+    except BatchKeyError:
+        pass
+    contract = contract or BatchContract()
+    try:
+        target = first_tensor(contract.target(batch), min_ndim=1)
+    except BatchKeyError:
+        target = None
+    found = target if target is not None else first_tensor(batch, min_ndim=1)
+    return int(found.shape[0]) if found is not None else 0
 
 
 class ClientTally:
@@ -76,7 +104,7 @@ class ClientTally:
             loss = loss.detach().float()
             self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
             self.loss_count += 1
-        self.samples += batch_size_of(batch, contract) or 0
+        self.samples += count_samples(batch, contract)
 
     def mean_loss(self) -> Optional[float]:
         """The mean training loss of the client's steps (``None`` without losses)."""
@@ -221,6 +249,7 @@ def simulation_report(sim: FederatedSimulation, figure: Optional[str]) -> dict[s
         "partition": sim.partition_info,
         "final_val": last_val,
         "per_round": sim.history,
+        **payload_report(sim.payload, sim._payload_info, sim.history),
     }
     if sim.client_dp is not None:
         dp = sim.client_dp.report()
@@ -228,6 +257,23 @@ def simulation_report(sim: FederatedSimulation, figure: Optional[str]) -> dict[s
     if figure:
         out["figures"] = {"rounds": figure}
     return out
+
+
+def payload_report(payload: str, info: Mapping[str, int], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's payload keys: what travels, its size, and the bytes measured per round."""
+    rounds = [r for r in history if "bytes_up" in r]
+
+    def mean(key: str) -> Optional[float]:
+        return sum(r[key] for r in rounds) / len(rounds) if rounds else None
+
+    return {
+        "payload": payload,
+        "payload_tensors": info.get("tensors"),
+        "payload_bytes": info.get("bytes"),
+        "frozen_bytes": info.get("frozen_bytes"),
+        "bytes_up_per_round": mean("bytes_up"),
+        "bytes_down_per_round": mean("bytes_down"),
+    }
 
 
 @rank_zero_only

@@ -36,15 +36,26 @@ from typing_extensions import override
 
 from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.compat import Capability
-from lightning_trust.federated.aggregators import Aggregator
+from lightning_trust.federated.aggregators import Aggregator, resolve_aggregator
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.partition import Partitioner, resolve_partition
+from lightning_trust.federated.payload import (
+    Payload,
+    base_fingerprint,
+    check_fingerprint,
+    check_payload,
+    load_payload,
+    payload_keys,
+    payload_state,
+    trainable_names,
+)
 from lightning_trust.federated.rounds import client_loader, client_seed
 from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad
 
 __all__ = ["client_app", "evaluate_client", "flower_strategy", "server_app", "train_client"]
 
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
+FINGERPRINT = "base-fingerprint"  # the server's frozen base, in the train config
 
 
 def _require_flwr() -> Any:
@@ -120,8 +131,12 @@ def train_client(
     callbacks: Optional[list[Callback]] = None,
     trainer_kwargs: Optional[dict[str, Any]] = None,
 ) -> tuple[dict[str, Tensor], Optional[float]]:
-    """Local training of one client with a fresh Lightning Trainer (a fresh optimizer each round)."""
-    module.load_state_dict(global_state, strict=True)
+    """Local training of one client with a fresh Lightning Trainer (a fresh optimizer each round).
+
+    ``global_state`` is the payload the server sent (all of it, or the trainable tensors and buffers,
+    :mod:`~lightning_trust.federated.payload`); the reply holds the same keys after training.
+    """
+    load_payload(module, global_state, required=trainable_names(module))
     callbacks = list(callbacks or [])
     if proximal_mu:
         callbacks.append(_Proximal({k: v.clone() for k, v in global_state.items()}, proximal_mu))
@@ -130,7 +145,7 @@ def train_client(
     trainer = pl.Trainer(callbacks=callbacks, **kwargs)
     trainer.fit(module, train_dataloaders=loader)
     loss = next((float(v) for k, v in trainer.callback_metrics.items() if "loss" in k and k.startswith("train")), None)
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}, loss
+    return payload_state(module, global_state), loss
 
 
 def evaluate_client(
@@ -156,10 +171,11 @@ def client_app(
 ) -> Any:
     """A Flower ``ClientApp`` that trains ``module_fn()`` on this node's share of ``datamodule_fn()``.
 
-    A train message carries the global weights (``"arrays"``) and a config (``"server-round"``,
-    optionally ``"proximal-mu"``, ``"local-steps"``); the reply carries the trained weights and a
-    MetricRecord with ``num-examples`` and ``train_loss``. An evaluate message runs
-    ``trainer.validate`` on the node's validation data and replies with its metrics.
+    A train message carries the global weights (``"arrays"``: the payload :func:`server_app` chose)
+    and a config (``"server-round"``, optionally ``"proximal-mu"``, ``"local-steps"`` and
+    ``"base-fingerprint"``, which the node's frozen base must match); the reply carries the trained
+    tensors of the payload and a MetricRecord with ``num-examples`` and ``train_loss``. An evaluate
+    message runs ``trainer.validate`` on the node's validation data and replies with its metrics.
     """
     _require_flwr()
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -197,9 +213,8 @@ def client_app(
         mu = float(config.get("proximal-mu", proximal_mu))
         _, loader, num_examples = _data(pid, n, server_round)
         module = module_fn()
+        check_fingerprint(module, str(config.get(FINGERPRINT, "")))
         global_state = _state_of(msg.content)
-        template = module.state_dict()
-        global_state = {k: v.to(template[k].dtype).reshape(template[k].shape) for k, v in global_state.items()}
         state, loss = train_client(
             module,
             loader,
@@ -221,7 +236,7 @@ def client_app(
         pid, n = _ids(context)
         dm, _, _ = _data(pid, n, 1)
         module = module_fn()
-        module.load_state_dict(_state_of(msg.content), strict=True)
+        load_payload(module, _state_of(msg.content))
         metrics = evaluate_client(module, dm, trainer_kwargs)
         size = len(dm.val_dataloader().dataset)
         record: dict[str, Any] = {k.replace("/", "_"): v for k, v in metrics.items()}
@@ -245,12 +260,19 @@ def flower_strategy(
     ``param_keys``: names of the model's parameters (the rest of the state dict are buffers);
     :func:`server_app` fills it from the module. ``fedavg_kwargs`` go to Flower's ``FedAvg``
     (``fraction_train``, ``min_train_nodes``...). With ``client_dp`` every node must train every
-    round (``fraction_train=1``): Flower samples a fixed number of nodes, not Poisson.
+    round (``fraction_train=1``): Flower samples a fixed number of nodes, not Poisson. Krum and
+    adaptive clipping are checked against ``min_train_nodes`` (set it to the number of nodes). Bytes
+    up and down are measured per round from the messages' ``ArrayRecord`` s
+    (``federated_bytes_up``/``federated_bytes_down`` in the train metrics and :attr:`history`).
     """
     _require_flwr()
     from flwr.app import ArrayRecord, MetricRecord
     from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
+    rule = resolve_aggregator(aggregator)
+    rule.check_clients(int(fedavg_kwargs.get("min_train_nodes", 2)), "min_train_nodes")
+    if client_dp is not None:
+        client_dp.check_clients(int(fedavg_kwargs.get("min_train_nodes", 2)))
     if client_dp is not None and float(fedavg_kwargs.get("fraction_train", 1.0)) != 1.0:
         raise ValueError(
             "Client-level DP with Flower needs every node in every round (`fraction_train=1.0`): Flower's node "
@@ -262,15 +284,18 @@ def flower_strategy(
 
         def __init__(self) -> None:
             super().__init__(**fedavg_kwargs)
-            self.server = Server(aggregator, client_dp=client_dp, keep_local=keep_local)
+            self.server = Server(rule, client_dp=client_dp, keep_local=keep_local)
             self.param_keys = set(param_keys) if param_keys is not None else None
             self.current: Optional[dict[str, Tensor]] = None
             self.history: list[dict[str, Any]] = []
+            self._bytes_down = 0
 
         @override
         def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Any:
             self.current = arrays.to_torch_state_dict()
-            return super().configure_train(server_round, arrays, config, grid)
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            self._bytes_down = sum(_array_bytes(m) for m in messages)
+            return messages
 
         @override
         def aggregate_train(self, server_round: int, replies: Any) -> tuple[Any, Any]:
@@ -284,6 +309,8 @@ def flower_strategy(
                 updates.append(ClientUpdate(len(updates), _state_of(msg.content), int(metrics[self.weighted_by_key])))
             keys = self.param_keys if self.param_keys is not None else set(self.current)
             new_state, stats = self.server.aggregate(self.current, updates, keys, expected_clients=len(valid) or 1)
+            stats["bytes_up"] = float(sum(_array_bytes(m) for m in valid))
+            stats["bytes_down"] = float(self._bytes_down)
             if client_dp is not None:
                 client_dp.account(1.0)
                 stats["epsilon"] = client_dp.epsilon()
@@ -300,6 +327,11 @@ def flower_strategy(
     return TrustStrategy()
 
 
+def _array_bytes(message: Any) -> int:
+    """Serialized bytes of a Flower message's arrays (what travels)."""
+    return int(sum(record.count_bytes() for record in message.content.array_records.values()))
+
+
 def server_app(
     module_fn: Callable[[], pl.LightningModule],
     strategy: Any = None,
@@ -307,14 +339,19 @@ def server_app(
     train_config: Optional[dict[str, Any]] = None,
     evaluate_fn: Optional[Callable[[int, pl.LightningModule], dict[str, float]]] = None,
     on_result: Optional[Callable[[Any, pl.LightningModule], None]] = None,
+    payload: Payload = "trainable",
 ) -> Any:
     """A Flower ``ServerApp`` that runs ``strategy`` (ours from :func:`flower_strategy`, default
     FedAvg, or any of Flower's own message-API strategies) from ``module_fn()``'s initial weights.
 
     ``evaluate_fn(round, module)`` evaluates the global model centrally each round;
     ``on_result(result, module)`` receives Flower's ``Result`` and the module holding the final
-    global weights (to save it, say).
+    global weights (to save it, say). ``payload="trainable"`` (default) sends only the parameters
+    with ``requires_grad`` and the buffers, so a frozen base never travels (every node builds it
+    with ``module_fn``; the train config carries its fingerprint, which each node checks);
+    ``"full"`` sends every tensor.
     """
+    check_payload(payload)
     if not isinstance(num_rounds, int) or num_rounds < 1:
         raise ValueError(f"`num_rounds` must be a positive integer, got {num_rounds!r}.")
     _require_flwr()
@@ -331,31 +368,30 @@ def server_app(
             chosen = flower_strategy("fedavg", param_keys=[n for n, _ in module.named_parameters()])
         elif getattr(chosen, "param_keys", ()) is None:
             chosen.param_keys = {n for n, _ in module.named_parameters()}
+        keys = payload_keys(module, payload)
+        config = dict(train_config or {})
+        if payload == "trainable" and base_fingerprint(module):
+            config[FINGERPRINT] = base_fingerprint(module)
 
         central = None
         if evaluate_fn is not None:
 
             def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
                 evaluated = module_fn()
-                evaluated.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+                load_payload(evaluated, arrays.to_torch_state_dict())
                 return MetricRecord(
                     {k.replace("/", "_"): float(v) for k, v in evaluate_fn(server_round, evaluated).items()}
                 )
 
         result = chosen.start(
             grid=grid,
-            initial_arrays=ArrayRecord.from_torch_state_dict(module.state_dict()),
+            initial_arrays=ArrayRecord.from_torch_state_dict(payload_state(module, keys)),
             num_rounds=num_rounds,
-            train_config=ConfigRecord(dict(train_config or {})),
+            train_config=ConfigRecord(config),
             evaluate_fn=central,
         )
         if result.arrays is not None and len(result.arrays):
-            template = module.state_dict()
-            final = {
-                k: v.to(template[k].dtype).reshape(template[k].shape)
-                for k, v in result.arrays.to_torch_state_dict().items()
-            }
-            module.load_state_dict(final, strict=True)
+            load_payload(module, result.arrays.to_torch_state_dict())
         if on_result is not None:
             on_result(result, module)
 

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
+from lightning_trust.federated.aggregators import Aggregator
+from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.partition import Partitioner
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "RoundLoader",
     "check_client_behaviour",
     "check_round_config",
+    "check_round_size",
     "check_selection",
     "check_simulation_trainer",
     "check_user_loader",
@@ -87,12 +90,41 @@ def check_round_config(
         if isinstance(clients_per_round, float) and not 0.0 < clients_per_round <= 1.0:
             raise ValueError(f"A fractional `clients_per_round` must be in (0, 1], got {clients_per_round}.")
         if isinstance(clients_per_round, int) and num_clients is not None and clients_per_round > num_clients:
-            raise ValueError(f"`clients_per_round` ({clients_per_round}) exceeds `num_clients` ({num_clients}).")
+            raise ValueError(
+                f"`clients_per_round` ({clients_per_round}) exceeds `num_clients` ({num_clients}); set "
+                f"`clients_per_round` to at most {num_clients}."
+            )
     if local_steps is not None and local_epochs is not None:
         raise ValueError("Set either `local_steps` or `local_epochs`, not both.")
     for label, value in (("local_steps", local_steps), ("local_epochs", local_epochs)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"`{label}` must be a positive integer, got {value!r}.")
+
+
+def check_round_size(
+    aggregator: Aggregator,
+    client_dp: Optional[ClientDP],
+    num_clients: Optional[int],
+    clients_per_round: Optional[Union[int, float]],
+) -> None:
+    """Refuse (at construction, or at setup once ``by_key`` found the clients) a round that the
+    aggregator (Krum's ``n > 2f + 2``) or adaptive clipping's noise split cannot work with."""
+    if num_clients is None:
+        return
+    if (
+        isinstance(clients_per_round, int)
+        and not isinstance(clients_per_round, bool)
+        and clients_per_round > num_clients
+    ):
+        raise ValueError(
+            f"`clients_per_round` ({clients_per_round}) exceeds the {num_clients} clients; set `clients_per_round` "
+            f"to at most {num_clients}."
+        )
+    per_round = expected_clients(num_clients, clients_per_round) or num_clients
+    setting = "clients_per_round" if clients_per_round is not None else "num_clients"
+    aggregator.check_clients(per_round, setting)
+    if client_dp is not None:
+        client_dp.check_clients(client_sample_rate(num_clients, clients_per_round) * num_clients)
 
 
 def check_client_behaviour(

@@ -133,6 +133,7 @@ class Server:
             if expected_clients is None:
                 raise ValueError("Client-level DP needs `expected_clients` (sample rate x number of clients).")
             combined = self.client_dp.privatize(deltas, expected_clients, template=g)
+            metrics.update(self.client_dp.last_round)
         else:
             combined = self.aggregator.combine(deltas, [u.num_samples for u in updates])
         new_params = self.aggregator.server_step(g, combined)

@@ -46,11 +46,22 @@ from lightning_trust.federated.bookkeeping import (
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.metrics import SIMULATION_LOGGED_KEYS, SIMULATION_REPORT_KEYS
 from lightning_trust.federated.partition import Partitioner, resolve_partition, split_clients
+from lightning_trust.federated.payload import (
+    Payload,
+    base_fingerprint,
+    check_base_unchanged,
+    check_payload,
+    load_payload,
+    payload_bytes,
+    payload_state,
+    select_payload,
+)
 from lightning_trust.federated.rounds import (
     ClientSegment,
     RoundLoader,
     check_client_behaviour,
     check_round_config,
+    check_round_size,
     check_selection,
     check_simulation_trainer,
     check_user_loader,
@@ -94,6 +105,10 @@ class FederatedSimulation(TrustCallback):
         client_dp: client-level DP (:class:`~lightning_trust.federated.dp.ClientDP`); ε is logged
             as ``federated/epsilon``.
         keep_local: names (patterns) of parameters/buffers that never leave a client (FedBN).
+        payload: what travels (:mod:`~lightning_trust.federated.payload`): ``"trainable"`` (default)
+            the parameters with ``requires_grad`` and the buffers, so a frozen base (LoRA, PEFT) never
+            leaves a client and the server holds only the adapters; ``"full"`` every tensor. Both
+            are the same when nothing is frozen. Bytes up and down are measured each round.
         dropout_rate: probability that a sampled client fails mid-round; its update is lost and
             the round aggregates the others.
         seed: seed of the partition, the client sampler, client shuffling and failures.
@@ -129,6 +144,7 @@ class FederatedSimulation(TrustCallback):
         client_dp: Optional[ClientDP] = None,
         keep_local: Optional[list[str]] = None,
         dropout_rate: float = 0.0,
+        payload: Payload = "trainable",
         seed: int = 0,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
         log_clients: bool = True,
@@ -154,6 +170,11 @@ class FederatedSimulation(TrustCallback):
         self.log_clients = log_clients
         self.server = Server(aggregator, client_dp=client_dp, keep_local=keep_local)
         self.client_dp = client_dp
+        check_round_size(self.server.aggregator, client_dp, num_clients, clients_per_round)
+        self.payload = check_payload(payload)
+        self._keys: list[str] = []  # the state-dict keys that travel this round
+        self._payload_info: dict[str, int] = {}
+        self._base = ""  # fingerprint of the frozen base (payload="trainable")
 
         self.round = 0  # completed rounds
         self.history: list[dict[str, Any]] = []
@@ -238,7 +259,6 @@ class FederatedSimulation(TrustCallback):
             return
         check_simulation_trainer(trainer)
         self._contract = BatchContract.resolve(self.batch_keys, trainer)
-        self._param_keys = {name for name, _ in pl_module.named_parameters()}
         self._fit_trainer = trainer
         if train_loader_owner(trainer) is not self:
             self._user_reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]  # set by Lightning's data connector
@@ -247,11 +267,22 @@ class FederatedSimulation(TrustCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._select_payload(pl_module)
         if self._global is None:
-            self._global = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
+            self._global = payload_state(pl_module, self._keys)
         elif not self._resume:  # resumed between rounds: the checkpoint's global weights
-            pl_module.load_state_dict(self._global, strict=True)
+            load_payload(pl_module, self._global)
         # resumed within a round: the module holds the interrupted client's weights, restored by Lightning
+        self._base = base_fingerprint(pl_module) if self.payload == "trainable" else ""
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._select_payload(pl_module)  # a round may unfreeze layers (BackboneFinetuning)
+
+    def _select_payload(self, pl_module: pl.LightningModule) -> None:
+        self._keys, self._param_keys, self._payload_info = select_payload(
+            pl_module, self.payload, self.server.keep_local, self._global
+        )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -268,6 +299,7 @@ class FederatedSimulation(TrustCallback):
         )
         if self.num_clients is None:
             self.num_clients = len(self._parts)
+            check_round_size(self.aggregator, self.client_dp, self.num_clients, self.clients_per_round)
         self.byzantine_clients = pick_byzantine(len(self._parts), self.byzantine_fraction, self.seed)
 
     def _round_loader(self, user_loader: Any) -> RoundLoader:
@@ -299,9 +331,9 @@ class FederatedSimulation(TrustCallback):
 
     def _begin_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seg: ClientSegment) -> None:
         assert self._global is not None
-        state = dict(self._global)
+        state = {k: self._global[k] for k in self._keys}
         state.update(self._local_states.get(seg.client, {}))
-        pl_module.load_state_dict(state, strict=True)
+        load_payload(pl_module, state)
         for optimizer in trainer.optimizers:
             optimizer.state.clear()  # fresh local optimizer, as FedAvg/FedProx assume
         self._global_device = self._global_on(pl_module) if self.proximal_mu else {}
@@ -344,22 +376,27 @@ class FederatedSimulation(TrustCallback):
         if seg.failed:
             return
         assert self._parts is not None
-        state = {k: v.detach().clone().cpu() for k, v in pl_module.state_dict().items()}
+        state = payload_state(pl_module, self._keys)
         if seg.client in self.byzantine_clients and self._global is not None:
             state = sign_flipped(state, self._global, self._param_keys, self.byzantine_scale)
-        if self.server.keep_local:
+        if self.server.keep_local:  # FedBN: kept by the client, never sent
             self._local_states[seg.client] = {k: v for k, v in state.items() if matches_any(k, self.server.keep_local)}
+            state = {k: v for k, v in state.items() if k not in self._local_states[seg.client]}
         self._updates.append(self._tally.update(seg.client, state, len(self._parts[seg.client])))
 
     def _close_round(self, pl_module: pl.LightningModule) -> None:
         assert self._global is not None
         expected = self.sample_rate * (self.num_clients or 1)
-        new_global, metrics = self.server.aggregate(self._global, self._updates, self._param_keys, expected)
+        sent = {k: self._global[k] for k in self._keys}
+        new_global, metrics = self.server.aggregate(sent, self._updates, self._param_keys, expected)
         if self.client_dp is not None:
             self.client_dp.account(self.sample_rate)
             metrics["epsilon"] = self.client_dp.epsilon()
-        self._global = new_global
-        pl_module.load_state_dict(new_global, strict=True)
+        metrics["bytes_up"] = float(sum(payload_bytes(u.state) for u in self._updates))
+        metrics["bytes_down"] = float(sum(not s.idle for s in self._segments) * self._payload_info.get("bytes", 0))
+        self._global.update(new_global)
+        load_payload(pl_module, new_global)
+        check_base_unchanged(pl_module, self._base)
         record = round_record(self.round + 1, self._updates, self._segments, metrics)
         self.history.append(record)
         self.round += 1

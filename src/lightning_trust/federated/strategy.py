@@ -39,13 +39,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of
+from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.compat import Capability
-from lightning_trust.core.output import warn_once
 from lightning_trust.federated.aggregators import Aggregator
+from lightning_trust.federated.bookkeeping import count_samples
 from lightning_trust.federated.dp import ClientDP
 from lightning_trust.federated.metrics import STRATEGY_LOGGED_KEYS, STRATEGY_REPORT_KEYS
+from lightning_trust.federated.payload import Payload, check_payload, load_payload, payload_keys
 from lightning_trust.federated.server import ClientUpdate, Server, add_proximal_grad, matches_any
 
 __all__ = ["FederatedStrategy"]
@@ -128,6 +129,9 @@ class FederatedStrategy(DDPStrategy):
         client_dp: client-level DP (each process is a client, all take part every round).
         keep_local: parameter/buffer name patterns that stay on each process (FedBN).
         reset_optimizer: clear the local optimizer state after each aggregation.
+        payload: ``"trainable"`` (default: the parameters with ``requires_grad`` and the buffers; a
+            frozen base is never exchanged) or ``"full"`` (every tensor); see
+            :mod:`~lightning_trust.federated.payload`.
         name: the report section of its state callback (default ``"federated"``).
 
     ``accelerator``, ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``,
@@ -154,6 +158,7 @@ class FederatedStrategy(DDPStrategy):
         client_dp: Optional[ClientDP] = None,
         keep_local: Optional[list[str]] = None,
         reset_optimizer: bool = True,
+        payload: Payload = "trainable",
         accelerator: Optional[Any] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[Any] = None,
@@ -181,6 +186,7 @@ class FederatedStrategy(DDPStrategy):
         self.local_steps = local_steps
         self.proximal_mu = float(proximal_mu)
         self.reset_optimizer = reset_optimizer
+        self.payload = check_payload(payload)
         self.server = Server(aggregator, client_dp=client_dp, keep_local=keep_local)
         self.client_dp = client_dp
         self.round = 0
@@ -206,6 +212,9 @@ class FederatedStrategy(DDPStrategy):
         super().setup(trainer)
         self._contract = BatchContract.resolve(None, trainer)
         if trainer.state.fn == TrainerFn.FITTING:
+            self.server.aggregator.check_clients(self.world_size, "devices x num_nodes")
+            if self.client_dp is not None:
+                self.client_dp.check_clients(self.world_size)
             self._broadcast_module()  # every client starts from rank 0's weights
             if self._global is None:
                 self._global = self._snapshot()
@@ -232,22 +241,14 @@ class FederatedStrategy(DDPStrategy):
                 dist.broadcast(tensor, src=0)
 
     def _snapshot(self) -> State:
-        return {k: v.detach().clone().cpu() for k, v in self._module().state_dict().items()}
+        state = self._module().state_dict()
+        return {k: state[k].detach().clone().cpu() for k in payload_keys(self._module(), self.payload)}
 
     # local training ------------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        try:
-            self._pending_samples += batch_size_of(batch, self._contract) or 0
-        except BatchKeyError as err:  # weigh the batch as one sample rather than stop training
-            warn_once(
-                self,
-                "batch_size",
-                f"FederatedStrategy cannot count the samples of a batch ({err}); "
-                "each such batch counts as one sample in the aggregation weights.",
-            )
-            self._pending_samples += 1
+        self._pending_samples += count_samples(batch, self._contract)
 
     @override
     def optimizer_step(
@@ -280,13 +281,15 @@ class FederatedStrategy(DDPStrategy):
         if self._pending_steps == 0 or self._global is None:
             return
         module = self._module()
-        state = {k: v.detach() for k, v in module.state_dict().items()}
-        keys = list(state)
+        keys = payload_keys(module, self.payload)
+        full = module.state_dict()
+        state = {k: full[k].detach() for k in keys}
         flat = torch.cat(
             [state[k].double().flatten() for k in keys]
             + [torch.tensor([float(self._pending_samples)], dtype=torch.float64, device=self.root_device)]
         )
         gathered = self._all_gather(flat)
+        exchanged = len(gathered) * flat.numel() * flat.element_size()
         updates = []
         for rank, row in enumerate(gathered):
             row = row.cpu()
@@ -296,15 +299,15 @@ class FederatedStrategy(DDPStrategy):
                 client_state[k] = row[offset : offset + n].view(state[k].shape).to(state[k].dtype)
                 offset += n
             updates.append(ClientUpdate(rank, client_state, max(int(row[-1].item()), 1)))
-        param_keys = {n for n, _ in module.named_parameters()}
-        new_global, metrics = self.server.aggregate(self._global, updates, param_keys, expected_clients=len(updates))
+        param_keys = {n for n, _ in module.named_parameters()} & set(keys)
+        sent = {k: self._global[k] if k in self._global else state[k].cpu().clone() for k in keys}
+        new_global, metrics = self.server.aggregate(sent, updates, param_keys, expected_clients=len(updates))
+        metrics["bytes_exchanged"] = float(exchanged)
         if self.client_dp is not None:
             self.client_dp.account(1.0)  # every process takes part in every round
             metrics["epsilon"] = self.client_dp.epsilon()
-        self._global = new_global
-        local = {k: v for k, v in state.items() if matches_any(k, self.server.keep_local)}
-        load = {k: v for k, v in new_global.items() if k not in local}
-        module.load_state_dict({**load, **{k: v.clone() for k, v in local.items()}}, strict=True)
+        self._global.update(new_global)
+        load_payload(module, {k: v for k, v in new_global.items() if not matches_any(k, self.server.keep_local)})
         if self.reset_optimizer:
             for optimizer in self.optimizers:
                 optimizer.state.clear()
@@ -320,7 +323,8 @@ class FederatedStrategy(DDPStrategy):
         self._pending_steps = self._pending_samples = 0
         trainer = _attached_trainer(module)
         if trainer is not None and trainer.training:
-            for key in ("update_norm_mean", "client_drift", "global_update_norm", "epsilon"):
+            for key in ("update_norm_mean", "client_drift", "global_update_norm", "epsilon", "bytes_exchanged",
+                        "clip_norm"):  # fmt: skip
                 if key in metrics:
                     module.log(
                         f"federated/{key}",
@@ -371,6 +375,7 @@ class FederatedStrategy(DDPStrategy):
             "local_steps": self.local_steps,
             "proximal_mu": self.proximal_mu,
             "keep_local": self.server.keep_local,
+            "payload": self.payload,
             "final_val": last_val,
             "per_round": self.history,
         }
