@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from opacus.accountants import create_accountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
@@ -26,6 +27,7 @@ from lightning_trust.core import Capability, TrustCallback, warn_once
 from lightning_trust.privacy import loader as private_loader
 from lightning_trust.privacy.accounting import epsilon_of, noise_for_epsilon, sample_rate_for, steps_of
 from lightning_trust.privacy.attachment import OpacusAttachment
+from lightning_trust.privacy.bookkeeping import choose_mode
 from lightning_trust.privacy.checks import check_arguments, check_trainer
 from lightning_trust.privacy.hooks import check_module
 from lightning_trust.privacy.optimizer import default_clip
@@ -73,8 +75,12 @@ class DifferentialPrivacy(TrustCallback):
             assumes Poisson sampling that was not done.
         clipping: ``"flat"`` (one bound for the whole gradient) or ``"per_layer"``.
         grad_sample_mode: ``"hooks"`` (Opacus's per-layer grad samplers), ``"functorch"`` (functorch for
-            every layer) or ``"ghost"`` (fast gradient clipping: per-sample norms without per-sample
-            gradients, then a second backward; the loss must be computed from the module's own output).
+            every layer), ``"ghost"`` (fast gradient clipping: per-sample norms without per-sample
+            gradients, then a second backward; the loss must be computed from the module's own output),
+            ``"bk"`` (book-keeping: one backward pass, per-sample norms and the clipped sum from the kept
+            activations and output gradients; flat clipping, no ``accumulate_grad_batches``) or ``"auto"``
+            (``"bk"`` when the model and configuration allow it, else ``"hooks"``; the choice is logged
+            and reported as ``grad_sample_mode_used``).
         max_physical_batch_size: split each logical (Poisson) batch into a fixed number of physical
             batches of at most this size (memory; unless the Poisson draw is > 3 standard deviations above
             its mean), clipped and accumulated one by one, with one noisy step per logical batch.
@@ -145,7 +151,7 @@ class DifferentialPrivacy(TrustCallback):
         accountant: Literal["prv", "rdp", "gdp"] = "prv",
         poisson_sampling: bool = True,
         clipping: Literal["flat", "per_layer"] = "flat",
-        grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks",
+        grad_sample_mode: Literal["hooks", "functorch", "ghost", "bk", "auto"] = "hooks",
         max_physical_batch_size: Optional[int] = None,
         secure_rng: bool = False,
         fix_module: bool = False,
@@ -181,6 +187,7 @@ class DifferentialPrivacy(TrustCallback):
         self.poisson_sampling = poisson_sampling
         self.clipping = clipping
         self.grad_sample_mode = grad_sample_mode
+        self.grad_sample_mode_used: Optional[str] = None if grad_sample_mode == "auto" else grad_sample_mode
         self.max_physical_batch_size = max_physical_batch_size
         self.secure_rng = secure_rng
         self.fix_module = fix_module
@@ -283,6 +290,11 @@ class DifferentialPrivacy(TrustCallback):
             return
         self._opacus.accumulate = check_trainer(trainer, self.grad_sample_mode, self.max_physical_batch_size)
         check_module(pl_module, self.fix_module)
+        mode, why = choose_mode(self.grad_sample_mode, pl_module, self.clipping, self._opacus.accumulate)
+        if self.grad_sample_mode == "auto" and mode != self.grad_sample_mode_used:
+            rank_zero_info(f"DifferentialPrivacy: grad_sample_mode='auto' uses {mode!r}: {why}.")
+        self.grad_sample_mode_used = mode
+        self._opacus.grads.set_mode(mode)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,5 +1,6 @@
 """Per-sample gradients on an unchanged module: Opacus's ``GradSampleHooks`` attached, detached,
-paused for extra passes, re-attached after a structural change, and the ghost-clipping backward.
+paused for extra passes, re-attached after a structural change, the ghost-clipping backward, and
+the one-backward book-keeping mode (:mod:`~lightning_trust.privacy.bookkeeping`).
 
 Example:
     >>> import torch
@@ -30,6 +31,8 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
 from lightning_trust.core import iter_tensors
+from lightning_trust.privacy.bookkeeping import BookKeeping, choose_mode
+from lightning_trust.privacy.causal import replace_attention
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
@@ -39,7 +42,7 @@ __all__ = [
     "check_module",
 ]
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "bk", "auto")
 # per-parameter / per-module state Opacus keeps between a forward and the optimizer step
 PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "_forward_counter", "_norm_sample", "summed_grad")
 MODULE_ATTRS = ("activations", "max_batch_len")
@@ -96,10 +99,13 @@ def _same_objects(first: list[Any], second: list[Any]) -> bool:
 class PerSampleGradients:
     """Opacus's per-sample-gradient hooks on a module, without wrapping it.
 
-    ``mode``: ``"hooks"`` (Opacus's per-layer grad samplers), ``"functorch"`` or ``"ghost"`` (fast
+    ``mode``: ``"hooks"`` (Opacus's per-layer grad samplers), ``"functorch"``, ``"ghost"`` (fast
     gradient clipping: the hooks compute per-sample norms only, and the module's ``backward`` is
-    replaced by a second, clipped backward). ``optimizer_params`` gives the parameters whose ``.grad``
-    the ghost backward resets between its two passes (the DP optimizer's).
+    replaced by a second, clipped backward), ``"bk"`` (book-keeping: one backward, then the clipped
+    sum from the kept activations and output gradients) or ``"auto"`` (resolved at :meth:`attach`
+    by :func:`~lightning_trust.privacy.bookkeeping.choose_mode` unless :meth:`set_mode` came first).
+    ``optimizer_params`` gives the parameters whose ``.grad`` the ghost and bk backwards set (the DP
+    optimizer's).
     """
 
     def __init__(
@@ -119,18 +125,46 @@ class PerSampleGradients:
         self._pause_depth = 0
         self._ghost_outputs: list[Tensor] = []
         self._ghost_handle: Any = None
+        self.bk: Optional[BookKeeping] = None
 
     @property
     def attached(self) -> bool:
         """Whether hooks are on a module now."""
-        return self.hooks is not None
+        return self.hooks is not None or self.bk is not None
+
+    @property
+    def recording(self) -> bool:
+        """Whether a training forward now records per-sample state (hooks on and enabled, not paused)."""
+        if self.bk is not None:
+            return not self.bk.is_paused
+        return self.hooks is not None and bool(self.hooks.hooks_enabled)
+
+    def set_mode(self, mode: str) -> None:
+        """Resolve ``"auto"`` (or change the mode) before :meth:`attach`."""
+        if mode not in GRAD_SAMPLE_MODES or mode == "auto":
+            raise ValueError(f"`grad_sample_mode` must be one of {GRAD_SAMPLE_MODES[:-1]}, got {mode!r}.")
+        if self.attached:
+            raise RuntimeError("The grad-sample mode cannot change while hooks are attached; detach first.")
+        self.mode = mode
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, module: nn.Module) -> None:
         """Hook ``module`` (a no-op when hooks are attached already)."""
-        if self.hooks is not None:
+        if self.attached:
             return
+        if self.mode == "auto":
+            self.mode = choose_mode("auto", module)[0]
         self.module = module
+        if self.mode == "bk":
+            self.bk = BookKeeping(self.max_grad_norm, self.optimizer_params)
+            try:
+                self.bk.attach(module, override_backward=True)
+            except ValueError:
+                self.bk.detach()
+                self.bk = None
+                raise
+            self._hooked_params = list(module.parameters())
+            return
         common = {"batch_first": True, "loss_reduction": "mean", "strict": True}
         # torch warns when a hooked first layer gets an input without grad; that is the normal case here
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
@@ -149,6 +183,11 @@ class PerSampleGradients:
         self._hooked_params = list(module.parameters())
 
     def _remove_hooks(self) -> None:
+        if self.bk is not None:
+            self.bk.detach()
+            self.bk = None
+            self._hooked_params = []
+            return
         if self.hooks is None or self.module is None:
             return
         self.hooks.cleanup()
@@ -175,7 +214,7 @@ class PerSampleGradients:
 
     def structure_changed(self, module: nn.Module) -> bool:
         """Whether ``module``'s parameters are no longer the ones the hooks were attached to."""
-        return self.hooks is not None and not _same_objects(self._hooked_params, list(module.parameters()))
+        return self.attached and not _same_objects(self._hooked_params, list(module.parameters()))
 
     def reattach(self, module: nn.Module) -> None:
         """The module's parameters were replaced (structural pruning): hook the new structure
@@ -186,19 +225,28 @@ class PerSampleGradients:
     def set_max_grad_norm(self, max_grad_norm: float) -> None:
         """The clipping bound the ghost hooks clip to (the DP optimizer's)."""
         self.max_grad_norm = max_grad_norm
+        if self.bk is not None:
+            self.bk.max_grad_norm = max_grad_norm
         if isinstance(self.hooks, GradSampleHooksFastGradientClipping):
             self.hooks.max_grad_norm = max_grad_norm
 
     def begin_batch(self) -> None:
-        """Forget module outputs recorded before this training batch."""
+        """Forget module outputs (bk: layer calls) recorded before this training batch."""
         self._ghost_outputs = []
+        if self.bk is not None:
+            self.bk.begin_batch()
 
     # ------------------------------------------------------------------ pause
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Inside, the hooks record nothing, and the per-sample state (``grad_sample``,
         ``_current_grad_sample``, ``_norm_sample``, ``summed_grad``, activations, the ghost outputs)
-        is restored on exit. Re-entrant; a no-op when nothing is attached."""
+        is restored on exit (bk: the DP parameters' ``.grad``, the clipped sum). Re-entrant; a no-op
+        when nothing is attached."""
+        if self.bk is not None:
+            with self.bk.paused():
+                yield
+            return
         hooks, module = self.hooks, self.module
         if hooks is None or module is None or self._pause_depth > 0:
             self._pause_depth += 1

@@ -2,6 +2,7 @@
 and the step hook that feeds the accountant), and unwrapped again after fit; the checks and
 adjustments of its per-sample gradients during training (accumulated batches, a pruned module),
 and Lightning's DDP all-reduce switched off while ``DistributedDPOptimizer`` all-reduces the noisy sum.
+Ghost and bk modes write the clipped sum to ``p.grad`` themselves: their optimizer only adds noise.
 
 Example:
     >>> import torch
@@ -82,12 +83,13 @@ def wrap_optimizer(
     step_hook: Optional[Callable[[DPOptimizer], None]] = None,
 ) -> DPOptimizer:
     """``optimizer`` in the Opacus ``DPOptimizer`` for ``clipping`` (``DistributedDPOptimizer`` when
-    ``distributed``, fast-gradient-clipping variant for ghost mode); ``step_hook`` runs at every noisy step."""
+    ``distributed``; for ghost and bk modes Opacus's fast-gradient-clipping variant, which takes ``p.grad``
+    as the clipped sum and only adds noise and averages); ``step_hook`` runs at every noisy step."""
     if clipping == "per_layer" and not isinstance(max_grad_norm, list):
         raise ValueError("Per-layer clipping needs one `max_grad_norm` per parameter.")
     if clipping != "per_layer" and isinstance(max_grad_norm, list):
         raise ValueError("Flat clipping needs one `max_grad_norm` for the whole gradient, not a list.")
-    mode = "ghost" if grad_sample_mode == "ghost" else "hooks"
+    mode = "ghost" if grad_sample_mode in ("ghost", "bk") else "hooks"
     cls = get_optimizer_class(clipping=clipping, distributed=distributed, grad_sample_mode=mode)
     dp_optimizer: DPOptimizer = cls(
         optimizer,
