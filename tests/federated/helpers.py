@@ -27,12 +27,15 @@ def _matches(pattern: str, name: str) -> bool:
     return re.fullmatch(regex, name) is not None
 
 
-def check_declared_keys(owner, report: Mapping, logged: Iterable[str], prefix: str = "federated/") -> None:
-    """Every top-level report key is declared and every declared one is present; every logged
-    ``prefix`` metric matches a declared pattern."""
+def check_declared_keys(
+    owner, report: Mapping, logged: Iterable[str], prefix: str = "federated/", optional: Iterable[str] = ()
+) -> None:
+    """Every top-level report key is declared and every declared one is present (but ``optional``
+    ones, e.g. the DP keys of a run without DP); every logged ``prefix`` metric matches a declared pattern."""
     top = set(report) - {"figures"}
     assert not [k for k in top if not any(_matches(p, k) for p in owner.report_keys)], "undeclared report keys"
-    assert not [p for p in owner.report_keys if not any(_matches(p, k) for k in top)], "declared keys missing"
+    missing = [p for p in owner.report_keys if p not in set(optional) and not any(_matches(p, k) for k in top)]
+    assert not missing, f"declared keys missing: {missing}"
     names = [n for n in logged if n.startswith(prefix)]
     assert names, "the run logged nothing"
     undeclared = [n for n in names if not any(_matches(p, n) for p in owner.logged_keys)]
