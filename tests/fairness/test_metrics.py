@@ -1,6 +1,7 @@
 import math
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -109,40 +110,42 @@ def test_multiclass_one_vs_rest(tmp_path):
     assert r["num_classes"] == 4
 
 
-def test_bootstrap_intervals_match_metricframe(tmp_path):
+def test_bootstrap_intervals_are_quantiles_of_weighted_metricframes(tmp_path):
+    """Each replicate is the data with a Poisson(1) weight per sample: the intervals are the quantiles
+    of MetricFrame over the same weights (drawn batch by batch from the callback's seed)."""
     data = synthetic(n=400)
     cb = _validate(tmp_path, data, sensitive_features="sex", n_boot=30, ci_quantiles=[0.05, 0.95], random_state=7)
     r = cb.report()
     y_true, y_pred = binary_arrays(data)
-    metrics = {**BASIC, "count": METRICS["count"]}
-    metrics["true_positive_rate"] = METRICS["true_positive_rate"]
-    metrics["false_positive_rate"] = METRICS["false_positive_rate"]
-    frame = MetricFrame(
-        metrics=metrics,
-        y_true=y_true,
-        y_pred=y_pred,
-        sensitive_features=names(data, "sex"),
-        n_boot=30,
-        ci_quantiles=[0.05, 0.95],
-        random_state=7,
+    generator = torch.Generator().manual_seed(7)  # rank 0, epoch 0, validation: the seed itself
+    weights = torch.cat(
+        [torch.poisson(torch.ones(30, len(b)), generator=generator) for b in torch.arange(400).split(64)], 1
     )
+    sf = names(data, "sex")
+    per_replicate = {m: [] for m in BASIC}
+    dpd = []
+    for w in weights.double().numpy():
+        frame = MetricFrame(
+            metrics=BASIC,
+            y_true=y_true,
+            y_pred=y_pred,
+            sensitive_features=sf,
+            sample_params={m: {"sample_weight": w} for m in BASIC},
+        )
+        for m in BASIC:
+            per_replicate[m].append(frame.by_group[m])
+        dpd.append(frame.difference()["selection_rate"])
     for group in ("Female", "Male"):
         for metric in BASIC:
-            assert r["by_group"]["sex"][group][f"{metric}_ci"] == [
-                frame.by_group_ci[0].loc[group, metric],
-                frame.by_group_ci[1].loc[group, metric],
-            ]
-    diff = frame.difference_ci()
-    assert r["by_feature"]["sex"]["demographic_parity_difference_ci"] == [
-        diff[0]["selection_rate"],
-        diff[1]["selection_rate"],
-    ]
-    assert r["by_feature"]["sex"]["equal_opportunity_difference_ci"] == [
-        diff[0]["true_positive_rate"],
-        diff[1]["true_positive_rate"],
-    ]
+            samples = np.array([row[group] for row in per_replicate[metric]])
+            assert r["by_group"]["sex"][group][f"{metric}_ci"] == pytest.approx(
+                list(np.quantile(samples, [0.05, 0.95])), rel=1e-12
+            )
+    assert r["by_feature"]["sex"]["demographic_parity_difference_ci"] == pytest.approx(
+        list(np.quantile(dpd, [0.05, 0.95])), rel=1e-12
+    )
     lo, hi = r["by_feature"]["sex"]["demographic_parity_difference_ci"]
-    assert lo < hi
+    assert lo < r["demographic_parity_difference"] < hi
 
 
 def test_missing_column_lists_available_keys(tmp_path):
@@ -150,7 +153,7 @@ def test_missing_column_lists_available_keys(tmp_path):
         _validate(tmp_path, synthetic(n=64), sensitive_features="gender")
 
 
-def test_group_without_positives_is_nan_and_flagged(tmp_path):
+def test_group_without_positives_gives_fairlearns_value_and_is_flagged(tmp_path):
     data = synthetic(n=300, rare_positive_race=2)
     with pytest.warns(UserWarning, match="flagged"):
         cb = _validate(
@@ -161,18 +164,22 @@ def test_group_without_positives_is_nan_and_flagged(tmp_path):
             min_group_size=0,
         )
     r = cb.report()
+    y_true, y_pred = binary_arrays(data)
+    sf = names(data, "race")
+    frame = MetricFrame(
+        metrics={m: METRICS[m] for m in ("true_positive_rate", "recall")},
+        y_true=y_true,
+        y_pred=y_pred,
+        sensitive_features=sf,
+    )
     cell = r["by_group"]["race"]["C"]
-    assert math.isnan(cell["true_positive_rate"]) and math.isnan(cell["recall"])
-    assert not math.isnan(r["by_group"]["race"]["A"]["true_positive_rate"])
+    assert cell["true_positive_rate"] == frame.by_group.loc["C", "true_positive_rate"] == 0.0
+    assert cell["recall"] == frame.by_group.loc["C", "recall"] == 0.0
     reasons = {(f["group"], f["metric"]) for f in r["flags"]}
     assert ("C", "true_positive_rate") in reasons and ("C", "recall") in reasons
-    # the summary skips the undefined group: equal to fairlearn on the groups that have positives
-    y_true, y_pred = binary_arrays(data)
-    keep = data["race"].numpy() != 2
-    sf = names(data, "race")
-    assert r["equal_opportunity_difference"] == equal_opportunity_difference(
-        y_true[keep], y_pred[keep], sensitive_features=sf[keep]
-    )
+    # the summaries are fairlearn's, the empty group included: never a smaller disparity
+    for summary in ("equal_opportunity_difference", "equalized_odds_difference"):
+        assert r[summary] == FAIRLEARN_SUMMARIES[summary](y_true, y_pred, sensitive_features=sf)
 
 
 def test_min_group_size_flags_not_drops(tmp_path):

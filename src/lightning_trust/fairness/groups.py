@@ -6,8 +6,8 @@ Example:
     [['sex'], ['sex', 'race']]
     >>> decode(np.array([0, 1, 5]), ["Female", "Male"]).tolist()
     ['Female', 'Male', '5']
-    >>> worst("demographic_parity_ratio", [0.9, 0.7, float("nan")])
-    0.7
+    >>> worst("demographic_parity_ratio", [0.9, 0.7]), worst("demographic_parity_ratio", [0.9, float("nan")])
+    (0.7, nan)
 """
 
 from __future__ import annotations
@@ -53,44 +53,28 @@ FeatureEntry = Union[str, list[str]]
 INTERSECTION = "*"  # "sex*race" names the intersection of sex and race
 
 
-def _undefined_when(kind: str, fn: Callable[..., float]) -> Callable[..., float]:
-    """Fairlearn's rate ``fn`` but NaN where its denominator is empty (fairlearn returns 0.0 there).
-
-    ``kind``: "positives" (TPR/FNR/recall need y_true == 1), "negatives" (FPR needs y_true == 0).
-    """
-
-    @functools.wraps(fn)
-    def metric(y_true: Any, y_pred: Any, **kwargs: Any) -> float:
-        y = np.asarray(y_true)
-        if kind == "positives" and not np.any(y == 1):
-            return float("nan")
-        if kind == "negatives" and not np.any(y == 0):
-            return float("nan")
-        return float(fn(y_true, y_pred, **kwargs))
-
-    return metric
-
-
 def _count(y_true: Any, y_pred: Any, sample_weight: Any = None) -> int:
     """fairlearn's ``count`` (samples in the group), also for weighted (compressed) rows."""
     return int(len(y_true) if sample_weight is None else np.sum(sample_weight))
 
 
-#: Metric functions by name: Fairlearn's and scikit-learn's own, with empty denominators giving NaN
-#: (flagged in the results) instead of a silent 0.0.
+#: The per-group metrics by name, as the reference functions MetricFrame takes: Fairlearn's and
+#: scikit-learn's own (empty denominators give their 0.0; ``zero_division=0.0`` is scikit-learn's
+#: default value, without its warning). The callback computes the same numbers from counts
+#: (:mod:`~lightning_trust.fairness.tables`) and flags every empty denominator.
 METRICS: dict[str, Callable[..., float]] = {
     "accuracy": accuracy_score,
     "balanced_accuracy": balanced_accuracy_score,
     "selection_rate": selection_rate,
-    "true_positive_rate": _undefined_when("positives", true_positive_rate),
-    "false_positive_rate": _undefined_when("negatives", false_positive_rate),
-    "false_negative_rate": _undefined_when("positives", false_negative_rate),
-    "precision": functools.partial(precision_score, zero_division=np.nan),
-    "recall": functools.partial(recall_score, zero_division=np.nan),
-    "f1": functools.partial(f1_score, zero_division=np.nan),
+    "true_positive_rate": true_positive_rate,
+    "false_positive_rate": false_positive_rate,
+    "false_negative_rate": false_negative_rate,
+    "precision": functools.partial(precision_score, zero_division=0.0),
+    "recall": functools.partial(recall_score, zero_division=0.0),
+    "f1": functools.partial(f1_score, zero_division=0.0),
     "count": _count,
 }
-#: Why a metric can be undefined in a group (used for flags).
+#: Why a metric has an empty denominator in a group (used for flags).
 UNDEFINED_REASON: dict[str, str] = {
     "true_positive_rate": "no positives (y_true == 1) in the group",
     "false_negative_rate": "no positives (y_true == 1) in the group",
@@ -118,11 +102,11 @@ def is_ratio(summary: str) -> bool:
 
 
 def worst(summary: str, values: Sequence[float]) -> float:
-    """The worst of ``values`` for ``summary``: the largest difference, the smallest ratio (NaN skipped)."""
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
+    """The worst of ``values`` for ``summary``: the largest difference, the smallest ratio; NaN
+    (undefined) when any value is, so a limit on it is never met by skipping a part."""
+    if not values or any(v is None or math.isnan(v) for v in values):
         return float("nan")
-    return min(finite) if is_ratio(summary) else max(finite)
+    return min(values) if is_ratio(summary) else max(values)
 
 
 def validate_metrics(metrics: Sequence[str]) -> list[str]:

@@ -1,10 +1,17 @@
-"""``FairnessMetrics``: streaming, DDP-correct group fairness computed by Fairlearn's ``MetricFrame``.
+"""``FairnessMetrics``: streaming, DDP-correct group fairness from per-group confusion counts.
 
-Each validation (and/or test) batch adds its true labels, predicted labels and sensitive group
-codes to a torchmetrics state on the device (no host sync); at the epoch's end the state is
-gathered from every rank once and ``fairlearn.metrics.MetricFrame`` computes the per-group table
-and the disparity summaries. Numbers are logged, checked against declared limits, written as a
-CSV table and a bar chart, and returned by ``report()``.
+Each validation (and/or test) batch adds its (true class, predicted class) pairs to one count
+table per group and sensitive-feature entry, a torchmetrics state on the device (no host sync,
+``dist_reduce_fx="sum"``): its memory is O(groups x classes), independent of the rows. At the
+epoch's end the tables are summed over ranks once and every number fairlearn's ``MetricFrame``
+would give on the same predictions is computed from them, exactly
+(:mod:`~lightning_trust.fairness.tables`). Numbers are logged, checked against declared limits,
+written as a CSV table and a bar chart, and returned by ``report()``. Bootstrap intervals come
+from streaming Poisson-bootstrap replicate tables (``n_boot``).
+
+The sensitive columns, the target and the prediction shape are checked on the first batch the
+callback sees: in the sanity pass, else on one validation batch at the start of training,
+before any optimizer step; a module without ``validation_step`` is refused at setup.
 
 Several sensitive features: ``sensitive_features: [sex, race, [sex, race]]`` — each entry is a
 side column or a list of columns (their intersection, named ``"sex*race"``). Every entry gets its
@@ -19,7 +26,8 @@ worst over classes.
 Several validation dataloaders are pooled into one table. Under DDP, Lightning's default
 ``DistributedSampler`` pads the last shard with repeated samples so ranks get equal counts (at most
 ``world_size - 1`` duplicates); the numbers then include those, as any DDP metric does. Use
-``use_distributed_sampler=False`` with your own unpadded per-rank shards for exact counts.
+``use_distributed_sampler=False`` with your own unpadded per-rank shards for exact counts; every
+rank must see at least one batch (the tables are created at the first one).
 
 Logged keys: :attr:`FairnessMetrics.logged_keys` (``fairness/<metric>/sex=Female`` per group,
 ``fairness/<summary>`` the worst over entries, ``fairness/<summary>/<entry>`` with several entries;
@@ -44,9 +52,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import RunningStage
 from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract, batch_size_of
 from lightning_trust.core.callback import TrustCallback
-from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.output import artifact_dir
 from lightning_trust.core.seam_r1 import trained_epoch
@@ -57,24 +63,18 @@ from lightning_trust.fairness.breaches import (
     raise_breaches,
     warn_results,
 )
-from lightning_trust.fairness.frame import fairness_results
-from lightning_trust.fairness.groups import (
-    SUMMARIES,
-    base_columns,
-    entry_name,
-    group_names,
-    parse_entries,
-    read_codes,
-    validate_metrics,
-)
-from lightning_trust.fairness.metrics_args import DEFAULT_METRICS, Stage, check_metrics_args
-from lightning_trust.fairness.predictions import Activation, hard_predictions
+from lightning_trust.fairness.checks import require_step
+from lightning_trust.fairness.collect import CountCollector
+from lightning_trust.fairness.groups import SUMMARIES, entry_name, parse_entries, validate_metrics
+from lightning_trust.fairness.metrics_args import DEFAULT_METRICS, Stage, check_metrics_args, check_num_groups
+from lightning_trust.fairness.predictions import Activation
 from lightning_trust.fairness.publish import artifact_paths, log_results, write_artifacts
-from lightning_trust.fairness.state import FairnessState
+from lightning_trust.fairness.tables import fairness_results
 
 __all__ = ["FairnessBreachError", "FairnessMetrics"]
 
 _STAGES: dict[RunningStage, Stage] = {RunningStage.VALIDATING: "validation", RunningStage.TESTING: "test"}
+_NO_VALIDATION_FIX = " or measure the test loop instead (`stages=['test']` and a `test_step`)"
 
 
 class FairnessMetrics(TrustCallback):
@@ -85,19 +85,18 @@ class FairnessMetrics(TrustCallback):
             intersection. Integer codes are named by ``trainer.datamodule.categories[column]``.
         metrics: per-group metrics by name: ``accuracy``, ``balanced_accuracy``, ``selection_rate``,
             ``true_positive_rate``, ``false_positive_rate``, ``false_negative_rate``, ``precision``,
-            ``recall``, ``f1``, ``count``. Rates with an empty denominator in a group are NaN and
-            flagged (fairlearn itself would return 0.0).
+            ``recall``, ``f1``, ``count``. A rate with an empty denominator in a group is
+            fairlearn's value (0.0, so a disparity is never smaller than fairlearn's) and flagged.
         stages: ``"validation"`` and/or ``"test"``.
         positive_label: the positive class for binary targets (and 2-class logits).
         threshold: decision threshold on the positive score (binary).
         activation: how predictions become scores: ``auto`` (softmax over 2+ logits, sigmoid of one
             logit), ``softmax``, ``sigmoid``, ``none`` (already probabilities).
-        n_boot: bootstrap resamples for confidence intervals (MetricFrame's ``n_boot``); ``None`` = off.
-            MetricFrame recomputes the per-sample table for each resample (about ``n_boot`` x 90 ms
-            for 3,000 rows), so intervals are often best kept to the test stage (``ci_stages``).
+        n_boot: Poisson-bootstrap replicate count tables for confidence intervals; ``None`` = off.
+            Each batch adds ``n_boot`` Poisson(1) weights per sample; memory ``n_boot`` x the tables.
         ci_stages: the stages that get intervals (default: all of ``stages``).
         ci_quantiles: the interval's quantiles.
-        random_state: the bootstrap seed (MetricFrame's ``random_state``).
+        random_state: the bootstrap seed (offset per rank, stage and epoch).
         thresholds: limits on summaries, e.g. ``{demographic_parity_difference: 0.1,
             demographic_parity_ratio: 0.8}``; a difference above / a ratio below its limit (or an
             undefined value) is a breach (see :meth:`breached`).
@@ -105,6 +104,8 @@ class FairnessMetrics(TrustCallback):
             fitting through ``trainer.should_stop``); ``fail`` (raises :class:`FairnessBreachError`
             at the end of fit / test).
         min_group_size: groups with fewer samples are reported with ``small: true`` and flagged.
+        num_groups: groups of side columns the datamodule does not name in ``categories``
+            (default 32: codes 0..31); a code outside a column's groups is refused.
         log_groups: log every per-group number (else only the summaries).
         batch_keys: batch contract overrides (see :class:`~lightning_trust.core.batch.BatchContract`).
         name: the report section, logging prefix and file folder (default ``fairness``); two
@@ -131,6 +132,7 @@ class FairnessMetrics(TrustCallback):
     report_keys: ClassVar[dict[str, str]] = {
         **{s: f"{s.replace('_', ' ')}, the worst over the entries (latest stage)" for s in SUMMARIES},
         "num_samples": "samples scored (all ranks)",
+        "state_bytes": "bytes of the count tables (the memory of the streaming state)",
         "num_classes": "2 for binary predictions, else the number of classes (one-vs-rest)",
         "worst_feature": "summary -> the entry attaining the worst value",
         "overall": "each metric over all samples (per class for multiclass)",
@@ -168,10 +170,10 @@ class FairnessMetrics(TrustCallback):
         log_groups: bool = True,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
         name: Optional[str] = None,
+        num_groups: Optional[dict[str, int]] = None,
     ) -> None:
         super().__init__(name=name)
         self.entries = parse_entries(sensitive_features)
-        self.columns = base_columns(self.entries)
         self.metrics = validate_metrics(DEFAULT_METRICS if metrics is None else metrics)
         self.stages, self.ci_quantiles, self.ci_stages, self.thresholds = check_metrics_args(
             stages, positive_label, threshold, activation, n_boot, ci_quantiles, ci_stages, thresholds, action,
@@ -186,11 +188,10 @@ class FairnessMetrics(TrustCallback):
         self.min_group_size = min_group_size
         self.log_groups = log_groups
         self.batch_keys = batch_keys
-        self.contract: Optional[BatchContract] = None
-        self._state = FairnessState()
-        self._capture = ForwardCapture()
-        self._num_classes = 2
-        self._names: dict[str, Optional[list[str]]] = {}
+        self._collector = CountCollector(
+            self.entries, check_num_groups(num_groups), n_boot or 0, activation, positive_label, self.threshold,
+        )  # fmt: skip
+        self.columns = self._collector.columns
         self.results: dict[str, dict[str, Any]] = {}  # stage -> latest results
         self.history: list[dict[str, Any]] = []
         self.breaches: list[dict[str, Any]] = []
@@ -210,8 +211,15 @@ class FairnessMetrics(TrustCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self.contract = BatchContract.resolve(self.batch_keys, trainer, side_keys=self.columns)
-        self._names = {c: group_names(trainer, c) for c in self.columns}
+        if stage in ("fit", "validate") and "validation" in self.stages:
+            require_step(pl_module, "validation_step", "FairnessMetrics", _NO_VALIDATION_FIX)
+        if stage == "test" and "test" in self.stages:
+            require_step(pl_module, "test_step", "FairnessMetrics", "")
+        self._collector.setup(trainer, self.batch_keys)
+
+    def _sanity(self, trainer: pl.Trainer) -> bool:
+        """A sanity-check batch still to check (the first the callback sees)."""
+        return trainer.sanity_checking and not self._collector.checked
 
     def _stage(self, trainer: pl.Trainer) -> Optional[Stage]:
         """The running stage this callback measures now, or ``None`` (sanity check, training...)."""
@@ -222,16 +230,21 @@ class FairnessMetrics(TrustCallback):
         return stage is None or stage not in self.stages
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "validation" in self.stages:  # no sanity pass ran: check one batch before the first step
+            self._collector.probe(trainer, pl_module)
+
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip(trainer):
-            self._start(pl_module)
+            self._start(trainer, pl_module, "validation")
 
     @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not self._should_skip(trainer):
-            self._arm(pl_module, batch)
+        if not self._should_skip(trainer) or self._sanity(trainer):
+            self._collector.arm(pl_module, batch)
 
     @override
     def on_validation_batch_end(
@@ -243,8 +256,10 @@ class FairnessMetrics(TrustCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._should_skip(trainer):
-            self._update(pl_module, outputs, batch)
+        if self._sanity(trainer):
+            self._collector.check(batch, self._collector.predictions(pl_module, outputs, batch))
+        elif not self._should_skip(trainer):
+            self._collector.update(pl_module, outputs, batch)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -254,14 +269,14 @@ class FairnessMetrics(TrustCallback):
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip(trainer):
-            self._start(pl_module)
+            self._start(trainer, pl_module, "test")
 
     @override
     def on_test_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if not self._should_skip(trainer):
-            self._arm(pl_module, batch)
+            self._collector.arm(pl_module, batch)
 
     @override
     def on_test_batch_end(
@@ -274,7 +289,7 @@ class FairnessMetrics(TrustCallback):
         dataloader_idx: int = 0,
     ) -> None:
         if not self._should_skip(trainer):
-            self._update(pl_module, outputs, batch)
+            self._collector.update(pl_module, outputs, batch)
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -289,46 +304,41 @@ class FairnessMetrics(TrustCallback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer, "test")
 
-    # batches ----------------------------------------------------------------------------------
-    def _start(self, pl_module: pl.LightningModule) -> None:
-        self._state.reset()
-        self._state.to(pl_module.device)
+    # epochs ---------------------------------------------------------------------------------
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        # the replicates' stream differs per rank (independent weights) and per stage and epoch
+        seed = self.random_state + 7919 * trainer.global_rank + 104729 * (2 * trainer.current_epoch + (stage == "test"))
+        self._collector.start(pl_module, seed)
 
-    def _arm(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        assert self.contract is not None
-        self._capture.arm(pl_module, batch_size_of(batch, self.contract))
-
-    def _update(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
-        assert self.contract is not None
-        preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs, pl_module.trainer)
-        y_true, y_pred, self._num_classes = hard_predictions(
-            preds, self.contract.target(batch), self.activation, self.positive_label, self.threshold
-        )
-        codes = read_codes(self.contract, batch, self.columns, y_pred.device)
-        self._state.update(y_true, y_pred, codes)
-
-    # epoch end --------------------------------------------------------------------------------
     def compute(self, stage: Stage = "validation") -> dict[str, Any]:
-        """Gather the epoch's samples (all ranks) and compute every entry's MetricFrame results."""
-        y_true, y_pred, codes, _ = self._state.compute()
-        return fairness_results(
-            y_true.cpu().numpy(),
-            y_pred.cpu().numpy(),
-            codes.cpu().numpy(),
-            self.entries,
-            self.columns,
-            self._names,
+        """Sum the epoch's count tables over ranks and compute every entry's numbers from them."""
+        counts_metric = self._collector.counts
+        assert counts_metric is not None
+        counts, replicates = counts_metric.compute()
+        flat = counts.cpu().numpy()
+        invalid = counts_metric.layout.invalid(flat)
+        if invalid:
+            raise ValueError(
+                f"FairnessMetrics: {invalid} (sample, feature) pair(s) this epoch had a group code outside the groups "
+                f"of {dict(zip(self.columns, self._collector.capacities))} or a label outside the classes. Name every "
+                "group in `datamodule.categories[column]` or pass `num_groups={column: N}`."
+            )
+        use_ci = replicates is not None and stage in self.ci_stages
+        results = fairness_results(
+            flat,
+            replicates.cpu().numpy() if use_ci and replicates is not None else None,
+            counts_metric.layout,
+            self._collector.names,
             self.metrics,
-            num_classes=self._num_classes,
-            n_boot=self.n_boot if stage in self.ci_stages else None,
             ci_quantiles=self.ci_quantiles,
-            random_state=self.random_state,
             min_group_size=self.min_group_size,
         )
+        results["state_bytes"] = self._collector.state_bytes()
+        return results
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if self._state.update_count == 0 and trainer.world_size <= 1:
-            return
+        if self._collector.counts is None or self._collector.counts.update_count == 0:
+            return  # no batch reached the callback
         results = self.compute(stage)  # identical on every rank: each rank decides the same
         results.update(stage=stage, epoch=trained_epoch(trainer), step=int(trainer.global_step))
         self.results[stage] = results

@@ -17,7 +17,7 @@ from typing import Literal, Optional, Union
 from lightning_trust.fairness.groups import SUMMARIES
 from lightning_trust.fairness.predictions import check_activation
 
-__all__ = ["DEFAULT_METRICS", "Stage", "check_metrics_args"]
+__all__ = ["DEFAULT_METRICS", "Stage", "check_metrics_args", "check_num_groups"]
 
 Stage = Literal["validation", "test"]
 #: The per-group metrics computed when ``metrics`` is not given.
@@ -64,3 +64,17 @@ def check_metrics_args(
     if not isinstance(min_group_size, int) or min_group_size < 0:
         raise ValueError(f"`min_group_size` must be an integer >= 0, got {min_group_size!r}.")
     return stages_list, ci_quantiles, ci_stages, {k: float(v) for k, v in thresholds.items()}
+
+
+def check_num_groups(num_groups: Optional[Mapping[str, int]]) -> dict[str, int]:
+    """``num_groups`` as a dict of column -> a positive number of groups."""
+    if num_groups is None:
+        return {}
+    if not isinstance(num_groups, Mapping):
+        raise ValueError(
+            f"`num_groups` maps side columns to their number of groups, e.g. {{'race': 5}}; got {num_groups!r}."
+        )
+    for column, count in num_groups.items():
+        if not isinstance(column, str) or isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"`num_groups[{column!r}]` must be a positive integer (codes 0..N-1), got {count!r}.")
+    return dict(num_groups)

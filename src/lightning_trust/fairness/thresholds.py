@@ -38,7 +38,6 @@ from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.loaders import split_loaders
 from lightning_trust.core.output import artifact_dir, write_json
-from lightning_trust.fairness.frame import disparity_summary
 from lightning_trust.fairness.groups import (
     entry_name,
     group_labels,
@@ -55,6 +54,7 @@ from lightning_trust.fairness.predictor import (
     thresholds_to_json,
 )
 from lightning_trust.fairness.state import FairnessState
+from lightning_trust.fairness.tables import disparity_summary
 
 __all__ = ["PrefitScores", "ThresholdOptimizer", "ThresholdPredictor", "thresholds_from_json", "thresholds_to_json"]
 
