@@ -174,15 +174,10 @@ _expect(
 )  # fmt: skip
 _expect(
     "CrossDomainEvaluation",
-    bert=WORKS, gpt2_cls=WORKS,
-    gpt2_lm="#16: crash after training steps: evaluation/metrics.py `to_probabilities` raises ValueError on "
-    "token-level logits (16, 10, 64) at the first validation",
-    vit=WORKS, bert_lora=WORKS,
-    boring="#16: raised before training, but without a fix: core/batch.py `side` raises BatchKeyError 'Side column "
-    "'domain' cannot be read from a single Tensor' (from evaluation/callback.py `_discover_values`)",
-    demo_transformer=REFUSED,
+    bert=WORKS, gpt2_cls=WORKS, gpt2_lm=WORKS, vit=WORKS, bert_lora=WORKS, boring=REFUSED, demo_transformer=REFUSED,
 )  # fmt: skip
-REFUSALS[("CrossDomainEvaluation", "demo_transformer")] = (BatchKeyError, r"batch_keys: \{domain: <int>\}")
+REFUSALS[("CrossDomainEvaluation", "boring")] = (BatchKeyError, r"batch_keys: \{target: <key or position>\}")
+REFUSALS[("CrossDomainEvaluation", "demo_transformer")] = (ValueError, r"no `validation_step`.*add a `validation_step`")
 _expect(
     "TrustReport",
     bert=WORKS, gpt2_cls=WORKS, gpt2_lm=WORKS, vit=WORKS, bert_lora=WORKS, boring=WORKS, demo_transformer=WORKS,
@@ -504,20 +499,56 @@ def check_qat(cell: Cell) -> None:
 def make_domains(model: str, root: Path) -> Any:
     from lightning_trust.evaluation import CrossDomainEvaluation
 
-    return CrossDomainEvaluation(domain_key="domain", metrics=["accuracy"], figures=False)
+    # a realistic suite per input kind: a text perturbation for token ids, image noise for pixels
+    corruptions = ["word_swap"] if model in TOKEN_MODELS else ["gaussian_noise"] if model == "vit" else None
+    return CrossDomainEvaluation(
+        domain_key="domain", metrics=["accuracy"], figures=False, corruptions=corruptions, severities=[3]
+    )
+
+
+def _token_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correct predictions and their sample rows: per sample, or per labelled token of a causal LM
+    (the logits at t predict the label at t + 1, as the HF model's own loss)."""
+    if labels.ndim == 1:
+        return (logits.argmax(-1) == labels).float(), torch.arange(len(labels))
+    hits, target = logits[:, :-1].argmax(-1) == labels[:, 1:], labels[:, 1:]
+    rows = torch.arange(len(labels))[:, None].expand_as(target)
+    keep = target != -100
+    return hits[keep].float(), rows[keep]
 
 
 def check_domains(cell: Cell) -> None:
-    report = cell.callback.report()
+    from lightning_trust.evaluation.corruptions import corrupt
+    from lightning_trust.evaluation.extra_passes import corruption_seed
+    from lightning_trust.evaluation.text import perturb_tokens
+
+    cb, report = cell.callback, cell.callback.report()
     assert report["evaluated"], report
     logits, labels, sides = _predictions(cell)
-    correct = (logits.argmax(-1) == labels).float()
+    correct, rows = _token_hits(logits, labels)
     per_domain = report["per_domain"]
     for code in sorted(set(sides["domain"].tolist())):
-        expected = correct[sides["domain"] == code].mean().item()
+        expected = correct[sides["domain"][rows] == code].mean().item()
         entry = per_domain.get(str(code), per_domain.get(code))
         assert entry is not None, (code, per_domain)
         assert entry["accuracy"] == pytest.approx(expected, abs=1e-6), (code, entry, expected)
+    # the corrupted copy, rebuilt by hand from the same seeded generators
+    (name,) = cb.corruptions
+    module, hits = cell.module.eval(), []
+    for i, batch in enumerate(_val_batches(cell)):
+        g = torch.Generator().manual_seed(corruption_seed(0, 0, i, 0, 3))
+        with torch.no_grad():
+            if "pixel_values" in batch:
+                out = module(corrupt(batch["pixel_values"], name, 3, g))
+            else:
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                noisy, _ = perturb_tokens(inputs, name, 3, g, cb._probed.vocabulary, batch["labels"])
+                assert not torch.equal(noisy["input_ids"], batch["input_ids"])
+                out = module(noisy["input_ids"], attention_mask=noisy["attention_mask"])
+        hits.append(_token_hits(out.logits, batch["labels"])[0])
+    expected = torch.cat(hits).mean().item()
+    assert per_domain[f"{name}_s3"]["accuracy"] == pytest.approx(expected, abs=1e-6), (per_domain, expected)
+    assert report["extra_passes"] == "run" and report["overhead"]["runs"] == 1, report
 
 
 def make_report(model: str, root: Path) -> Any:

@@ -13,12 +13,12 @@ summary), :mod:`~lightning_trust.evaluation.summary` (summaries and tables),
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of
@@ -26,20 +26,25 @@ from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
-from lightning_trust.core.loaders import first_loader
 from lightning_trust.core.output import artifact_dir
 from lightning_trust.core.seam_r1 import trained_epoch
 from lightning_trust.evaluation.arguments import check_arguments
 from lightning_trust.evaluation.corruptions import SEVERITIES
 from lightning_trust.evaluation.domains import DomainIndex, domain_names, in_domain_names, side_domains
-from lightning_trust.evaluation.extra_passes import add_predictions, evaluate_corruptions, evaluate_extra_domains
+from lightning_trust.evaluation.extra_passes import add_predictions, run_extra_passes
 from lightning_trust.evaluation.figures import draw_figures, figure_paths
 from lightning_trust.evaluation.keys import HISTORY_KEYS, LOGGED_KEYS, REPORT_KEYS
 from lightning_trust.evaluation.outputs import log_result, report_of, table_paths, write_artifacts
 from lightning_trust.evaluation.probe import Probed, check_setup
 from lightning_trust.evaluation.results import (
-    DomainMetrics, corruption_summary, load_baseline, pass_result, restrict_values, warn_gaps,
-)  # fmt: skip
+    DomainMetrics,
+    corruption_summary,
+    load_baseline,
+    pass_result,
+    restrict_values,
+    warn_gaps,
+)
+from lightning_trust.evaluation.schedule import evaluates, extra_due
 from lightning_trust.evaluation.tokens import check_label_shift, label_shift
 
 __all__ = ["CrossDomainEvaluation"]
@@ -304,29 +309,12 @@ class CrossDomainEvaluation(TrustCallback):
         self._capture.disarm()
 
     # the pass ---------------------------------------------------------------------------------
-    def _should_skip(self, trainer: pl.Trainer, stage: RunningStage) -> bool:
-        """The one skip rule, decided at the start of each pass: never at test or in a standalone
-        ``trainer.validate``; during fit, the sanity check and the validation epochs that
-        ``every_n_epochs`` does not select (the last epoch always runs)."""
-        if stage == RunningStage.TESTING or trainer.state.fn == TrainerFn.VALIDATING:
-            return False
-        epoch = trainer.current_epoch + 1
-        return trainer.sanity_checking or not (epoch % self.every_n_epochs == 0 or self._last_epoch(trainer))
-
-    @staticmethod
-    def _last_epoch(trainer: pl.Trainer) -> bool:
-        steps_done = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-        return steps_done or (trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs)
-
     def _start(self, stage: RunningStage, trainer: pl.Trainer) -> None:
-        self._active = not self._should_skip(trainer, stage)
+        self._active = evaluates(trainer, stage, self.every_n_epochs)
         if self._metrics is not None:
             self._metrics.reset()
-        self._extra_due = True
-        if self._active and (self.corruptions or self.domains) and trainer.state.fn == TrainerFn.FITTING:
-            # one decision for every process (a skipped pass makes no collective)
-            due = self.budget.allows(final=self._last_epoch(trainer))
-            self._extra_due = bool(trainer.strategy.broadcast(due, src=0))
+        has_extra = bool(self.corruptions or self.domains)
+        self._extra_due = has_extra and self._active and extra_due(self.budget, trainer)
 
     def _arm(self, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
         """Keep the output of the step's own forward call, so the clean domain costs no extra pass."""
@@ -370,34 +358,23 @@ class CrossDomainEvaluation(TrustCallback):
     def _extra_passes(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> None:
         """The corrupted copies of the stage's batches (the loader read again) and the extra domains."""
         assert self._metrics is not None
-        if self.corruptions:
-            testing = stage == RunningStage.TESTING
-            loader = first_loader(trainer.test_dataloaders if testing else trainer.val_dataloaders)
-            counts = trainer.num_test_batches if testing else trainer.num_val_batches
-            if loader is not None and counts:
-                evaluate_corruptions(
-                    self._metrics, pl_module, trainer, loader, counts[0], self.contract, corruptions=self.corruptions,
-                    severities=self.severities, first=self._names.index(self._corrupted_names()[0]), seed=self.seed,
-                    value_range=self.value_range, prediction_type=self.prediction_type,
-                    vocabulary=self._probed.vocabulary, shift=self._probed.shift,
-                )  # fmt: skip
-        evaluate_extra_domains(
-            self._metrics, pl_module, trainer, self.domains, self._loaders, self._names, self.contract,
-            batch_size=self.batch_size, prediction_type=self.prediction_type, shift=self._probed.shift,
+        first = self._names.index(self._corrupted_names()[0]) if self.corruptions else 0
+        run_extra_passes(
+            self._metrics, pl_module, trainer, stage == RunningStage.TESTING, self.contract, self._names, self._loaders,
+            corruptions=self.corruptions, severities=self.severities, first=first, seed=self.seed,
+            value_range=self.value_range, prediction_type=self.prediction_type, vocabulary=self._probed.vocabulary,
+            shift=self._probed.shift, domains=self.domains, batch_size=self.batch_size,
         )  # fmt: skip
 
     # epoch end --------------------------------------------------------------------------------
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> None:
         assert self._metrics is not None
         extra = bool(self.corruptions or self.domains)
-        if extra and self._extra_due:
-            if stage == RunningStage.VALIDATING and trainer.state.fn == TrainerFn.FITTING:
-                with self.budget.timed():
-                    self._extra_passes(trainer, pl_module, stage)
-            else:
+        if self._extra_due:
+            with self.budget.timed() if trainer.state.fn == TrainerFn.FITTING else contextlib.nullcontext():
                 self._extra_passes(trainer, pl_module, stage)
         values = self._metrics.compute(trainer.strategy, trainer.world_size, pl_module.device)
-        names = self._names if self._extra_due else self._clean_names()
+        names = self._names if self._extra_due or not extra else self._clean_names()
         values = restrict_values(values, names)
         warn_gaps(self, values, names, stage.value, self.domain_key, self._side_names)
         result = pass_result(

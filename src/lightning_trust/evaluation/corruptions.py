@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "corruption_errors", "resolve_corruptions"]
+from lightning_trust.core.calls import PositionalInputs
+from lightning_trust.evaluation.text import TEXT_CORRUPTIONS
+
+__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "corrupt_inputs", "corruption_errors", "resolve_corruptions"]
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -149,8 +152,21 @@ def corrupt(
     return out.squeeze(1) if images.ndim == 3 else out
 
 
+def corrupt_inputs(
+    inputs: Any, name: str, severity: int, generator: torch.Generator, value_range: tuple[float, float]
+) -> Any:
+    """A batch's inputs with an image corruption: the tensor itself, a dict's ``pixel_values`` (the
+    other model inputs kept) or the first of positional inputs."""
+    if isinstance(inputs, PositionalInputs):
+        return PositionalInputs((corrupt_inputs(inputs[0], name, severity, generator, value_range), *inputs[1:]))
+    if isinstance(inputs, Mapping) and "pixel_values" in inputs:
+        return {**inputs, "pixel_values": corrupt(inputs["pixel_values"], name, severity, generator, value_range)}
+    return corrupt(inputs, name, severity, generator, value_range)
+
+
 def resolve_corruptions(corruptions: object) -> list[str]:
-    """The corruption names from ``None``, ``"all"``, one name or a list of names (validated)."""
+    """The corruption names from ``None``, ``"all"`` (the image suite; the text suite for token
+    inputs, resolved at setup), one name or a list of names (validated)."""
     if corruptions is None:
         return []
     if isinstance(corruptions, str):
@@ -159,9 +175,12 @@ def resolve_corruptions(corruptions: object) -> list[str]:
         names = list(corruptions)
     else:
         raise ValueError(f"`corruptions` must be 'all', a name or a list of names, got {corruptions!r}.")
-    unknown = [n for n in names if n not in CORRUPTIONS]
+    unknown = [n for n in names if n not in CORRUPTIONS and n not in TEXT_CORRUPTIONS]
     if unknown:
-        raise ValueError(f"Unknown corruption(s) {unknown}; the suite has: {', '.join(CORRUPTIONS)} (or 'all').")
+        raise ValueError(
+            f"Unknown corruption(s) {unknown}; the image suite has: {', '.join(CORRUPTIONS)}; the text suite has: "
+            f"{', '.join(TEXT_CORRUPTIONS)} (or 'all')."
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"`corruptions` lists a corruption twice: {names}.")
     return names

@@ -1,7 +1,9 @@
 """The evaluation's extra forward passes, each in an isolated pass
 (:func:`~lightning_trust.core.passes.isolated_eval`): a batch under every corruption and severity
-(the domains ``<corruption>_s<severity>``), and the extra domains' own loaders. The clean domains
-cost none: they reuse the step's own forward.
+(the domains ``<corruption>_s<severity>``: image corruptions or text perturbations), and the extra
+domains' own loaders. The clean domains cost none: they reuse the step's own forward. The corrupted
+copies are made at the end of the pass from the batches the stage evaluated (the loader read again),
+so that one budgeted, timed block holds every extra pass.
 
 Example:
     >>> corruption_seed(0, rank=0, batch_idx=0, corruption_index=1, severity=3)  # one generator each
@@ -10,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -18,13 +20,17 @@ import torch
 from torch import Tensor
 
 from lightning_trust.core.batch import BatchContract, call_module, logits_of
+from lightning_trust.core.loaders import first_loader
 from lightning_trust.core.passes import isolated_eval
-from lightning_trust.evaluation.corruptions import corrupt
+from lightning_trust.core.tensors import first_tensor
+from lightning_trust.evaluation.corruptions import corrupt_inputs
 from lightning_trust.evaluation.domains import extra_domain_loader
 from lightning_trust.evaluation.metrics import to_probabilities
 from lightning_trust.evaluation.results import DomainMetrics
+from lightning_trust.evaluation.text import TEXT_CORRUPTIONS, Vocabulary, perturb_tokens
+from lightning_trust.evaluation.tokens import align_tokens, is_token_level
 
-__all__ = ["corruption_seed", "evaluate_corruptions", "evaluate_extra_domains"]
+__all__ = ["add_predictions", "corruption_seed", "evaluate_corruptions", "evaluate_extra_domains", "run_extra_passes"]
 
 
 def corruption_seed(seed: int, rank: int, batch_idx: int, corruption_index: int, severity: int) -> int:
@@ -32,13 +38,34 @@ def corruption_seed(seed: int, rank: int, batch_idx: int, corruption_index: int,
     return (seed * 1_000_003 + rank * 100_003 + batch_idx * 1009 + corruption_index * 17 + severity) % (2**63)
 
 
+def add_predictions(
+    metrics: DomainMetrics, preds: Tensor, target: Any, index: Tensor, shift: Optional[int], prediction_type: str
+) -> None:
+    """Score one batch: class predictions per sample, or per labelled token for token-level targets
+    (each token in its sample's domain, see :mod:`~lightning_trust.evaluation.tokens`)."""
+    target = torch.as_tensor(target, device=preds.device)
+    if is_token_level(preds, target):
+        preds, target, index = align_tokens(preds, target, index, shift or 0)
+    metrics.add(to_probabilities(preds, prediction_type), target.reshape(-1), index)
+
+
+def _corrupted(
+    inputs: Any, target: Any, name: str, severity: int, generator: torch.Generator, value_range: tuple[float, float],
+    vocabulary: Optional[Vocabulary],
+) -> tuple[Any, Any]:  # fmt: skip
+    if name in TEXT_CORRUPTIONS:
+        assert vocabulary is not None  # setup found one (check_setup)
+        return perturb_tokens(inputs, name, severity, generator, vocabulary, target)
+    return corrupt_inputs(inputs, name, severity, generator, value_range), target
+
+
 def evaluate_corruptions(
     metrics: DomainMetrics,
     pl_module: pl.LightningModule,
     trainer: pl.Trainer,
-    inputs: Any,
-    target: Tensor,
-    batch_idx: int,
+    loader: Iterable[Any],
+    max_batches: float,
+    contract: BatchContract,
     *,
     corruptions: Sequence[str],
     severities: Sequence[int],
@@ -46,18 +73,29 @@ def evaluate_corruptions(
     seed: int,
     value_range: tuple[float, float],
     prediction_type: str,
+    vocabulary: Optional[Vocabulary] = None,
+    shift: Optional[int] = None,
 ) -> None:
-    """Add the batch under each corruption and severity to ``metrics``, as the domains from index
-    ``first`` on (corruption-major, then severity)."""
+    """Add the first ``max_batches`` batches of ``loader`` (the ones the stage evaluated) under each
+    corruption and severity to ``metrics``, as the domains from index ``first`` on (corruption-major,
+    then severity). Each batch, corruption and severity has its own seeded generator."""
     with isolated_eval(pl_module, trainer) as module:
-        for ci, name in enumerate(corruptions):
-            for si, severity in enumerate(severities):
-                generator = torch.Generator(device=inputs.device if isinstance(inputs, Tensor) else "cpu")
-                generator.manual_seed(corruption_seed(seed, trainer.global_rank, batch_idx, ci, severity))
-                x = corrupt(inputs, name, severity, generator, value_range)
-                probs = to_probabilities(logits_of(call_module(module, x)), prediction_type)
-                d = first + ci * len(severities) + si
-                metrics.add(probs, target, torch.full_like(target, d, dtype=torch.long))
+        for batch_idx, batch in enumerate(loader):
+            if batch_idx >= max_batches:
+                break
+            batch = trainer.strategy.batch_to_device(batch)
+            inputs, target = contract.inputs(batch), contract.target(batch)
+            found = first_tensor(inputs)
+            device = found.device if found is not None else torch.device("cpu")
+            for ci, name in enumerate(corruptions):
+                for si, severity in enumerate(severities):
+                    generator = torch.Generator(device=device)
+                    generator.manual_seed(corruption_seed(seed, trainer.global_rank, batch_idx, ci, severity))
+                    x, t = _corrupted(inputs, target, name, severity, generator, value_range, vocabulary)
+                    preds = logits_of(call_module(module, x))
+                    d = first + ci * len(severities) + si
+                    index = torch.full((len(t),), d, dtype=torch.long, device=preds.device)
+                    add_predictions(metrics, preds, t, index, shift, prediction_type)
 
 
 def evaluate_extra_domains(
@@ -71,6 +109,7 @@ def evaluate_extra_domains(
     *,
     batch_size: Optional[int],
     prediction_type: str,
+    shift: Optional[int] = None,
 ) -> None:
     """Add every extra domain's data to ``metrics`` under its name's index in ``names``; each loader
     is built on first use and kept in ``loaders``."""
@@ -81,6 +120,44 @@ def evaluate_extra_domains(
         with isolated_eval(pl_module, trainer) as module:
             for batch in loaders[name]:
                 batch = trainer.strategy.batch_to_device(batch)
-                probs = to_probabilities(contract.predictions(module, batch), prediction_type)
-                target = torch.as_tensor(contract.target(batch), device=probs.device).reshape(-1).long()
-                metrics.add(probs, target, torch.full_like(target, d))
+                preds = contract.predictions(module, batch)
+                target = torch.as_tensor(contract.target(batch), device=preds.device)
+                index = torch.full((len(target),), d, dtype=torch.long, device=preds.device)
+                add_predictions(metrics, preds, target, index, shift, prediction_type)
+
+
+def run_extra_passes(
+    metrics: DomainMetrics,
+    pl_module: pl.LightningModule,
+    trainer: pl.Trainer,
+    testing: bool,
+    contract: BatchContract,
+    names: Sequence[str],
+    loaders: dict[str, Any],
+    *,
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    first: int,
+    seed: int,
+    value_range: tuple[float, float],
+    prediction_type: str,
+    vocabulary: Optional[Vocabulary],
+    shift: Optional[int],
+    domains: Mapping[str, Any],
+    batch_size: Optional[int],
+) -> None:
+    """Every extra pass of one validation/test pass: the corrupted copies of the batches the stage
+    evaluated (its first loader read again, as many batches as the Trainer used) and the extra domains."""
+    if corruptions:
+        loader = first_loader(trainer.test_dataloaders if testing else trainer.val_dataloaders)
+        counts = trainer.num_test_batches if testing else trainer.num_val_batches
+        if loader is not None and counts:
+            evaluate_corruptions(
+                metrics, pl_module, trainer, loader, counts[0], contract, corruptions=corruptions,
+                severities=severities, first=first, seed=seed, value_range=value_range,
+                prediction_type=prediction_type, vocabulary=vocabulary, shift=shift,
+            )  # fmt: skip
+    evaluate_extra_domains(
+        metrics, pl_module, trainer, domains, loaders, names, contract, batch_size=batch_size,
+        prediction_type=prediction_type, shift=shift,
+    )  # fmt: skip

@@ -56,8 +56,10 @@ REPORT_KEYS: dict[str, str] = {
     "relative_corruption_error": "mean relative corruption error (with corruptions)",
     "corruption": "clean error, errors per corruption and severity, CE per corruption (with corruptions)",
     "tables": "paths of the CSV/Markdown tables (and corruption errors JSON) of the pass",
+    "extra_passes": "whether the pass ran the corrupted copies and extra domains: 'run', 'skipped' (budget) or 'none'",
+    "overhead": "the extra passes' budget during fit: max_overhead, measured overhead, runs, skipped, seconds",
     "validation": "the last validation pass's summaries, when the report shows a test pass",
-    "history": "one summary per validation pass: epoch, step, average, worst, worst_domain, ood_gap",
+    "history": "one summary per validation pass: epoch, step, average, worst, worst_domain, ood_gap, extra_passes",
 }
 
 #: The summaries logged as ``domain/summary/<summary>/<metric>``.
@@ -67,9 +69,9 @@ REPORTED: tuple[str, ...] = (
     "stage", "epoch", "metrics", "domains", "in_domain_domains", "ood_domains", "sizes", "empty_domains",
     "unlisted_samples", "per_domain", "average", "weighted_average", "worst", "worst_domain", "best", "best_domain",
     "in_domain", "in_domain_weighted", "ood", "ood_weighted", "ood_gap", "corruption_error",
-    "relative_corruption_error", "corruption", "tables",
+    "relative_corruption_error", "corruption", "tables", "extra_passes",
 )  # fmt: skip
 #: The keys of a validation pass's result kept in the ``history``, one entry per pass.
-HISTORY_KEYS: tuple[str, ...] = ("epoch", "step", "average", "worst", "worst_domain", "ood_gap")
+HISTORY_KEYS: tuple[str, ...] = ("epoch", "step", "average", "worst", "worst_domain", "ood_gap", "extra_passes")
 #: The keys of the last validation pass that a report of a test pass shows under ``"validation"``.
 VALIDATION_KEYS: tuple[str, ...] = ("epoch", "per_domain", "average", "worst", "ood_gap")

@@ -37,6 +37,7 @@ __all__ = [
     "load_baseline",
     "pass_result",
     "reliability_bins",
+    "restrict_values",
     "warn_gaps",
 ]
 
@@ -162,6 +163,18 @@ class DomainMetrics:
         return DomainValues(
             per_domain=per_domain, sizes=sizes, unlisted=totals_list[-1], reliability=reliability, directions=directions
         )
+
+
+def restrict_values(values: DomainValues, names: Sequence[str]) -> DomainValues:
+    """``values`` of the domains ``names`` only (a pass whose extra domains were skipped)."""
+    keep = set(names)
+    return DomainValues(
+        per_domain={n: v for n, v in values.per_domain.items() if n in keep},
+        sizes={n: v for n, v in values.sizes.items() if n in keep},
+        unlisted=values.unlisted,
+        reliability={n: v for n, v in values.reliability.items() if n in keep},
+        directions=values.directions,
+    )
 
 
 def reliability_bins(metric: Metric) -> dict[str, list[float]]:
