@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
+from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
@@ -72,23 +73,35 @@ def _module_errors(module: nn.Module) -> list[Exception]:
     return [e for e in ModuleValidator.validate(module, strict=False) if "training mode" not in str(e)]
 
 
+def _fix_in_place(pl_module: nn.Module) -> None:
+    """Opacus's ``ModuleValidator`` fixers applied where the layers are (``ModuleValidator.fix``
+    clones the module first, which would untie weights shared across children)."""
+    for name, layer in list(trainable_modules(pl_module)):
+        fixer = ModuleValidator.FIXERS.get(type(layer))
+        if fixer is not None and name:
+            parent_name, _, attr = name.rpartition(".")
+            parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
+            setattr(parent, attr, fixer(layer).to(next(layer.parameters()).device))
+
+
 def check_module(pl_module: nn.Module, fix_module: bool) -> None:
     """Refuse layers that break per-sample gradients (BatchNorm...), listing them; with
-    ``fix_module`` replace them with Opacus's ``ModuleValidator`` fixes first (before the optimizer
-    is built from the parameters)."""
+    ``fix_module`` replace them first (before the optimizer is built from the parameters):
+    ``nn.MultiheadAttention`` with :class:`~lightning_trust.privacy.causal.CausalDPMultiheadAttention`
+    (causal and other masks, weights copied), the rest with Opacus's ``ModuleValidator`` fixes."""
     errors = _module_errors(pl_module)
     if errors and fix_module:
-        for name, child in list(pl_module.named_children()):
-            if _module_errors(child):
-                setattr(pl_module, name, ModuleValidator.fix(child))
+        replace_attention(pl_module)
+        _fix_in_place(pl_module)
         errors = _module_errors(pl_module)
-        rank_zero_info("DifferentialPrivacy: replaced DP-incompatible layers with Opacus's ModuleValidator fixes.")
+        rank_zero_info("DifferentialPrivacy: replaced DP-incompatible layers with DP-compatible equivalents.")
     if errors:
         listing = "\n".join(f"  - {e}" for e in errors)
         raise ValueError(
             f"{type(pl_module).__name__} has layers that break per-sample gradients (DP-SGD):\n{listing}\n"
-            "Set `DifferentialPrivacy(fix_module=True)` to replace them (BatchNorm -> GroupNorm, ...) before the "
-            "optimizer is built, or change the model."
+            "Set `DifferentialPrivacy(fix_module=True)` to replace them (BatchNorm -> GroupNorm, "
+            "MultiheadAttention -> a DP equivalent with the same outputs, ...) before the optimizer is built, "
+            "or change the model."
         )
 
 
