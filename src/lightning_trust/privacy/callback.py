@@ -29,6 +29,7 @@ from lightning_trust.privacy.accounting import epsilon_of, noise_for_epsilon, sa
 from lightning_trust.privacy.attachment import OpacusAttachment
 from lightning_trust.privacy.bookkeeping import choose_mode
 from lightning_trust.privacy.checks import check_arguments, check_trainer
+from lightning_trust.privacy.empty import EmptyBatchStep
 from lightning_trust.privacy.hooks import check_module
 from lightning_trust.privacy.optimizer import default_clip
 from lightning_trust.privacy.outputs import (
@@ -215,6 +216,7 @@ class DifferentialPrivacy(TrustCallback):
         self._noise_planned = False
         norm = self.max_grad_norm if isinstance(self.max_grad_norm, float) else 1.0
         self._opacus = OpacusAttachment(grad_sample_mode, max_grad_norm=norm)
+        self._empty = EmptyBatchStep()  # an empty Poisson draw: the user's step skipped, the noisy step kept
         self._max_total_steps: Optional[int] = None
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._last_seen_steps = 0
@@ -332,15 +334,19 @@ class DifferentialPrivacy(TrustCallback):
                 "(min_epochs / min_steps?). Refusing to exceed the privacy budget; lower min_epochs/min_steps."
             )
         self._opacus.begin_batch(trainer, pl_module)
+        if self.poisson_sampling:
+            self._empty.begin(pl_module, batch)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._empty.fill(self._opacus.optimizer)
         self._opacus.before_optimizer_step()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._empty.end()
         steps = self.steps
         if steps == self._last_seen_steps:
             return
@@ -357,6 +363,7 @@ class DifferentialPrivacy(TrustCallback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._empty.end()
         if self._opacus.active:
             self._opacus.restore(trainer, self)  # leave the user's module and Trainer as they were
 

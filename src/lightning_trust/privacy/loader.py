@@ -22,6 +22,7 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_trust.core.seam import restore_train_loader, swap_train_loader
+from lightning_trust.privacy.empty import EmptyDrawCollate
 from lightning_trust.privacy.samplers import AccumulationSampler, EvenDistributedPoissonSampler, VirtualBatchSampler
 
 __all__ = ["install", "noise_generator", "poisson_loader", "sampling_generator", "training_set", "uninstall"]
@@ -122,6 +123,8 @@ def poisson_loader(
         distributed=world_size > 1,
         **options,
     )
+    # an empty draw (even the first) is the user's batch structure with zero rows, not Opacus's fallback
+    dp_loader.collate_fn = EmptyDrawCollate(loader.collate_fn, dataset)
     batch_sampler: Any = dp_loader.batch_sampler
     if world_size > 1:
         size = dataset_size if dataset_size is not None else len(dataset)  # type: ignore[arg-type]  # map-style
