@@ -29,7 +29,7 @@ def test_writes_three_files_and_json_validates_against_the_shipped_schema(run):
     jsonschema.Draft202012Validator.check_schema(card_schema())
     jsonschema.validate(card, card_schema(), cls=jsonschema.Draft202012Validator)
     jsonschema.validate(run["fit"], card_schema(), cls=jsonschema.Draft202012Validator)
-    assert card["schema_version"] == "1.0"
+    assert card["schema_version"] == "1.1"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**card, "summary": {"met": 1}}, card_schema())
 
@@ -48,7 +48,9 @@ def test_each_standard_appears_with_its_verdict(run):
     assert by_name["robustness.robust_accuracy.fgsm.0.1"]["value"] == 0.7
     assert by_name["model.params"]["status"] == "met"
     assert by_name["metrics.test/acc"]["status"] == "not_measured"  # test has not run after fit
-    assert run["fit"]["summary"] == {"standards": 4, "met": 2, "not_met": 1, "not_measured": 1, "all_met": False}
+    assert run["fit"]["summary"] == {
+        "standards": 4, "met": 2, "not_met": 1, "not_measured": 1, "unknown": 0, "all_met": False,
+    }  # fmt: skip
     after_test = {s["name"]: s for s in run["report"].card["standards"]}
     assert after_test["metrics.test/acc"]["status"] == "met"
     assert after_test["metrics.test/acc"]["value"] == pytest.approx(float(run["trainer"].callback_metrics["test/acc"]))

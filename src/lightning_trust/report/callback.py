@@ -23,7 +23,9 @@ from lightning_trust.report.standards import (
     FACT_SECTIONS,
     UnknownStandardError,
     addressable,
+    close_matches,
     flatten_numbers,
+    metric_stage,
     parse_standards,
     unknown_message,
 )
@@ -51,7 +53,12 @@ class TrustReport(TrustCallback):
         standards: dotted name -> ``{min: x}`` and/or ``{max: y}`` (inclusive), on any number the run
             reports: ``privacy.epsilon``, ``fairness.demographic_parity_difference``,
             ``evaluation.ood_gap.accuracy``, ``compression.speedup``, ``model.params``,
-            ``metrics.val/acc``... A name the run does not report is an error listing the names it does.
+            ``metrics.val/acc``... A name the run does not report is an error listing the names it does
+            and the close ones. A ``metrics.`` name is checked as soon as it could have been logged: one
+            close to a logged name (``val/accc`` beside ``val/acc``) at the end of the sanity check,
+            before training; a validation metric not logged at the end of the first validation; a
+            training metric after the first epoch; the rest when the card is written. A number
+            reported as NaN or null (an undefined fairness difference) never meets a standard.
         fail_on_breach: when a standard is not met (or not measured), set :attr:`exit_code` to 1 so
             ``lightning-trust`` exits non-zero (CI can gate a model on it). The card is written either way.
         title: the card's title; default ``"<Model> on <DataModule>"``.
@@ -124,6 +131,9 @@ class TrustReport(TrustCallback):
         self._example: Any = None
         self._duration_s = 0.0
         self._fit_started: Optional[float] = None
+        self._ran: set[str] = set()  # stages that ran under this report: their metric names are known
+        self._metrics: dict[str, float] = {}  # the last value of every metric logged under this report
+        self._checked: set[str] = set()  # stages whose metric standards were checked against the logged names
 
     # ------------------------------------------------------------------------------ hooks
     @staticmethod
@@ -157,6 +167,46 @@ class TrustReport(TrustCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_clock()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_logged(trainer, "validation", complete=not trainer.sanity_checking)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "train" in self._ran:  # a whole epoch has logged its training metrics
+            self._check_logged(trainer, "train", complete=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ran.add("train")
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ran.add("test")
+
+    def _check_logged(self, trainer: pl.Trainer, stage: str, complete: bool) -> None:
+        """Fail on ``metrics.`` standards the logged names rule out once ``stage`` has logged: a name
+        close to a logged one, and (``complete``: a whole validation or training epoch logged) a name
+        of ``stage`` that was not logged."""
+        if stage in self._checked:
+            return
+        logged = sorted(str(k) for k in trainer.callback_metrics)
+        unknown = []
+        for standard in self.standards:
+            name = standard.name.split(".", 1)[1] if standard.section == "metrics" else None
+            if name is None or name in logged or metric_stage(name) not in (stage, None):
+                continue
+            if close_matches(name, logged) or (complete and metric_stage(name) == stage):
+                unknown.append(standard.name)
+        if unknown:
+            raise UnknownStandardError(
+                f"TrustReport (after {'the sanity check' if trainer.sanity_checking else stage}, before the card): "
+                + unknown_message(unknown, [f"metrics.{n}" for n in logged])
+            )
+        if complete:
+            self._checked.add(stage)
+            self._ran.add(stage)
 
     @override
     def on_train_batch_start(
@@ -207,6 +257,8 @@ class TrustReport(TrustCallback):
         datamodule = getattr(trainer, "datamodule", None)
         contract = self._contract or BatchContract.resolve(self.batch_keys, trainer)
         sections, figure_paths = split_figures(collect_reports(trainer))
+        # a test after fit resets callback_metrics: the card keeps the fit's last values beside the test's
+        self._metrics = dict(sorted({**self._metrics, **facts.final_metrics(trainer)}.items()))
         model = facts.model_facts(pl_module, trainer, self._example)
         title = self.title or (
             f"{type(pl_module).__name__} on {type(datamodule).__name__}"
@@ -221,10 +273,11 @@ class TrustReport(TrustCallback):
                 datamodule, trainer, contract, self.sensitive_features, self.domain_key, self.max_data_samples
             ),
             training=facts.training_facts(trainer, self._duration_s, facts.run_config(trainer, pl_module, datamodule)),
-            metrics=facts.final_metrics(trainer),
+            metrics=self._metrics,
             sections=sections,
             figures=embed_figures(figure_paths),
             standards=self.standards,
+            ran_stages=self._ran | {_STAGE_OF.get(stage, stage)},
         )
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Any]:
@@ -248,7 +301,7 @@ class TrustReport(TrustCallback):
         if unknown:
             raise UnknownStandardError(
                 f"TrustReport (card written to {directory}): "
-                + unknown_message(unknown, flatten_numbers(addressable(card)))
+                + unknown_message(unknown, flatten_numbers(addressable(card), nulls=True))
             )
         return card
 
@@ -263,6 +316,10 @@ class TrustReport(TrustCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._duration_s = float(state_dict.get("duration_s", 0.0))
+
+
+#: The stage whose metrics a Trainer stage logs (fit: training, and validation once one ran).
+_STAGE_OF = {"fit": "train", "validate": "validation", "test": "test"}
 
 
 @rank_zero_only

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 
 from lightning_trust.core.protocol import FIGURES_KEY
 from lightning_trust.core.tensors import to_jsonable
+from lightning_trust.report.figures import caption, expand_figures, media_type, pixel_size
 from lightning_trust.report.render_html import render_html
 from lightning_trust.report.render_markdown import render_markdown
 from lightning_trust.report.standards import (
@@ -21,10 +22,11 @@ from lightning_trust.report.standards import (
     addressable,
     flatten_numbers,
     judge,
+    missing_metric_status,
     summarize,
 )
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_FILE = "model_card.schema.json"
 CARD_STEM = "model_card"
 FIGURES_DIR = "model_card_figures"
@@ -43,27 +45,37 @@ def validate_card(card: Mapping[str, Any]) -> None:
 
 
 def split_figures(sections: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, Path]]]:
-    """Sections without their ``figures`` entries, and ``(section, name, path)`` of every figure."""
+    """Sections without their ``figures`` entries, and ``(section, name, path)`` of every figure
+    (a list of paths under one name gives ``name.0``, ``name.1``...)."""
     clean: dict[str, Any] = {}
     figures: list[tuple[str, str, Path]] = []
     for section, report in sections.items():
         report = dict(report or {})
-        for name, path in (report.pop(FIGURES_KEY, None) or {}).items():
-            figures.append((section, str(name), Path(path)))
+        for name, path in expand_figures(report.pop(FIGURES_KEY, None) or {}):
+            figures.append((section, name, path))
         clean[section if section not in FACT_SECTIONS else f"{section}_section"] = to_jsonable(report, strict=True)
     return clean, figures
 
 
 def embed_figures(figures: list[tuple[str, str, Path]]) -> list[dict[str, Any]]:
-    """Card entries for the figures: base64 PNG data (``None`` when the file is missing)."""
+    """Card entries for the figures: the file base64 (``None`` when missing or not a PNG, SVG or
+    HTML file), its media type, pixel size (PNG) and caption."""
     entries = []
     for section, name, path in figures:
-        data = base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else None
+        raw = path.read_bytes() if path.is_file() else None
+        kind = media_type(raw, path) if raw is not None else None
+        suffix = {"image/png": ".png", "image/svg+xml": ".svg", "text/html": ".html"}.get(kind or "", ".png")
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{section}_{name}")
-        entries.append({
+        entry: dict[str, Any] = {
             "key": f"{section}.{name}", "section": section, "name": name,
-            "file": f"{FIGURES_DIR}/{safe}.png", "media_type": "image/png", "data": data,
-        })  # fmt: skip
+            "file": f"{FIGURES_DIR}/{safe}{suffix}", "media_type": kind or "image/png",
+            "data": base64.b64encode(raw).decode("ascii") if raw is not None and kind else None,
+            "caption": caption(section, name),
+        }  # fmt: skip
+        size = pixel_size(raw)
+        if size is not None:
+            entry["width"], entry["height"] = size
+        entries.append(entry)
     return entries
 
 
@@ -74,17 +86,19 @@ def assemble_card(
     model: dict[str, Any],
     data: dict[str, Any],
     training: dict[str, Any],
-    metrics: dict[str, float],
+    metrics: Mapping[str, Optional[float]],
     sections: dict[str, Any],
     figures: list[dict[str, Any]],
     standards: list[Standard],
     created: Optional[str] = None,
+    ran_stages: Iterable[str] = ("train", "validation"),
 ) -> tuple[dict[str, Any], list[str]]:
     """The card dict (JSON round-tripped, as a reader of the file sees it) and the unknown standard names.
 
-    A standard whose number is absent is ``not_measured`` when it is a metric this stage did not log
-    (a ``metrics.test/...`` standard after ``fit``, ``metrics.val/...`` in a test-only run); any other
-    absent name is returned as unknown.
+    A metric logged as NaN is in the card as ``null`` (a standard on it is not met). A standard on a
+    name the card does not hold is ``not_measured`` when it is a metric that can still be logged (a
+    ``metrics.test/...`` standard after ``fit``: :func:`~lightning_trust.report.standards.missing_metric_status`
+    with the stages that ran, ``ran_stages``); every other absent name is ``unknown`` and returned.
     """
     from lightning_trust import __version__
 
@@ -97,18 +111,23 @@ def assemble_card(
         "model": to_jsonable(model, strict=True),
         "data": data,
         "training": to_jsonable(training, strict=True),
-        "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+        "metrics": {k: v if v is not None and math.isfinite(v) else None for k, v in metrics.items()},
         "sections": sections,
         "figures": figures,
         "standards": [],
         "summary": {},
     }
-    numbers = flatten_numbers(addressable(card))
-    entries = [judge(s, numbers) for s in standards]
-    unknown = [e["name"] for e in entries if e["status"] == "not_measured" and not e["name"].startswith("metrics.")]
+    numbers = flatten_numbers(addressable(card), nulls=True)
+    ran = set(ran_stages)
+    entries = []
+    for s in standards:
+        missing = "unknown"
+        if s.section == "metrics":
+            missing = missing_metric_status(s.name.split(".", 1)[1], card["metrics"], ran)
+        entries.append(judge(s, numbers, missing))
     card["standards"] = entries
     card["summary"] = summarize(entries)
-    return json.loads(json.dumps(card)), unknown
+    return json.loads(json.dumps(card)), [e["name"] for e in entries if e["status"] == "unknown"]
 
 
 def write_card(card: Mapping[str, Any], directory: Union[str, Path]) -> dict[str, Path]:

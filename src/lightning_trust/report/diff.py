@@ -20,8 +20,8 @@ __all__ = ["diff_cards", "render_diff_markdown"]
 
 def diff_cards(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
     """Numbers and verdicts that differ between two cards (``after`` minus ``before``)."""
-    a = flatten_numbers(addressable(before))
-    b = flatten_numbers(addressable(after))
+    a = _numbers(before)
+    b = _numbers(after)
     changed = [
         {"name": k, "before": a[k], "after": b[k], "delta": b[k] - a[k]}
         for k in sorted(set(a) & set(b))
@@ -44,6 +44,15 @@ def diff_cards(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str,
     }  # fmt: skip
 
 
+def _numbers(card: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in flatten_numbers(addressable(card)).items() if v is not None}
+
+
+def _signed(delta: float) -> str:
+    """A change as the card writes numbers (:func:`format_number`), with its sign."""
+    return ("+" if delta >= 0 else "-") + format_number(abs(delta))
+
+
 def render_diff_markdown(diff: Mapping[str, Any], before_label: str = "before", after_label: str = "after") -> str:
     """The diff as Markdown: verdict changes first, then every changed number."""
     out = [f"# Model card diff: {before_label} -> {after_label}", ""]
@@ -63,7 +72,7 @@ def render_diff_markdown(diff: Mapping[str, Any], before_label: str = "before", 
     if diff["changed"]:
         out += md_table(
             ["Name", before_label, after_label, "Delta"],
-            [[f"`{c['name']}`", format_number(c["before"]), format_number(c["after"]), f"{c['delta']:+.4g}"] for c in diff["changed"]],
+            [[f"`{c['name']}`", format_number(c["before"]), format_number(c["after"]), _signed(c["delta"])] for c in diff["changed"]],
         )  # fmt: skip
     else:
         out.append("None.")

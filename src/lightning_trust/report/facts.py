@@ -24,6 +24,7 @@ from lightning_trust.core.batch import DEFAULT_INPUT_KEYS, DEFAULT_TARGET_KEYS, 
 from lightning_trust.core.loaders import first_loader, split_loaders
 from lightning_trust.core.macs import count_macs
 from lightning_trust.core.passes import unwrap_module
+from lightning_trust.core.seam_r1 import trained_epoch
 from lightning_trust.core.tensors import first_tensor, to_jsonable
 
 __all__ = [
@@ -192,10 +193,14 @@ def _groups(
 
 
 def training_facts(trainer: Any, duration_s: float, config: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """Epochs, steps, time, seed, hardware, package versions and the configuration of the run."""
+    """Epochs, steps, time, seed, hardware, package versions and the configuration of the run.
+
+    ``epochs`` counts the epochs completed; ``final_epoch`` is the index of the last one trained, the
+    epoch every section's ``epoch`` names (:func:`~lightning_trust.core.seam_r1.trained_epoch`)."""
     seed = os.environ.get("PL_GLOBAL_SEED")
     return {
         "epochs": int(trainer.current_epoch),
+        "final_epoch": trained_epoch(trainer),
         "global_steps": int(trainer.global_step),
         "duration_s": round(float(duration_s), 3),
         "seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else None,
@@ -253,7 +258,7 @@ def run_config(trainer: Any, module: nn.Module, datamodule: Any) -> Optional[dic
 
 
 def final_metrics(trainer: Any) -> dict[str, float]:
-    """Scalar ``trainer.callback_metrics`` as plain floats, sorted by name."""
+    """Scalar ``trainer.callback_metrics`` as plain floats (NaN kept: the card writes it as null), sorted by name."""
     metrics = {}
     for name, value in trainer.callback_metrics.items():
         if isinstance(value, Tensor) and value.numel() == 1:

@@ -4,6 +4,7 @@ as base64 PNG, no scripts, no network.
 
 from __future__ import annotations
 
+import base64
 import html
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -13,6 +14,7 @@ from lightning_trust.report.rows import (
     balance_text,
     config_text,
     fact_rows,
+    figure_caption,
     figures_by_section,
     groups_text,
     requirement_text,
@@ -49,11 +51,16 @@ td.num{font-variant-numeric:tabular-nums;text-align:right;white-space:nowrap}
 code{font:12.5px ui-monospace,SFMono-Regular,Menlo,monospace;background:var(--bg);padding:1px 4px;border-radius:4px}
 .pill{display:inline-block;border-radius:999px;padding:1px 10px;font-weight:600;font-size:12.5px;color:#fff}
 .pill.met{background:var(--ok)}.pill.not_met{background:var(--bad)}.pill.not_measured{background:var(--warn)}
-tr.not_met td{background:#ffebe9}
+.pill.unknown{background:var(--bad)}
+tr.not_met td,tr.unknown td{background:#ffebe9}
 .figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:14px;margin-top:10px}
-figure{margin:0;border:1px solid var(--line);border-radius:8px;padding:8px;background:#fff}
-figure img{width:100%;height:auto;display:block}
-figcaption{color:var(--muted);font-size:12.5px;margin-top:4px}
+figure{margin:0;border:1px solid var(--line);border-radius:8px;padding:8px;background:#fff;min-width:0}
+figure.wide{grid-column:1/-1}
+.shot{overflow-x:auto}
+figure img{display:block;max-width:none;height:auto}
+figure iframe{display:block;width:100%;height:320px;border:0;background:#fff}
+figcaption{color:var(--ink);font-size:13px;margin-top:6px}
+figcaption code{font-size:11.5px;color:var(--muted)}
 .grid2{display:grid;grid-template-columns:1fr 1fr;gap:18px}
 .grid2 td:first-child{white-space:nowrap}
 .scroll{max-height:420px;overflow:auto}
@@ -96,7 +103,7 @@ def render_html(card: Mapping[str, Any]) -> str:
     elif summary["all_met"]:
         badge = f'<div class="badge ok">All {summary["standards"]} standards met<small>{_e(card["stage"])} run</small></div>'
     else:
-        missed = summary["not_met"] + summary["not_measured"]
+        missed = summary["standards"] - summary["met"]
         badge = (
             f'<div class="badge bad">{missed} of {summary["standards"]} standards not met'
             f"<small>{summary['met']} met</small></div>"
@@ -116,7 +123,7 @@ def render_html(card: Mapping[str, Any]) -> str:
     if card["standards"]:
         parts.append(f"<p>{_e(summary_line(card))}</p>")
         rows = [
-            [f"<code>{_e(s['name'])}</code>", _e(requirement_text(s)), f'<span class="num">{_e(format_number(s["value"], precise=True))}</span>',
+            [f"<code>{_e(s['name'])}</code>", _e(requirement_text(s)), f'<span class="num">{_e(format_number(s["value"]))}</span>',
              f'<span class="pill {s["status"]}">{_e(VERDICT[s["status"]])}</span>']
             for s in card["standards"]
         ]  # fmt: skip
@@ -156,27 +163,21 @@ def render_html(card: Mapping[str, Any]) -> str:
     figures = figures_by_section(card)
     for name, section in card["sections"].items():
         parts.append(f'<section id="section-{_e(name)}"><h2>{_e(section_title(name))}</h2>')
-        gallery = ""
-        for figure in figures.get(name, []):
-            if figure["data"]:
-                gallery += (
-                    f'<figure><img class="card-figure" data-key="{_e(figure["key"])}" alt="{_e(figure["key"])}" '
-                    f'src="data:{figure["media_type"]};base64,{figure["data"]}"><figcaption>{_e(figure["key"])}'
-                    "</figcaption></figure>"
-                )
-            else:
-                gallery += f"<figure><figcaption>figure {_e(figure['key'])} was missing</figcaption></figure>"
+        gallery = "".join(_html_figure(figure) for figure in figures.get(name, []))
+        wide = any(_is_wide(f) for f in figures.get(name, []))
         headline = [
             [f"<code>{_e(name)}.{_e(k)}</code>", _e(value_text(v))]
             for k, v in section.items() if not isinstance(v, (Mapping, list, tuple))
         ][:_HEADLINE_ROWS]  # fmt: skip
         numbers = _html_table(["", ""], headline, raw=True) if headline else ""
-        if gallery and numbers:
+        if gallery and numbers and not wide:
             parts.append(
                 f'<div class="evidence"><div class="figures">{gallery}</div><div class="headline">{numbers}</div></div>'
             )
         elif gallery:
-            parts.append(f'<div class="figures">{gallery}</div>')
+            parts.append(
+                f'<div class="figures">{gallery}</div>' + (f'<div class="headline">{numbers}</div>' if numbers else "")
+            )
         elif numbers:
             parts.append(f'<div class="headline">{numbers}</div>')
         value_rows, tables = section_rows(section, name)
@@ -199,6 +200,37 @@ def render_html(card: Mapping[str, Any]) -> str:
         )
     parts.append("</section></main></body></html>")
     return "\n".join(parts) + "\n"
+
+
+#: A picture wider than this (pixels) takes a whole row, and its section puts the numbers below it.
+_WIDE_PX = 560
+
+
+def _is_wide(figure: Mapping[str, Any]) -> bool:
+    return figure["media_type"] == "text/html" or int(figure.get("width") or 0) > _WIDE_PX
+
+
+def _html_figure(figure: Mapping[str, Any]) -> str:
+    """One figure with its caption: a picture at no less than its pixel size (its text stays as
+    large as drawn; a wide one scrolls sideways), an HTML page (coloured tokens) in a sandboxed frame."""
+    key, text = _e(figure["key"]), _e(figure_caption(figure))
+    cls = ' class="wide"' if _is_wide(figure) else ""
+    caption = f"<figcaption>{text} <code>{key}</code></figcaption>"
+    if not figure["data"]:
+        return f"<figure{cls}><figcaption>figure <code>{key}</code> was missing or not a PNG, SVG or HTML file</figcaption></figure>"
+    if figure["media_type"] == "text/html":
+        page = base64.b64decode(figure["data"]).decode("utf-8", errors="replace")
+        return (
+            f'<figure{cls}><iframe class="card-page" data-key="{key}" title="{text}" sandbox="" '
+            f'srcdoc="{_e(page)}"></iframe>{caption}</figure>'
+        )
+    size = ""
+    if figure.get("width") and figure.get("height"):
+        size = f' width="{int(figure["width"])}" height="{int(figure["height"])}"'
+    return (
+        f'<figure{cls}><div class="shot"><img class="card-figure" data-key="{key}" alt="{text}"{size} '
+        f'src="data:{figure["media_type"]};base64,{figure["data"]}"></div>{caption}</figure>'
+    )
 
 
 def _html_data(data: Mapping[str, Any]) -> str:

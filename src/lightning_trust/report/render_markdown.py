@@ -15,6 +15,7 @@ from lightning_trust.report.rows import (
     balance_text,
     config_text,
     fact_rows,
+    figure_caption,
     figures_by_section,
     groups_text,
     requirement_text,
@@ -27,7 +28,7 @@ from lightning_trust.report.standards import format_number
 
 __all__ = ["md_table", "render_markdown"]
 
-_MD_MARK = {"met": "✅", "not_met": "❌", "not_measured": "⚠️"}
+_MD_MARK = {"met": "✅", "not_met": "❌", "not_measured": "⚠️", "unknown": "❓"}
 
 
 def _md_cell(text: str) -> str:
@@ -56,7 +57,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         out += [f"**{verdict}** {summary_line(card)}", ""]
         out += md_table(
             ["Standard", "Required", "Measured", "Verdict"],
-            [[f"`{s['name']}`", requirement_text(s), format_number(s["value"], precise=True), f"{_MD_MARK[s['status']]} {VERDICT[s['status']]}"]
+            [[f"`{s['name']}`", requirement_text(s), format_number(s["value"]), f"{_MD_MARK[s['status']]} {VERDICT[s['status']]}"]
              for s in card["standards"]],
         )  # fmt: skip
     else:
@@ -87,17 +88,22 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             if total > len(body):
                 out += [f"({total - len(body)} more rows in model_card.json.)", ""]
         for figure in figures.get(name, []):
-            out += [
-                f"![{figure['key']}]({figure['file']})"
-                if figure["data"]
-                else f"(figure `{figure['key']}` was missing)",
-                "",
-            ]
+            out += _md_figure(figure)
     out += ["## Packages", ""]
     out += md_table(["Package", "Version"], [[k, v] for k, v in card["training"]["packages"].items()]) + [""]
     if card["training"].get("config"):
         out += ["## Configuration", "", "```yaml", config_text(card["training"]["config"]), "```", ""]
     return "\n".join(out)
+
+
+def _md_figure(figure: Mapping[str, Any]) -> list[str]:
+    """A picture inline, an HTML page (coloured tokens) as a link; its caption below in italics."""
+    text = figure_caption(figure)
+    if not figure["data"]:
+        return [f"(figure `{figure['key']}` was missing or not a PNG, SVG or HTML file)", ""]
+    if figure["media_type"] == "text/html":
+        return [f"*{text}* (`{figure['key']}`): [open the page]({figure['file']})", ""]
+    return [f"![{figure['key']}]({figure['file']})", "", f"*{text}* (`{figure['key']}`)", ""]
 
 
 def _md_data(data: Mapping[str, Any]) -> list[str]:

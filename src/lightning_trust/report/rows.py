@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from lightning_trust.report.figures import caption
 from lightning_trust.report.standards import format_number
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "balance_text",
     "config_text",
     "fact_rows",
+    "figure_caption",
     "figures_by_section",
     "groups_text",
     "requirement_text",
@@ -32,7 +34,7 @@ __all__ = [
     "value_text",
 ]
 
-VERDICT = {"met": "met", "not_met": "NOT MET", "not_measured": "not measured"}
+VERDICT = {"met": "met", "not_met": "NOT MET", "not_measured": "not measured", "unknown": "unknown name"}
 _TABLE_ROWS = 25  # rows of a list-of-records sub-table before "... more in the JSON"
 _INLINE_LIST = 12  # scalars of a list written inline
 
@@ -93,21 +95,22 @@ def section_rows(
 
 
 def _size(num_bytes: Optional[int]) -> str:
+    """Bytes as the card's number (the text a standard on ``model.size_bytes`` shows), then in KiB/MiB."""
     if num_bytes is None:
         return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num_bytes < 1024 or unit == "GiB":
-            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes} B"
-        num_bytes /= 1024  # type: ignore[assignment]
-    return f"{num_bytes} B"  # pragma: no cover
+    text = f"{format_number(num_bytes)} B"
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if num_bytes >= scale:
+            return f"{text} ({num_bytes / scale:.1f} {unit})"
+    return text
 
 
 def _duration(seconds: Any) -> str:
+    """Seconds as the card's number (the text a standard on ``training.duration_s`` shows)."""
     if not isinstance(seconds, (int, float)):
         return "n/a"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+    text = f"{format_number(seconds)} s"
+    return text if seconds < 120 else f"{text} ({int(seconds // 60)} min {seconds % 60:.0f} s)"
 
 
 def groups_text(counts: Mapping[str, int]) -> str:
@@ -119,7 +122,7 @@ def balance_text(split: Mapping[str, Any]) -> str:
     balance = split.get("class_balance")
     if not balance:
         return "n/a"
-    return ", ".join(f"{name}: {100 * share:.1f}%" for name, share in balance.items())
+    return ", ".join(f"{name}: {format_number(share)}" for name, share in balance.items())
 
 
 def summary_line(card: Mapping[str, Any]) -> str:
@@ -130,10 +133,13 @@ def summary_line(card: Mapping[str, Any]) -> str:
     text = f"{summary['met']} of {summary['standards']} standards met"
     failed = [s["name"] for s in card["standards"] if s["status"] == "not_met"]
     missing = [s["name"] for s in card["standards"] if s["status"] == "not_measured"]
+    unknown = [s["name"] for s in card["standards"] if s["status"] == "unknown"]
     if failed:
         text += f"; {len(failed)} not met: {', '.join(failed)}"
     if missing:
         text += f"; {len(missing)} not measured: {', '.join(missing)}"
+    if unknown:
+        text += f"; {len(unknown)} unknown (names the run does not report): {', '.join(unknown)}"
     return text + "."
 
 
@@ -146,7 +152,7 @@ def standards_summary(card: Mapping[str, Any], path: Optional[str] = None) -> st
     width = max((len(s["name"]) for s in card["standards"]), default=0)
     for s in card["standards"]:
         lines.append(
-            f"  [{VERDICT[s['status']]:^12}] {s['name']:<{width}} = {format_number(s['value'], precise=True)}  (required {requirement_text(s)})"
+            f"  [{VERDICT[s['status']]:^12}] {s['name']:<{width}} = {format_number(s['value'])}  (required {requirement_text(s)})"
         )
     return "\n".join(lines)
 
@@ -183,7 +189,7 @@ def fact_rows(card: Mapping[str, Any]) -> dict[str, list[tuple[str, str]]]:
             ("Input shape", " x ".join(map(str, shape)) if shape else "n/a"),
         ],
         "Training": [
-            ("Epochs", format_number(training["epochs"])),
+            ("Epochs", _epochs_text(training)),
             ("Optimizer steps", format_number(training["global_steps"])),
             ("Training time", _duration(training["duration_s"])),
             ("Seed", format_number(training["seed"])),
@@ -209,6 +215,17 @@ def config_text(config: Any) -> str:
     import yaml
 
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip("\n")
+
+
+def _epochs_text(training: Mapping[str, Any]) -> str:
+    text = format_number(training["epochs"])
+    final = training.get("final_epoch")
+    return text if final is None or not training["epochs"] else f"{text} (final epoch {format_number(final)})"
+
+
+def figure_caption(figure: Mapping[str, Any]) -> str:
+    """The caption of a card figure (cards before schema 1.1 carry none: made from the name)."""
+    return str(figure.get("caption") or caption(figure["section"], figure["name"]))
 
 
 def figures_by_section(card: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:

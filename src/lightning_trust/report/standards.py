@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -24,6 +25,13 @@ FACT_SECTIONS: tuple[str, ...] = ("model", "data", "training", "metrics")
 #: Facts left out of the addressable names (configuration and versions are not measurements).
 _NOT_ADDRESSABLE: tuple[str, ...] = ("training.config", "training.packages", "model.hyperparameters")
 _BOUNDS = ("min", "max")
+#: A standard's verdicts: ``unknown`` names a number the run does not report (the run raises).
+STATUSES: tuple[str, ...] = ("met", "not_met", "not_measured", "unknown")
+_STAGE_WORDS = {
+    "train": "train", "training": "train", "val": "validation", "valid": "validation",
+    "validation": "validation", "test": "test", "testing": "test",
+}  # fmt: skip
+_CLOSE = 0.8
 
 
 class UnknownStandardError(ValueError):
@@ -93,12 +101,13 @@ def addressable(card: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Every number (not bool) in ``tree`` by dotted name; list items by index.
+def flatten_numbers(tree: Mapping[str, Any], prefix: str = "", nulls: bool = False) -> dict[str, Optional[float]]:
+    """Every number (not bool) in ``tree`` by dotted name; list items by index. ``nulls``: also the
+    names reported without a value (``None``: NaN in strict JSON, or not computed).
 
     Keys are joined, never split, so keys that contain dots (``"0.1"``) stay addressable.
     """
-    out: dict[str, float] = {}
+    out: dict[str, Optional[float]] = {}
 
     def walk(value: Any, name: str) -> None:
         if name in _NOT_ADDRESSABLE:
@@ -111,49 +120,93 @@ def flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
                 walk(item, f"{name}.{index}")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = value
+        elif value is None and nulls and name:
+            out[name] = None
 
     walk(tree, prefix)
     return out
 
 
-def judge(standard: Standard, numbers: Mapping[str, float]) -> dict[str, Any]:
-    """The card entry of one standard: its bounds, the measured value and the verdict."""
-    value = numbers.get(standard.name)
+def metric_stage(name: str) -> Optional[str]:
+    """The stage a logged metric name belongs to, from its first or last word: ``val/acc`` ->
+    ``"validation"``, ``train_loss`` -> ``"train"``, ``acc_test`` -> ``"test"``; ``None`` when neither says."""
+    words = [w for w in re.split(r"[/_.\-]", name.lower()) if w]
+    for word in (words[:1] + words[-1:]) if words else []:
+        if word in _STAGE_WORDS:
+            return _STAGE_WORDS[word]
+    return None
+
+
+def close_matches(name: str, available: Iterable[str]) -> list[str]:
+    """Up to three names of ``available`` close to ``name`` (difflib, ratio >= 0.8)."""
+    return difflib.get_close_matches(name, sorted(available), n=3, cutoff=_CLOSE)
+
+
+def missing_metric_status(name: str, logged: Iterable[str], ran: Iterable[str]) -> str:
+    """``"not_measured"`` or ``"unknown"`` for a ``metrics.<name>`` standard the run has not logged.
+
+    Not measured only while it can still be logged: its stage (:func:`metric_stage`) has not run
+    (a ``test/acc`` after ``fit``), or, for a name of no stage, no test has run and no logged name is
+    close to it. A name close to a logged one (``val/accc`` beside ``val/acc``), or of a stage that
+    has run, is unknown.
+    """
+    stage, ran = metric_stage(name), set(ran)
+    if stage is not None:
+        return "unknown" if stage in ran else "not_measured"
+    if close_matches(name, logged) or "test" in ran:
+        return "unknown"
+    return "not_measured"
+
+
+def judge(standard: Standard, numbers: Mapping[str, Optional[float]], missing: str = "not_measured") -> dict[str, Any]:
+    """The card entry of one standard: its bounds, the measured value and the verdict.
+
+    A name reported without a value (``None``, NaN) is ``not_met``: a number that could not be
+    measured never meets a standard. An absent name gets the status ``missing``.
+    """
     entry: dict[str, Any] = {"name": standard.name, "min": standard.min, "max": standard.max, "value": None}
-    if value is None:
-        entry["status"] = "not_measured"
+    if standard.name not in numbers:
+        entry["status"] = missing
+        return entry
+    value = numbers[standard.name]
+    if value is None or not math.isfinite(float(value)):
+        entry["status"] = "not_met"
+        entry["reason"] = "no value (undefined, NaN or not computed)"
         return entry
     value = float(value)
-    ok = not math.isnan(value)
-    ok = ok and (standard.min is None or value >= standard.min) and (standard.max is None or value <= standard.max)
-    entry["value"] = value if math.isfinite(value) else None
+    ok = (standard.min is None or value >= standard.min) and (standard.max is None or value <= standard.max)
+    entry["value"] = value
     entry["status"] = "met" if ok else "not_met"
     return entry
 
 
-def unknown_message(names: list[str], numbers: Mapping[str, float]) -> str:
+def unknown_message(names: list[str], numbers: Iterable[str]) -> str:
     """Error text for standards on names the run does not report: close matches, then every name."""
     available = sorted(numbers)
     lines = []
     for name in names:
-        close = difflib.get_close_matches(name, available, n=3, cutoff=0.8)
+        section, _, tail = name.partition(".")
+        same = [a[len(section) + 1 :] for a in available if a.startswith(f"{section}.")]
+        # within the same section, on what follows it: a shared "metrics." is no likeness
+        close = [f"{section}.{c}" for c in close_matches(tail, same)] if same else close_matches(name, available)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         lines.append(f"  {name}{hint}")
     return (
         "These standards name numbers the run does not report:\n"
         + "\n".join(lines)
-        + f"\nThe run reports these {len(available)} names:\n  "
+        + f"\nFix the names. The run reports these {len(available)} names:\n  "
         + "\n  ".join(available)
     )
 
 
 def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    counts = {status: sum(e["status"] == status for e in entries) for status in ("met", "not_met", "not_measured")}
+    counts = {status: sum(e["status"] == status for e in entries) for status in STATUSES}
     return {"standards": len(entries), **counts, "all_met": counts["met"] == len(entries)}
 
 
-def format_number(value: Any, precise: bool = False) -> str:
-    """Compact, stable text for a number in the card (same input, same text); ``precise``: 6 digits."""
+def format_number(value: Any) -> str:
+    """The one text of a number in the card, in every table and rendering (same input, same text):
+    integers with thousands separators, other floats to 6 significant digits."""
     if value is None:
         return "n/a"
     if isinstance(value, bool):
@@ -166,7 +219,7 @@ def format_number(value: Any, precise: bool = False) -> str:
         if value == int(value) and abs(value) < 1e15:
             whole = int(value)
             return f"{whole:,}" if abs(whole) >= 1000 else str(whole)
-        if abs(value) >= 10000:
+        if abs(value) >= 1e5:
             return f"{value:,.1f}"
-        return f"{value:.6g}" if precise else f"{value:.4g}"
+        return f"{value:,.6g}"
     return str(value)
