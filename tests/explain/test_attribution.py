@@ -163,7 +163,7 @@ def test_feature_importance_ranks_the_features_that_matter_first():
     dm = Synthetic()
     torch.manual_seed(0)
     model = TabularMLP(input_dim=8, hidden_dims=[16], lr=0.02)
-    cb = Attribution(num_samples=64, infidelity_samples=0, sensitivity_samples=0, figures="never")
+    cb = Attribution(num_samples=64, infidelity_samples=0, sensitivity_samples=0, figures="never", max_overhead=None)
     trainer(max_epochs=3, callbacks=[cb]).fit(model, dm)
     top = cb.report()["top_features"]
     assert {top[0]["feature"], top[1]["feature"]} == {"f0", "f3"}
@@ -265,7 +265,7 @@ def test_every_n_epochs_and_standalone_validate():
     dm = Synthetic(n=512)
     torch.manual_seed(0)
     model = TabularMLP(input_dim=8, hidden_dims=[8])
-    cb = _fast(num_samples=8, every_n_epochs=2, figures="never")
+    cb = _fast(num_samples=8, every_n_epochs=2, figures="never", max_overhead=None)
     t = trainer(max_epochs=4, callbacks=[cb])
     t.fit(model, dm)
     assert [h["epoch"] for h in cb.history] == [1, 3]

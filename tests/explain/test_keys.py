@@ -29,7 +29,9 @@ def _logged(log_dir, prefix):
 
 def test_declared_keys_match_a_real_run(tmp_path):
     torch.manual_seed(0)
-    attribution = Attribution(num_samples=16, infidelity_samples=2, sensitivity_samples=2, figures="every", top_k=3)
+    attribution = Attribution(
+        num_samples=16, infidelity_samples=2, sensitivity_samples=2, figures="every", top_k=3, max_overhead=None
+    )
     robust = AdversarialRobustness(epsilons=[0.0, 3.0], num_samples=32, pgd_steps=2, min_perturbation=True,
                                    min_perturbation_samples=2)  # fmt: skip
     logger = CSVLogger(tmp_path, name="csv")

@@ -31,7 +31,9 @@ def _fit_synthetic(callbacks, dp=None, epochs=2):
 
 def _explainers():
     return [
-        Attribution(method="integrated_gradients", num_samples=16, sensitivity_samples=2, figures="never"),
+        Attribution(
+            method="integrated_gradients", num_samples=16, sensitivity_samples=2, figures="never", max_overhead=None
+        ),
         AdversarialRobustness(epsilons=[0.0, 0.3], num_samples=32, pgd_steps=3, random_start=True),
     ]
 
@@ -71,7 +73,9 @@ def test_with_differential_privacy_training_matches_a_dp_run_without_attribution
 def test_files_and_logger_entries(tmp_path, digits):
     dm = DigitsSubset(digits, n_train=256, n_val=64)
     torch.manual_seed(0)
-    attribution = Attribution(num_samples=8, method_kwargs={"n_steps": 8}, sensitivity_samples=2, num_heatmaps=8)
+    attribution = Attribution(
+        num_samples=8, method_kwargs={"n_steps": 8}, sensitivity_samples=2, num_heatmaps=8, max_overhead=None
+    )
     robust = AdversarialRobustness(epsilons=[0.0, 0.1], num_samples=32, pgd_steps=2, input_range=[0.0, 1.0])
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
     trainer(max_epochs=2, logger=loggers, callbacks=[attribution, robust]).fit(SmallCNN(channels=[4, 8]), dm)
@@ -211,7 +215,7 @@ def test_ddp_two_processes_complete_with_attribution(tmp_path):
                 return DataLoader(Subset(self.val_dataset, range(96)), batch_size=32)
 
         pl.seed_everything(0)
-        attribution = Attribution(num_samples=8, method_kwargs={"n_steps": 8}, sensitivity_samples=2)
+        attribution = Attribution(num_samples=8, method_kwargs={"n_steps": 8}, sensitivity_samples=2, max_overhead=None)
         robust = AdversarialRobustness(epsilons=[0.0, 0.1], num_samples=32, pgd_steps=2)
         trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, enable_checkpointing=False,
                              callbacks=[attribution, robust],
@@ -238,7 +242,9 @@ def test_works_on_pruned_and_fake_quantized_models(digits):
     from lightning_trust.compression import ProgressivePruning, QuantizationAwareTraining
 
     for compression in (ProgressivePruning(), QuantizationAwareTraining(measure_latency=False, compile=False)):
-        attribution = Attribution(num_samples=8, method_kwargs={"n_steps": 16}, sensitivity_samples=2, figures="never")
+        attribution = Attribution(
+            num_samples=8, method_kwargs={"n_steps": 16}, sensitivity_samples=2, figures="never", max_overhead=None
+        )
         robust = AdversarialRobustness(epsilons=[0.0, 0.1], num_samples=32, pgd_steps=2)
         torch.manual_seed(0)
         model = SmallCNN(channels=[8, 16])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+from lightning_trust.core.budget import check_max_overhead
 from lightning_trust.explain.methods import BASELINES, METHODS, split_options
 
 __all__ = ["check_attribution_arguments"]
@@ -38,13 +39,16 @@ def check_attribution_arguments(
     num_baselines: int = 16,
     figures: str = "end",
     sensitivity_at: str = "end",
+    input: Optional[str] = None,
+    max_overhead: Optional[float] = 0.05,
+    max_new_tokens: int = 4,
 ) -> None:
     """Raise ``ValueError`` on the first argument of ``Attribution`` that cannot work, with what to
     set instead."""
     if method not in METHODS:
         raise ValueError(f"Unknown `method={method!r}`; choose one of {sorted(METHODS)}.")
     spec = METHODS[method]
-    if spec.layer and not layer:
+    if spec.layer and not layer and method != "layer_integrated_gradients":  # that one finds the input embeddings
         raise ValueError(
             f"method {method!r} attributes to a layer: set `layer` to its dotted module path (e.g. 'features.3')."
         )
@@ -87,3 +91,10 @@ def check_attribution_arguments(
         raise ValueError(f"`figures` must be 'every', 'end' or 'never', got {figures!r}.")
     if sensitivity_at not in ("every", "end"):
         raise ValueError(f"`sensitivity_at` must be 'every' or 'end', got {sensitivity_at!r}.")
+    if input is not None and (not isinstance(input, str) or not input):
+        raise ValueError(f"`input` names the attributed keyword input (e.g. 'input_ids'), got {input!r}.")
+    check_max_overhead(max_overhead)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(
+            f"`max_new_tokens` (tokens a causal LM generates) must be a positive integer, got {max_new_tokens!r}."
+        )

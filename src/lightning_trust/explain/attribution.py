@@ -15,30 +15,25 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar, Literal, Optional, Union
 
-import numpy as np
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_trust.core.batch import BatchContract
+from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.output import log_metrics
-from lightning_trust.core.passes import isolated_eval
-from lightning_trust.core.seam_r1 import trained_epoch
 from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain import plots
 from lightning_trust.explain.arguments import check_attribution_arguments
-from lightning_trust.explain.explanation import (
-    Explanation,
-    feature_names,
-    rank_correlation,
-    to_input_space,
-    write_files,
-)
+from lightning_trust.explain.compute import compute_explanation
+from lightning_trust.explain.explanation import Explanation, rank_correlation, write_files
 from lightning_trust.explain.keys import ATTRIBUTION_LOGGED_KEYS, ATTRIBUTION_REPORT_KEYS
-from lightning_trust.explain.methods import BASELINES, METHODS, attribute, chunk_slices
-from lightning_trust.explain.progress import progress
-from lightning_trust.explain.resolution import Modality, resolve_baselines, resolve_modality, resolve_targets
+from lightning_trust.explain.methods import BASELINES
+from lightning_trust.explain.plan import Plan, check_runs_at_validation, make_plan
+from lightning_trust.explain.resolution import Modality, resolve_modality
 from lightning_trust.explain.sample import FixedSample, draw_sample
 from lightning_trust.explain.schedule import ScheduledPass
 
@@ -136,6 +131,9 @@ class Attribution(ScheduledPass):
         progress: bool = True,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
         name: Optional[str] = None,
+        input: Optional[str] = None,
+        max_overhead: Optional[float] = DEFAULT_MAX_OVERHEAD,
+        max_new_tokens: int = 4,
     ) -> None:
         super().__init__(run_on, every_n_epochs, name=name)
         check_attribution_arguments(
@@ -144,6 +142,7 @@ class Attribution(ScheduledPass):
             infidelity_noise=infidelity_noise, sensitivity_samples=sensitivity_samples,
             sensitivity_radius=sensitivity_radius, top_k=top_k, modality=modality, num_heatmaps=num_heatmaps,
             blur_sigma=blur_sigma, num_baselines=num_baselines, figures=figures, sensitivity_at=sensitivity_at,
+            input=input, max_overhead=max_overhead, max_new_tokens=max_new_tokens,
         )  # fmt: skip
         self.method = method
         self.num_samples = num_samples
@@ -168,7 +167,12 @@ class Attribution(ScheduledPass):
         self.sensitivity_at = sensitivity_at
         self.progress = progress
         self.batch_keys = batch_keys
+        self.input = input
+        self.max_new_tokens = max_new_tokens
+        self.budget = OverheadBudget(max_overhead)
         # state
+        self._plan: Optional[Plan] = None
+        self.skipped: list[dict[str, Any]] = []  # passes the overhead budget skipped
         self.sample: Optional[FixedSample] = None
         self.reference: Optional[Tensor] = None  # training inputs for "mean"/"train" baselines
         self.previous: Optional[Tensor] = None  # the last pass's global importance
@@ -177,6 +181,29 @@ class Attribution(ScheduledPass):
         self.last: Optional[Explanation] = None
         self._figures: dict[str, str] = {}
         self.total_seconds = 0.0  # time spent in this callback's passes (explaining, files, figures)
+
+    # setup: the checks before training --------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.budget.start()
+        if trainer.is_global_zero and (self.runs_at("validation_end") or self.runs_at("fit_end")):
+            check_runs_at_validation(self, trainer, pl_module)
+            self._plan = make_plan(self, pl_module, trainer)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (
+            self._plan is None
+            and trainer.is_global_zero
+            and not trainer.sanity_checking
+            and self.runs_at("validation_end")
+        ):
+            self._plan = make_plan(self, pl_module, trainer)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and self.runs_at("test_end"):
+            self._plan = make_plan(self, pl_module, trainer)
 
     # schedule ---------------------------------------------------------------------------------
     def runs_at(self, stage: str) -> bool:
@@ -188,6 +215,22 @@ class Attribution(ScheduledPass):
 
     # the pass ---------------------------------------------------------------------------------
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
+        if not self.budget.allows(final=self._is_final(trainer, stage)):
+            self.skipped.append({"stage": stage, "epoch": int(trainer.current_epoch), "step": int(trainer.global_step)})
+            return
+        with self.budget.timed():
+            self._pass(trainer, pl_module, stage, hook_allows_log)
+
+    def _is_final(self, trainer: Any, stage: str) -> bool:
+        """The pass the report shows (always run, whatever the budget): at fit or test end, in a
+        standalone validation, or at the last epoch's validation when no pass follows at fit end."""
+        if stage != "validation_end" or getattr(getattr(trainer, "state", None), "fn", None) != TrainerFn.FITTING:
+            return True
+        max_epochs = getattr(trainer, "max_epochs", None)
+        last = max_epochs is not None and max_epochs > 0 and trainer.current_epoch >= max_epochs - 1
+        return last and not self.runs_at("fit_end")
+
+    def _pass(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         start = time.perf_counter()
         final = stage != "validation_end"
         replace = (
@@ -224,6 +267,8 @@ class Attribution(ScheduledPass):
             self.history.pop()
             self.previous = self._previous_before
         contract = BatchContract.resolve(self.batch_keys, trainer)
+        if self._plan is None:
+            self._plan = make_plan(self, pl_module, trainer)
         if self.sample is None:
             loader, kind = find_loader(trainer, ("val", "test"))
             if loader is None:
@@ -231,71 +276,39 @@ class Attribution(ScheduledPass):
                     "Attribution found no validation (or test) DataLoader to draw its samples from; give the "
                     "Trainer validation data or a datamodule with `val_dataloader`."
                 )
-            self.sample = draw_sample(loader, contract, self.num_samples, self.seed, self.stratify, source=kind)
+            self.sample = draw_sample(
+                loader,
+                contract,
+                self.num_samples,
+                self.seed,
+                self.stratify,
+                source=kind,
+                keyword=True,
+                choose=self.input,
+            )
         if self.baseline in ("mean", "train") and self.reference is None:
             loader, kind = find_loader(trainer, ("train",))
             if loader is None:
                 raise RuntimeError(f"baseline={self.baseline!r} needs training data; none is attached to the Trainer.")
             size = 2048 if self.baseline == "mean" else self.num_baselines
-            self.reference = draw_sample(loader, contract, size, self.seed + 1, stratify=False, source=kind).inputs
-        start = time.perf_counter()
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+            self.reference = draw_sample(
+                loader, contract, size, self.seed + 1, stratify=False, source=kind, keyword=True, choose=self.input
+            ).inputs
         # validate/test hooks run under torch.inference_mode, which enable_grad alone does not lift
         with torch.inference_mode(False):
-            return self._explain(pl_module, trainer, stage, final, start, device)
+            return self._explain(pl_module, trainer, stage, final)
 
-    def _explain(self, pl_module: Any, trainer: Any, stage: str, final: bool, start: float, device: Any) -> Explanation:
-        assert self.sample is not None  # drawn by `explain`
-        inputs = self.sample.inputs.to(device).clone()  # a normal tensor even if drawn under inference mode
-        modality = resolve_modality(self.modality, inputs)
-        with isolated_eval(pl_module, trainer, grad=True) as module:  # forks every RNG Captum draws from
-            for p in module.parameters():
-                p.requires_grad_(False)  # gradients w.r.t. inputs only: no trace in parameter grads or hooks
-            torch.manual_seed(self.seed)
-            np.random.seed(self.seed % 2**32)
-            targets = resolve_targets(self.target, module, inputs, self.sample.targets)
-            baselines = resolve_baselines(self.method, self.baseline, inputs, self.reference, self.blur_sigma)
-            spec = METHODS[self.method]
-            quality = modality != "text" and not spec.layer  # Captum's metrics perturb float inputs
-            with_sensitivity = quality and self.sensitivity_samples > 0 and (final or self.sensitivity_at == "every")
-            chunks = chunk_slices(len(inputs), self.batch_size)
-            steps = len(chunks) * (1 + (quality and self.infidelity_samples > 0) + with_sensitivity)
-            with progress(trainer, steps, f"Attribution ({self.method})", self.progress) as bar:
-                attributions, delta, infid, sens = attribute(
-                    self.method, module, inputs, chunks, bar.advance, layer=self.layer, options=self.method_kwargs,
-                    baselines=baselines, targets=targets, infidelity_samples=self.infidelity_samples if quality else 0,
-                    infidelity_noise=self.infidelity_noise, sensitivity_samples=self.sensitivity_samples if with_sensitivity else 0,
-                    sensitivity_radius=self.sensitivity_radius,
-                )  # fmt: skip
-        input_attr = to_input_space(attributions, inputs, modality, self.method)
-        importance = input_attr.detach().abs().float().mean(dim=0).flatten().cpu()
-        datamodule_names = getattr(getattr(trainer, "datamodule", None), "feature_names", None)
-        names = feature_names(input_attr, modality, self.feature_names, datamodule_names)
-        drift = rank_correlation(importance, self.previous) if self.previous is not None else None
-        result = Explanation(
-            stage=stage,
-            epoch=trained_epoch(trainer),
-            step=int(getattr(trainer, "global_step", 0) or 0),
-            inputs=inputs.detach().cpu(),
-            targets=None if targets is None else targets.detach().cpu(),
-            baselines=None if baselines is None else baselines.detach().cpu(),
-            attributions=attributions.detach().cpu(),
-            input_attributions=input_attr.detach().cpu(),
-            importance=importance,
-            names=names,
-            delta=None if delta is None else delta.detach().cpu(),
-            infidelity=infid,
-            sensitivity_max=sens,
-            drift=drift,
-            seconds=time.perf_counter() - start,
-        )
+    def _explain(self, pl_module: Any, trainer: Any, stage: str, final: bool) -> Explanation:
+        assert self.sample is not None and self._plan is not None  # drawn and planned by `explain`
+        result = compute_explanation(self, pl_module, trainer, self._plan, self.sample, stage, final)
+        result.drift = rank_correlation(result.importance, self.previous) if self.previous is not None else None
         self._previous_before = self.previous
-        self.previous = importance
+        self.previous = result.importance
         self.last = result
         self.history.append({
-            "stage": stage, "epoch": result.epoch, "step": result.step, "drift": drift,
-            "convergence_delta": result.convergence_delta, "infidelity": infid, "sensitivity_max": sens,
-            "top_features": result.top(self.top_k), "seconds": result.seconds,
+            "stage": stage, "epoch": result.epoch, "step": result.step, "drift": result.drift,
+            "convergence_delta": result.convergence_delta, "infidelity": result.infidelity,
+            "sensitivity_max": result.sensitivity_max, "top_features": result.top(self.top_k), "seconds": result.seconds,
         })  # fmt: skip
         return result
 
@@ -326,7 +339,7 @@ class Attribution(ScheduledPass):
     # report and checkpoint ------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """The last pass as plain JSON (see :attr:`report_keys`), figures under ``"figures"``."""
-        last = self.last
+        last, plan = self.last, self._plan
         return to_jsonable({
             "method": self.method,
             "target": self.target,
@@ -340,6 +353,12 @@ class Attribution(ScheduledPass):
             "drift": None if last is None else last.drift,
             "drift_history": [h["drift"] for h in self.history],
             "seconds": self.total_seconds,
+            "input": plan.key if plan is not None and isinstance(plan.key, str) else None,
+            "layer": None if plan is None else plan.layer,
+            "tokens": None if last is None else last.token_scores(),
+            "generated": None if last is None else last.generated,
+            "patch_size": None if plan is None else plan.patch_size,
+            "budget": {**self.budget.summary(), "skipped_passes": list(self.skipped)},
             "figures": dict(self._figures),
             "files": {} if last is None else dict(last.files),
         })  # fmt: skip
@@ -352,6 +371,8 @@ class Attribution(ScheduledPass):
             "previous": self.previous,
             "previous_before": self._previous_before,
             "history": self.history,
+            "budget": self.budget.state_dict(),
+            "skipped": self.skipped,
         }
 
     @override
@@ -362,3 +383,5 @@ class Attribution(ScheduledPass):
         self.previous = state_dict.get("previous")
         self._previous_before = state_dict.get("previous_before")
         self.history = list(state_dict.get("history", []))
+        self.budget.load_state_dict(state_dict.get("budget", {}))
+        self.skipped = list(state_dict.get("skipped", []))

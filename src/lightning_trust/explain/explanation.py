@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_trust.core.output import write_json
 
-__all__ = ["Explanation", "feature_names", "rank_correlation", "to_input_space", "write_files"]
+__all__ = ["Explanation", "feature_names", "patch_scores", "rank_correlation", "to_input_space", "write_files"]
 
 
 @dataclass
@@ -46,6 +46,23 @@ class Explanation:
     drift: Optional[float] = None
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    mask: Optional[Tensor] = None  # token inputs: 1 at the real tokens, 0 at padding (excluded)
+    tokens: Optional[list[list[str]]] = None  # token inputs: each sample's unpadded token strings
+    patches: Optional[Tensor] = None  # vision transformers: attribution summed per patch (N, H/p, W/p)
+    generated: Optional[list[list[str]]] = None  # causal LMs: each sample's generated target tokens
+    token_attr: Optional[list[Tensor]] = None  # causal LMs: per sample (generated x prompt tokens)
+
+    def token_scores(self) -> Optional[list[list[dict[str, Any]]]]:
+        """Each sample's ``[{"token", "score"}]`` over its unpadded tokens (``None`` unless token inputs)."""
+        if self.tokens is None:
+            return None
+        out = []
+        for i, words in enumerate(self.tokens):
+            row = self.input_attributions[i]
+            keep = self.mask[i].bool() if self.mask is not None else torch.ones(len(row), dtype=torch.bool)
+            scores = row[keep].tolist()
+            out.append([{"token": w, "score": float(v)} for w, v in zip(words, scores)])
+        return out
 
     @property
     def convergence_delta(self) -> Optional[float]:
@@ -72,16 +89,31 @@ def rank_correlation(a: Tensor, b: Tensor) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def to_input_space(attributions: Tensor, inputs: Tensor, modality: str, method: str) -> Tensor:
-    """Attributions per input feature: summed over the embedding for tokens, a Grad-CAM map upsampled
-    to the image size, else as Captum returned them."""
+def to_input_space(
+    attributions: Tensor, inputs: Tensor, modality: str, method: str, mask: Optional[Tensor] = None
+) -> Tensor:
+    """Attributions per input feature: summed over the embedding for tokens (0 at the padding ``mask``
+    marks), a Grad-CAM map upsampled to the image size, else as Captum returned them."""
     if modality == "text" and attributions.ndim > 2:
-        return attributions.sum(dim=tuple(range(2, attributions.ndim)))  # per token
+        per_token = attributions.sum(dim=tuple(range(2, attributions.ndim)))
+        return per_token if mask is None else per_token * mask.to(per_token.device).bool()
+    if modality == "text" and mask is not None and attributions.shape == mask.shape:
+        return attributions * mask.to(attributions.device).bool()
     if method == "layer_gradcam" and modality == "image" and attributions.shape[-2:] != inputs.shape[-2:]:
         from captum.attr import LayerAttribution
 
         return LayerAttribution.interpolate(attributions, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
     return attributions
+
+
+def patch_scores(input_attr: Tensor, patch_size: int) -> Tensor:
+    """Image attributions (N, C, H, W) summed over channels and each ``patch_size`` square: (N, H/p, W/p),
+    the vision transformer's patch grid."""
+    n, _, h, w = input_attr.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"The images ({h}x{w}) do not divide into {p}x{p} patches.")
+    return input_attr.sum(dim=1).reshape(n, h // p, p, w // p, p).sum(dim=(2, 4))
 
 
 def feature_names(

@@ -40,6 +40,12 @@ ATTRIBUTION_REPORT_KEYS: dict[str, str] = {
     "drift_history": "drift of every pass, in order",
     "seconds": "time spent in this callback's passes (explaining, files, figures)",
     "files": "paths of importance.csv/.json, history.json and attributions.pt",
+    "input": "the attributed keyword input ('input_ids', 'pixel_values'...; null for a single tensor)",
+    "layer": "dotted path of the layer attributed to (the input embeddings for token models; null for input methods)",
+    "tokens": "token inputs: each fixed sample's unpadded tokens with their scores, [[{token, score}]] (else null)",
+    "generated": "causal LMs: each sample's generated target tokens, attributed to its prompt (else null)",
+    "patch_size": "vision transformers: the patch size of the patch heatmaps (else null)",
+    "budget": "the overhead budget: max_overhead, measured overhead, runs, skipped, seconds, skipped_passes",
 }
 
 #: What :class:`~lightning_trust.explain.AdversarialRobustness` logs, once per pass.

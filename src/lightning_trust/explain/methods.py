@@ -42,6 +42,7 @@ from captum.attr import (
 from torch import Tensor, nn
 
 from lightning_trust.core.calls import ScoresModule
+from lightning_trust.explain.inputs import resolve_layer
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,12 @@ METHODS: dict[str, MethodSpec] = {
     "layer_integrated_gradients": MethodSpec(LayerIntegratedGradients, layer=True, delta=True),
 }
 
-#: Named baselines; anything else is a number (a constant input) or a path to a tensor file.
-BASELINES: tuple[str, ...] = ("zeros", "mean", "blur", "train")
+#: Named baselines; anything else is a number (a constant input) or a path to a tensor file. Token
+#: inputs take ``"pad"``/``"mask"`` (that token's id at every unpadded position) or
+#: ``"zero_embedding"`` (layer methods: an all-zero input embedding).
+BASELINES: tuple[str, ...] = ("zeros", "mean", "blur", "train", "pad", "mask", "zero_embedding")
+#: Baselines only token inputs take.
+TOKEN_BASELINES: tuple[str, ...] = ("pad", "mask", "zero_embedding")
 #: ``attribute`` arguments the callback sets itself.
 _MANAGED = {"inputs", "baselines", "target", "additional_forward_args", "return_convergence_delta"}
 
@@ -111,28 +116,39 @@ def split_options(method: str, options: Optional[dict[str, Any]]) -> tuple[dict[
     return init, call
 
 
-def resolve_layer(module: nn.Module, path: str) -> nn.Module:
-    """The submodule at a dotted ``path`` (``"features.3"``), with a clear error listing candidates."""
-    try:
-        return module.get_submodule(path)
-    except AttributeError:
-        names = [n for n, _ in module.named_modules() if n][:30]
-        raise ValueError(
-            f"`layer={path!r}` is not a submodule of {type(module).__name__}; some of its modules: {names}."
-        ) from None
-
-
-def build_explainer(method: str, module: nn.Module, layer: Optional[str] = None, options: Optional[dict] = None) -> Any:
+def build_explainer(
+    method: str, module: nn.Module, layer: Union[str, nn.Module, None] = None, options: Optional[dict] = None
+) -> Any:
     """The Captum explainer for ``method`` on ``module``; a module returning a ``ModelOutput``, a dict or
     a tuple is explained through its scores (:class:`~lightning_trust.core.calls.ScoresModule`), and
-    ``layer`` is a path in the user's module."""
+    ``layer`` is the layer itself or a path in the user's module."""
     spec = METHODS[method]
     init, _ = split_options(method, options)
     user = ScoresModule.unwrap(module)
     scores = module if isinstance(module, ScoresModule) else ScoresModule(module)
     if spec.layer:
-        return spec.cls(scores, resolve_layer(user, layer or ""), **init)
+        found = layer if isinstance(layer, nn.Module) else resolve_layer(user, layer or "")
+        return spec.cls(scores, found, **init)
     return spec.cls(scores, **init)
+
+
+class EmbeddingForward(nn.Module):
+    """``forward(embeddings, ids, *others)``: ``module(ids, *others)`` with ``layer``'s output replaced
+    by ``embeddings``: integrated gradients over a layer's output from any baseline output (an
+    all-zero embedding), the computation Captum's ``LayerIntegratedGradients`` makes for an input
+    baseline."""
+
+    def __init__(self, module: nn.Module, layer: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.layer = layer
+
+    def forward(self, embeddings: Tensor, ids: Tensor, *others: Tensor) -> Tensor:
+        handle = self.layer.register_forward_hook(lambda _m, _i, _o: embeddings)
+        try:
+            return self.module(ids, *others)
+        finally:
+            handle.remove()
 
 
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
@@ -248,10 +264,12 @@ def attribute(
     chunks: list[slice],
     advance: Callable[[], None] = lambda: None,
     *,
-    layer: Optional[str] = None,
+    layer: Union[str, nn.Module, None] = None,
     options: Optional[Mapping[str, Any]] = None,
     baselines: Optional[Tensor] = None,
     targets: Optional[Tensor] = None,
+    others: tuple[Tensor, ...] = (),
+    zero_embedding: bool = False,
     infidelity_samples: int = 0,
     infidelity_noise: float = 0.1,
     sensitivity_samples: int = 0,
@@ -260,12 +278,29 @@ def attribute(
     """``method``'s attributions of ``inputs`` chunk by chunk, with Captum's ``infidelity`` (Gaussian
     perturbations of std ``infidelity_noise``) and ``sensitivity_max`` (L-inf radius
     ``sensitivity_radius``) when their sample counts are positive. ``advance`` is called after each
-    Captum call (a progress bar)."""
+    Captum call (a progress bar).
+
+    ``others``: the module's other inputs (row-aligned with ``inputs``), passed to Captum as
+    ``additional_forward_args``. ``zero_embedding``: a layer method's baseline is an all-zero output
+    of ``layer`` (integrated gradients over that output; ``baselines`` is ignored).
+    """
     from captum.metrics import infidelity, sensitivity_max
 
     spec = METHODS[method]
     module = module if isinstance(module, ScoresModule) else ScoresModule(module)
-    explainer = build_explainer(method, module, layer, dict(options or {}))
+    if zero_embedding:
+        if method != "layer_integrated_gradients":
+            raise ValueError(f"baseline='zero_embedding' is for 'layer_integrated_gradients', not {method!r}.")
+        found = layer if isinstance(layer, nn.Module) else resolve_layer(ScoresModule.unwrap(module), layer or "")
+        with torch.no_grad():
+            embedded = torch.cat([found(inputs[part]) for part in chunks]) if chunks else inputs
+        explainer = IntegratedGradients(
+            EmbeddingForward(module, found), **split_options(method, dict(options or {}))[0]
+        )
+        others, inputs = (inputs, *others), embedded
+        baselines = torch.zeros_like(embedded)
+    else:
+        explainer = build_explainer(method, module, layer, dict(options or {}))
     _, call = split_options(method, dict(options or {}))
     per_sample_base = baselines is not None and spec.baseline == "single"
     attrs, deltas, infids, sens = [], [], [], []
@@ -275,6 +310,8 @@ def attribute(
             kwargs["baselines"] = baselines[part] if per_sample_base else baselines
         if targets is not None:
             kwargs["target"] = targets[part]
+        if others:
+            kwargs["additional_forward_args"] = tuple(other[part] for other in others)
         if spec.delta:
             attr, delta = explainer.attribute(inputs[part], return_convergence_delta=True, **kwargs)
             deltas.append(delta.reshape(-1))
@@ -290,6 +327,7 @@ def attribute(
 
             value = infidelity(
                 module, perturb, inputs[part], attr.detach(), target=kwargs.get("target"),
+                additional_forward_args=kwargs.get("additional_forward_args"),
                 n_perturb_samples=infidelity_samples, normalize=True,
             )  # fmt: skip
             infids.append(value.detach().reshape(-1))

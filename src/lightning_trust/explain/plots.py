@@ -31,10 +31,13 @@ __all__ = [
     "heatmap_grid",
     "importance_figure",
     "overlays",
+    "patch_heatmap_figure",
     "robust_accuracy_figure",
     "save_overlays",
+    "token_heatmap_figure",
     "token_html",
     "tokens_of",
+    "vocab_of",
 ]
 
 
@@ -105,15 +108,16 @@ def save_overlays(folder: Path, rgb: np.ndarray, scale: int = 8) -> list[Path]:
     return paths
 
 
-def token_html(tokens: Sequence[Sequence[str]], scores: np.ndarray, captions: Sequence[str], title: str) -> str:
+def token_html(tokens: Sequence[Sequence[str]], scores: Any, captions: Sequence[str], title: str) -> str:
     """An HTML table, one row per sample, each token highlighted by its attribution (green positive,
     red negative; Captum's ``format_word_importances``), scaled per sample to [-1, 1]."""
     from captum.attr import visualization as viz
 
     rows = []
-    for words, row, caption in zip(tokens, scores, captions):
-        peak = float(np.abs(row).max()) or 1.0
-        cell = viz.format_word_importances(list(words), (row[: len(words)] / peak).tolist())
+    for words, values, caption in zip(tokens, scores, captions):
+        row = np.asarray(values, dtype=float)[: len(words)]
+        peak = float(np.abs(row).max()) if row.size else 1.0
+        cell = viz.format_word_importances(list(words), (row / (peak or 1.0)).tolist())
         rows.append(f"<tr><td>{html.escape(caption)}</td>{cell}</tr>")
     return (
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -130,6 +134,83 @@ def tokens_of(ids: Tensor, vocab: Optional[Any]) -> list[list[str]]:
     elif isinstance(vocab, (list, tuple)):
         lookup = dict(enumerate(map(str, vocab)))
     return [[lookup.get(int(t), str(int(t))) for t in row] for row in ids.tolist()]
+
+
+def vocab_of(datamodule: Any) -> Optional[Any]:
+    """The datamodule's id -> token table (``vocab``, ``itos`` or ``id_to_token``), or ``None``."""
+    for attr in ("id_to_token", "itos", "vocab"):
+        found = getattr(datamodule, attr, None)
+        if isinstance(found, (list, tuple, dict)):
+            return found
+    return None
+
+
+def token_heatmap_figure(
+    tokens: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], captions: Sequence[str], title: str
+) -> Any:
+    """Coloured text: one row per sample, each token on a background by its score (red negative,
+    green positive, scaled per sample to the largest magnitude), wrapped to the figure's width."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["RdYlGn"]
+    width, line, font = 11.0, 0.3, 10
+    lines: list[list[tuple[str, float]]] = []
+    heads: list[int] = []
+    for words, row in zip(tokens, scores):
+        peak = max((abs(v) for v in row), default=0.0) or 1.0
+        heads.append(len(lines))
+        current: list[tuple[str, float]] = []
+        used = 0.0
+        for word, value in zip(words, row):
+            cost = 0.1 * (len(word) + 1)
+            if current and used + cost > width - 1.6:
+                lines.append(current)
+                current, used = [], 0.0
+            current.append((word, float(value) / peak))
+            used += cost
+        lines.append(current)
+    fig = new_figure(figsize=(width, 0.6 + line * (len(lines) + len(tokens) * 0.3)))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    total = 0.6 + line * (len(lines) + len(tokens) * 0.3)
+    ax.set_ylim(total, 0)
+    ax.axis("off")
+    ax.text(0.1, 0.3, title, fontsize=font + 1, va="center", weight="bold")
+    y = 0.6
+    caption_of = dict(zip(heads, captions))
+    for index, pieces in enumerate(lines):
+        if index in caption_of:
+            y += line * 0.3 if index else 0.0
+            ax.text(0.1, y + line / 2, caption_of[index], fontsize=font - 1, va="center", color="#444")
+        x = 1.5
+        for word, value in pieces:
+            ax.text(x, y + line / 2, word, fontsize=font, va="center", family="monospace",
+                    bbox={"facecolor": cmap(0.5 + 0.5 * value), "edgecolor": "none", "pad": 1.5})  # fmt: skip
+            x += 0.1 * (len(word) + 1)
+        y += line
+    return fig
+
+
+def patch_heatmap_figure(images: Tensor, patches: Tensor, captions: Sequence[str], title: str, cols: int = 8) -> Any:
+    """Each image with its per-patch attribution (a vision transformer's patch grid) overlaid, one
+    panel per sample, the colour scale per sample (``RdBu_r``: red positive, blue negative)."""
+    n = len(images)
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig = new_figure(figsize=(1.6 * cols, 1.75 * rows + 0.4))
+    h, w = images.shape[-2:]
+    for i in range(n):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        grey = images[i].detach().float().mean(dim=0).numpy()
+        heat = patches[i].detach().float().numpy()
+        peak = float(np.abs(heat).max()) or 1.0
+        ax.imshow(grey, cmap="gray", extent=(0, w, h, 0))
+        ax.imshow(heat, cmap="RdBu_r", vmin=-peak, vmax=peak, alpha=0.55, extent=(0, w, h, 0), interpolation="nearest")
+        ax.set_title(captions[i] if i < len(captions) else "", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def _tensorboards(trainer: Any) -> list[Any]:
@@ -176,13 +257,26 @@ def draw_explanation(
         save_overlays(folder / "heatmaps", rgb)
         for logger in _tensorboards(trainer):
             logger.experiment.add_images("explain/overlays", rgb.astype(np.float32), result.step, dataformats="NHWC")
+        if result.patches is not None:
+            fig = patch_heatmap_figure(
+                result.inputs[:m], result.patches[:m], captions, f"attribution per patch ({title})"
+            )
+            save_figure(trainer, fig, folder / "patch_heatmap.png", tag="explain/patch_heatmap")
+            figures["patch_heatmap"] = str(folder / "patch_heatmap.png")
     elif modality == "text":
-        vocab = None
-        datamodule = getattr(trainer, "datamodule", None)
-        for attr in ("vocab", "itos", "id_to_token"):
-            vocab = vocab if vocab is not None else getattr(datamodule, attr, None)
-        tokens = tokens_of(result.inputs[:m], vocab)
-        page = token_html(tokens, result.input_attributions[:m].float().numpy(), captions, title)
+        if result.tokens is not None:
+            rows = result.token_scores()[:m]
+            tokens = [[t["token"] for t in row] for row in rows]
+            scores = [[t["score"] for t in row] for row in rows]
+        else:
+            tokens = tokens_of(result.inputs[:m], vocab_of(getattr(trainer, "datamodule", None)))
+            scores = result.input_attributions[:m].float().tolist()
+        if result.generated is not None:
+            captions = [f"{c} -> {' '.join(g)}" for c, g in zip(captions, result.generated)]
+        fig = token_heatmap_figure(tokens, scores, captions, f"token attributions ({title})")
+        save_figure(trainer, fig, folder / "token_heatmap.png", tag="explain/token_heatmap")
+        figures["token_heatmap"] = str(folder / "token_heatmap.png")
+        page = token_html(tokens, scores, captions, title)
         (folder / "tokens.html").write_text(page)
         figures["tokens_html"] = str(folder / "tokens.html")
         for logger in _tensorboards(trainer):

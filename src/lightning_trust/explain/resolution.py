@@ -38,10 +38,15 @@ def resolve_modality(modality: str, inputs: Tensor) -> str:
 
 
 def resolve_targets(
-    target: Union[str, int], module: Any, inputs: Tensor, sample_targets: Optional[Tensor] = None
+    target: Union[str, int],
+    module: Any,
+    inputs: Tensor,
+    sample_targets: Optional[Tensor] = None,
+    others: tuple[Tensor, ...] = (),
 ) -> Optional[Tensor]:
     """The class explained for each input: a fixed index, the labels (``"true"``: ``sample_targets``)
-    or the module's prediction (``"pred"``; ``None`` when it gives a single score per sample)."""
+    or the module's prediction (``"pred"``; ``None`` when it gives a single score per sample);
+    ``others``: the module's other inputs (``module(inputs, *others)``)."""
     if isinstance(target, int):
         return torch.full((len(inputs),), target, dtype=torch.long, device=inputs.device)
     if target == "true":
@@ -49,7 +54,7 @@ def resolve_targets(
             raise ValueError("`target='true'` needs targets in the batches; use 'pred' or a class index.")
         return sample_targets.to(inputs.device).long()
     with torch.no_grad():
-        scores = logits_of(call_module(module, inputs))
+        scores = logits_of(module(inputs, *others) if others else call_module(module, inputs))
     if scores.ndim == 1 or (scores.ndim == 2 and scores.shape[1] == 1):
         return None  # a single score per sample: attribute that score
     return scores.argmax(dim=1)
@@ -61,11 +66,20 @@ def resolve_baselines(
     inputs: Tensor,
     reference: Optional[Tensor] = None,
     blur_sigma: float = 1.0,
+    token_id: Optional[int] = None,
+    mask: Optional[Tensor] = None,
 ) -> Optional[Tensor]:
     """The baselines of ``method`` for ``inputs`` (``None`` when it takes none); ``reference``: the
-    training inputs the ``"mean"``/``"train"`` baselines come from."""
+    training inputs the ``"mean"``/``"train"`` baselines come from. Token inputs with a ``"pad"``/
+    ``"mask"`` or id baseline take ``token_id`` at every position ``mask`` keeps (padding stays padding);
+    ``"zero_embedding"`` has no input-space baseline (``None``)."""
     spec = METHODS[method]
-    if spec.baseline is None:
+    if spec.baseline is None or baseline == "zero_embedding":
         return None
+    if baseline in ("pad", "mask") and token_id is None:
+        raise ValueError(f"baseline={baseline!r} needs the token's id; set `baseline` to the id number.")
+    if token_id is not None and not inputs.is_floating_point():  # "pad", "mask" or an id number
+        base = torch.full_like(inputs, token_id)
+        return base if mask is None else torch.where(mask.to(inputs.device).bool(), base, inputs)
     reference = None if reference is None else reference.to(inputs.device).clone()
     return make_baselines(baseline, inputs, reference, blur_sigma, spec.baseline == "distribution")

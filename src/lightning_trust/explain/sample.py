@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -26,26 +26,39 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.passes import fork_rngs
+from lightning_trust.explain.inputs import Key, split_inputs
 
 __all__ = ["FixedSample", "draw_sample", "stratified_indices"]
 
 
 @dataclass
 class FixedSample:
-    """Samples drawn once: ``inputs`` and (when the batch has one) ``targets``, with their dataset indices."""
+    """Samples drawn once: ``inputs`` and (when the batch has one) ``targets``, with their dataset indices.
+
+    With several model inputs, ``inputs`` is the attributed one, ``key`` its keyword (or position
+    ``0``) and ``others`` the other inputs by keyword (or position), row-aligned with ``inputs``.
+    """
 
     inputs: Tensor
     targets: Optional[Tensor]
     indices: list[int]
     source: str
+    key: Key = None
+    others: dict[Any, Tensor] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (see :meth:`from_state`)."""
-        return {"inputs": self.inputs, "targets": self.targets, "indices": list(self.indices), "source": self.source}
+        return {
+            "inputs": self.inputs, "targets": self.targets, "indices": list(self.indices), "source": self.source,
+            "key": self.key, "others": dict(self.others),
+        }  # fmt: skip
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> FixedSample:
-        return cls(state["inputs"], state.get("targets"), list(state["indices"]), state.get("source", "val"))
+        return cls(
+            state["inputs"], state.get("targets"), list(state["indices"]), state.get("source", "val"),
+            state.get("key"), dict(state.get("others") or {}),
+        )  # fmt: skip
 
 
 def _collated(loader: DataLoader, indices: Sequence[int]) -> Iterator[Any]:
@@ -57,17 +70,35 @@ def _collated(loader: DataLoader, indices: Sequence[int]) -> Iterator[Any]:
 def _read(
     batches: Iterable[Any], contract: BatchContract, limit: Optional[int] = None
 ) -> tuple[Tensor, Optional[Tensor]]:
+    """The single input tensor and the targets of ``batches`` (raises ``TypeError`` on several inputs)."""
+    _, x, _, y = _read_parts(batches, contract, limit, single=True)
+    return x, y
+
+
+def _read_parts(
+    batches: Iterable[Any],
+    contract: BatchContract,
+    limit: Optional[int] = None,
+    single: bool = False,
+    choose: Optional[str] = None,
+) -> tuple[Key, Tensor, dict[Any, Tensor], Optional[Tensor]]:
+    """``(key, attributed inputs, other inputs, targets)`` of ``batches`` (see :func:`split_inputs`)."""
     inputs: list[Tensor] = []
+    others: dict[Any, list[Tensor]] = {}
+    key: Key = None
     targets: list[Tensor] = []
     has_target = True
     count = 0
     for batch in batches:
         x = contract.inputs(batch)
-        if not isinstance(x, Tensor):
+        if single and not isinstance(x, Tensor):
             raise TypeError(
                 f"The explain callbacks need a single input tensor per batch, got {type(x).__name__}; point "
                 "`batch_keys: {input: <key>}` at the model's input tensor."
             )
+        key, x, rest = split_inputs(x, choose)
+        for name, value in rest.items():
+            others.setdefault(name, []).append(value.detach().cpu())
         inputs.append(x.detach().cpu())
         target = contract.target(batch) if has_target and contract.has_target(batch) else None
         if isinstance(target, Tensor):
@@ -81,9 +112,11 @@ def _read(
         raise ValueError("The data to explain is empty.")
     x = torch.cat(inputs)
     y = torch.cat(targets) if has_target and targets else None
+    rest = {name: torch.cat(values) for name, values in others.items()}
     if limit is not None:
         x, y = x[:limit], (y[:limit] if y is not None else None)
-    return x, y
+        rest = {name: value[:limit] for name, value in rest.items()}
+    return key, x, rest, y
 
 
 def stratified_indices(
@@ -114,13 +147,16 @@ def draw_sample(
     stratify: bool = True,
     pool_size: int = 4096,
     source: str = "val",
+    keyword: bool = False,
+    choose: Optional[str] = None,
 ) -> FixedSample:
     """Draw ``num_samples`` fixed samples from ``loader``'s dataset through the batch contract.
 
     A map-style dataset is read at a seeded pool of at most ``pool_size`` positions (the loader's own
     sampler, shuffling or DDP sharding play no part, so every rank and every run draws the same);
     an iterable dataset gives its first ``pool_size`` samples. Within the pool the sample is
-    stratified by class when the batch has integer class targets.
+    stratified by class when the batch has integer class targets. ``keyword``: the inputs may be
+    several (keyword or positional); ``choose`` names the attributed one (see :func:`split_inputs`).
     """
     generator = np.random.default_rng(seed)
     dataset = loader.dataset
@@ -128,14 +164,14 @@ def draw_sample(
     # sample leaves no trace on training (DP noise, dropout, shuffling)
     with fork_rngs(devices=[]):
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            x, y = _read(loader, contract, limit=pool_size)
+            key, x, rest, y = _read_parts(loader, contract, pool_size, single=not keyword, choose=choose)
             pool = np.arange(len(x))
         else:
             n = len(dataset)
             if n == 0:
                 raise ValueError(f"The {source} dataset is empty: there is nothing to explain.")
             pool = np.sort(generator.choice(n, size=min(n, pool_size), replace=False))
-            x, y = _read(_collated(loader, pool.tolist()), contract)
+            key, x, rest, y = _read_parts(_collated(loader, pool.tolist()), contract, None, not keyword, choose)
     picked = stratified_indices(y if stratify else None, num_samples, generator, size=len(x))
     index = torch.as_tensor(picked, dtype=torch.long)
     return FixedSample(
@@ -143,4 +179,6 @@ def draw_sample(
         targets=y[index].contiguous() if y is not None else None,
         indices=[int(pool[i]) for i in picked],
         source=source,
+        key=key,
+        others={name: value[index].contiguous() for name, value in rest.items()},
     )
