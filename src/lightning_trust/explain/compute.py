@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_trust.core.passes import isolated_eval
+from lightning_trust.core.seam_r1 import trained_epoch
 from lightning_trust.explain.explanation import Explanation, feature_names, patch_scores, to_input_space
 from lightning_trust.explain.inputs import resolve_layer
 from lightning_trust.explain.llm import llm_attribute, tokenizer_for
@@ -64,7 +65,7 @@ def compute_explanation(
         patches = patch_scores(input_attr.detach().float().cpu(), plan.patch_size)
     return Explanation(
         stage=stage,
-        epoch=int(getattr(trainer, "current_epoch", 0) or 0),
+        epoch=trained_epoch(trainer),
         step=int(getattr(trainer, "global_step", 0) or 0),
         inputs=sample.inputs.detach().cpu(),
         targets=None if targets is None else targets.detach().cpu(),
