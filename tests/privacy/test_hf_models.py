@@ -5,6 +5,7 @@ other broadcast into a trainable layer is refused naming the layer."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import nn
 
 from lightning_trust.privacy import DifferentialPrivacy
 from lightning_trust.privacy.broadcast import BatchAlignment
-from tests.foundation.models import build
+from tests.foundation.models import HFTextClassifier, build
 from tests.privacy.dp_step import assert_update, dp_step, hand_update, without_dropout
 from tests.privacy.helpers import TinyData, TinyModule, trainer
 
@@ -127,3 +128,57 @@ def test_other_broadcasts_are_refused_naming_the_layer(tmp_path, net, layer, mod
     assert fit.global_step == 0
     assert not hasattr(module.net.fc.weight, "grad_sample")  # hooks taken off after the refusal
     assert module(torch.randn(5, 4)).shape == (5, 2)  # and the pre-hooks: the user's module works again
+
+
+class BatchCounter(pl.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.batches += 1
+
+
+class OwnLoss(HFTextClassifier):
+    """training_step returns the HF model's own ``.loss`` (computed inside the model from ``labels``)."""
+
+    def forward(self, input_ids, attention_mask=None, labels=None):  # type: ignore[override]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+
+
+class NoForward(HFTextClassifier):
+    """The common HF pattern without a LightningModule ``forward``: ``self.model(**batch).loss``."""
+
+    forward = pl.LightningModule.forward
+
+    def training_step(self, batch, batch_idx):
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_the_models_own_loss_in_every_mode(tmp_path, mode):
+    torch.manual_seed(0)
+    module, datamodule = build("bert")
+    module = without_dropout(OwnLoss(module.model))
+    dp, recorder = dp_step(tmp_path, module, datamodule, CLIP, grad_sample_mode=mode)
+    batch = recorder.batches[0]
+    expected, norms = hand_update(
+        module, recorder.before[0], len(batch["input_ids"]), _classifier_loss(batch), CLIP, dp.expected_batch_size
+    )
+    assert min(norms) > CLIP
+    assert_update(module, recorder, expected)
+
+
+def test_ghost_without_a_forward_is_refused_at_setup(tmp_path):
+    module, datamodule = build("bert")
+    module = NoForward(module.model)
+    counter = BatchCounter()
+    dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-3, grad_sample_mode="ghost")
+    with pytest.raises(ValueError, match=r"NoForward\.forward`, but it defines no `forward`.*grad_sample_mode='hooks'"):
+        trainer(tmp_path, max_steps=1, callbacks=[dp, counter]).fit(module, datamodule)
+    assert counter.batches == 0

@@ -121,6 +121,13 @@ def check_trainer(trainer: pl.Trainer, grad_sample_mode: str, max_physical_batch
     module = trainer.strategy.lightning_module
     if module is not None:
         check_ghost_ties(module, grad_sample_mode)
+        if grad_sample_mode == "ghost" and type(module).forward is pl.LightningModule.forward:
+            raise ValueError(
+                f"grad_sample_mode='ghost' injects the clipped gradient at the outputs of `{type(module).__name__}"
+                ".forward`, but it defines no `forward` (training_step calls a submodule, e.g. "
+                "`self.model(**batch).loss`). Define `forward` and call `self(...)` in training_step (the model's "
+                "own `.loss` is fine), or use grad_sample_mode='hooks' (or 'bk')."
+            )
     accumulate = int(trainer.accumulate_grad_batches)
     if accumulate > 1 and grad_sample_mode in ("ghost", "bk"):
         raise ValueError(
