@@ -49,7 +49,7 @@ class CausalDPMultiheadAttention(DPMultiheadAttention):
     """Opacus's ``DPMultiheadAttention`` with ``nn.MultiheadAttention``'s full mask semantics."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, **kwargs)
         if self.add_bias_kv:  # the projections run batch-first here
             self.seq_bias_k.batch_first = True
             self.seq_bias_v.batch_first = True
@@ -72,6 +72,7 @@ class CausalDPMultiheadAttention(DPMultiheadAttention):
             dtype=weight.dtype,
         ).to(device=weight.device, dtype=weight.dtype)
         linears = (dp.qlinear, dp.klinear, dp.vlinear)
+        sources: list[tuple[Tensor, Tensor, Tensor]]
         if module.in_proj_weight is not None:
             sources = [
                 (lin.weight, w, module.in_proj_weight) for lin, w in zip(linears, module.in_proj_weight.chunk(3))
@@ -94,7 +95,7 @@ class CausalDPMultiheadAttention(DPMultiheadAttention):
         dp.train(module.training)
         return dp
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         query: Tensor,
         key: Tensor,
