@@ -95,3 +95,53 @@ def test_a_second_fit_cannot_spend_past_the_target(tmp_path):
     with pytest.warns(UserWarning, match="already spent"):
         trainer(tmp_path, max_steps=10, callbacks=[dp]).fit(model, data)
     assert dp.steps == 10 and dp.stopped_at_budget and dp.epsilon_spent <= 2.0
+
+
+def _without_paths(report):
+    return {k: v for k, v in report.items() if k != "figures"}
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_run_resumed_mid_epoch_counts_the_batches_already_done(tmp_path, accountant):
+    def dp():
+        return DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant=accountant, log_every_n_steps=1)
+
+    full = dp()
+    trainer(tmp_path / "full", max_epochs=3, callbacks=[full]).fit(TinyModule(), TinyData())
+    assert full.steps == full.planned_steps == 30 and not full.stopped_at_budget
+
+    ckpts = tmp_path / "ckpt"
+    saver = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=7, save_top_k=-1, filename="{step}")
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(tmp_path / "a", max_epochs=3, enable_checkpointing=True, callbacks=[dp(), saver, Kill(at_step=17)]).fit(
+            TinyModule(), TinyData()
+        )
+    resumed = dp()
+    t = trainer(tmp_path / "b", max_epochs=3, callbacks=[resumed])
+    t.fit(TinyModule(), TinyData(), ckpt_path=ckpts / "step=14.ckpt")  # epoch 1, 4 of its 10 batches done
+    assert t.global_step == resumed.steps == 30
+    assert resumed.planned_steps == 30 and resumed.stopped_at_budget is False and resumed.checkpoint_path is None
+    assert not list((tmp_path / "b").rglob("budget_reached.ckpt"))
+    assert resumed.epsilon_spent == pytest.approx(full.epsilon_spent, abs=1e-12)
+    assert _without_paths(resumed.report()) == _without_paths(full.report())
+
+
+def test_an_end_of_epoch_resume_plans_the_remaining_epochs(tmp_path):
+    dp = DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
+    ckpts = tmp_path / "ckpt"
+    saver = ModelCheckpoint(dirpath=ckpts, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(
+            tmp_path / "a", max_epochs=3, enable_checkpointing=True, callbacks=[dp, saver, Kill(after_epoch=1)]
+        ).fit(TinyModule(), TinyData())
+    resumed = DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
+    t = trainer(tmp_path / "b", max_epochs=3, callbacks=[resumed])
+    t.fit(TinyModule(), TinyData(), ckpt_path=ckpts / "epoch=0.ckpt")
+    assert resumed.planned_steps == 30 == resumed.steps == t.global_step and not resumed.stopped_at_budget
+
+
+def test_limit_train_batches_is_the_planned_epoch(tmp_path):
+    dp = DifferentialPrivacy(target_epsilon=2.0, target_delta=1e-3, accountant="rdp")
+    trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[dp]).fit(TinyModule(), TinyData())
+    assert dp.planned_steps == 6 == dp.steps and not dp.stopped_at_budget
+    assert 2.0 - 0.01 <= dp.epsilon_spent <= 2.0  # the noise was planned for the 6 steps taken

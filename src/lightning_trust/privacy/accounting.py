@@ -67,19 +67,24 @@ def planned_steps(
     max_steps: Optional[int] = None,
     max_epochs: Optional[int] = None,
     global_step: int = 0,
-    current_epoch: int = 0,
     physical_parts: int = 1,
+    epoch_steps: Optional[int] = None,
 ) -> Optional[int]:
     """Noisy steps a fit can still take at most (``None``: unbounded).
 
     ``max_steps``/``global_step`` count Lightning's (physical) batches, ``physical_parts`` of them per
-    noisy step with virtual batches; a non-positive limit means no limit, as in the Trainer.
+    noisy step with virtual batches; a non-positive limit means no limit, as in the Trainer. An epoch
+    is ``epoch_steps`` noisy steps (default ``int(1 / q)``; fewer with ``limit_train_batches``), and
+    the steps already taken (``global_step``, restored on resume, mid-epoch too) count against
+    ``max_epochs``.
     """
+    per_epoch = steps_per_epoch(sample_rate) if epoch_steps is None else epoch_steps
+    done = global_step // physical_parts
     limits = []
     if max_steps is not None and max_steps > 0:
         limits.append(max(int(max_steps) - global_step, 0) // physical_parts)
     if max_epochs is not None and max_epochs > 0:
-        limits.append(max(int(max_epochs) - current_epoch, 0) * steps_per_epoch(sample_rate))
+        limits.append(max(int(max_epochs) * per_epoch - done, 0))
     return min(limits) if limits else None
 
 

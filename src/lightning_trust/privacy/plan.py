@@ -23,20 +23,28 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_trust.core import warn_once
-from lightning_trust.privacy.accounting import planned_steps, steps_within_budget
+from lightning_trust.privacy.accounting import planned_steps, steps_per_epoch, steps_within_budget
 from lightning_trust.privacy.optimizer import single_optimizer
 from lightning_trust.privacy.samplers import VirtualBatchSampler
 
 if TYPE_CHECKING:
     from lightning_trust.privacy.callback import DifferentialPrivacy
 
-__all__ = ["budget_steps", "plan_fit", "plan_optimizer", "plan_state", "resolve_training_set", "resume_plan"]
+__all__ = [
+    "budget_steps",
+    "epoch_steps",
+    "plan_fit",
+    "plan_optimizer",
+    "plan_state",
+    "resolve_training_set",
+    "resume_plan",
+]
 
 
 def resolve_training_set(dp: DifferentialPrivacy, size: int, sample_rate: float, world: int) -> None:
@@ -70,8 +78,10 @@ def plan_fit(dp: DifferentialPrivacy, trainer: pl.Trainer) -> Optional[int]:
         max_steps=trainer.max_steps,
         max_epochs=trainer.max_epochs,
         global_step=trainer.global_step,  # restored on resume; counts physical batches with virtual batching
-        current_epoch=trainer.current_epoch,
         physical_parts=dp._opacus.physical_parts,
+        epoch_steps=epoch_steps(
+            dp.sample_rate, trainer.limit_train_batches, dp._opacus.physical_parts, dp._opacus.accumulate
+        ),
     )
     dp.planned_steps = None if remaining is None else dp.steps + remaining
     if not dp._noise_planned:
@@ -87,6 +97,25 @@ def plan_fit(dp: DifferentialPrivacy, trainer: pl.Trainer) -> Optional[int]:
         f"planned steps {dp.planned_steps}."
     )
     return remaining
+
+
+def epoch_steps(sample_rate: float, limit_train_batches: Union[int, float, None], parts: int, accumulate: int) -> int:
+    """Noisy steps in one epoch of the private loader (``parts`` physical batches per noisy step with
+    virtual batches, ``accumulate`` with gradient accumulation), cut as Lightning cuts the epoch to
+    ``limit_train_batches`` (a number of batches, or a fraction of them).
+
+    >>> epoch_steps(0.1, 1.0, 1, 1), epoch_steps(0.1, 3, 1, 1), epoch_steps(0.1, 0.5, 5, 1), epoch_steps(0.1, 5, 1, 2)
+    (10, 3, 5, 3)
+    """
+    batches = steps_per_epoch(sample_rate) * parts * accumulate
+    if isinstance(limit_train_batches, bool) or limit_train_batches is None:
+        limited = batches
+    elif isinstance(limit_train_batches, int):
+        limited = min(batches, limit_train_batches)
+    else:
+        limited = int(batches * float(limit_train_batches))
+    # Lightning steps at an epoch's last batch even mid-accumulation; a cut virtual batch takes no step
+    return math.ceil(limited / accumulate) if accumulate > 1 else limited // parts
 
 
 def plan_optimizer(dp: DifferentialPrivacy, trainer: pl.Trainer) -> None:
