@@ -333,6 +333,15 @@ def check_federated(cell: Cell) -> None:
     report = cell.callback.report()
     assert report["rounds"] == 1 and report["num_clients"] == 2, report
     assert cell.counter.steps > 0 and _changed(cell)
+    record = report["per_round"][0]
+    assert record["bytes_up"] == record["bytes_down"] == 2 * report["payload_bytes"] > 0, record
+    frozen = {n: p for n, p in cell.module.named_parameters() if not p.requires_grad}
+    if cell.model_name == "bert_lora":  # adapter-only: the frozen base never travels and stays as it was
+        full = sum(t.numel() * t.element_size() for t in {id(t): t for t in cell.module.state_dict().values()}.values())
+        assert frozen and report["frozen_bytes"] > 0 and report["payload_bytes"] < full / 5, report
+        assert not set(frozen) & set(cell.callback.state_dict()["global"])
+        base = dict(build(cell.model_name)[0].named_parameters())  # the same seeded model, untrained
+        assert all(torch.equal(p.detach(), base[n].detach()) for n, p in frozen.items())
 
 
 def make_attribution(model: str, root: Path) -> Any:
