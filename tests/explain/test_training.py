@@ -34,7 +34,7 @@ def _explainers():
         Attribution(
             method="integrated_gradients", num_samples=16, sensitivity_samples=2, figures="never", max_overhead=None
         ),
-        AdversarialRobustness(epsilons=[0.0, 0.3], num_samples=32, pgd_steps=3, random_start=True),
+        AdversarialRobustness(epsilons=[0.0, 0.3], num_samples=32, pgd_steps=3, random_start=True, max_overhead=None),
     ]
 
 

@@ -80,18 +80,6 @@ _EXPLAIN_KWARGS = (
 _NO_VALIDATION_STEP = (
     "#16: silent no-op: the module has no `validation_step`, so nothing runs at validation end and nothing is refused"
 )
-_LM_LOGITS_FAIRNESS = (
-    "#16: crash after training steps: fairness/predictions.py `class_scores` raises ValueError on token-level "
-    "logits (16, 10, 64) ('neither per-sample scores nor class logits'), without naming a fix"
-)
-_NO_TARGET_FAIRNESS = (
-    "#16: crash after training steps: core/batch.py raises BatchKeyError 'No target in a single Tensor' on the bare "
-    "tensor batch, without naming a fix (`batch_keys`)"
-)
-_TWO_INPUT_FORWARD = (
-    "#16: crash: the extra forward calls `LightningTransformer.forward(inputs)` without its second argument "
-    "(TypeError: missing 'target'), via core/batch.py `call_module`"
-)
 _QAT_KWARGS = (
     "#18: raised before training, but wrongly: compression/export.py passes the keyword-input dict to torch.export "
     "as one positional argument (AttributeError: 'dict' object has no attribute 'size'/'dtype') and tells the user to "
@@ -107,37 +95,37 @@ _expect(
 )  # fmt: skip
 _expect(
     "Attribution",
-    bert=_EXPLAIN_KWARGS, gpt2_cls=_EXPLAIN_KWARGS, gpt2_lm=_EXPLAIN_KWARGS, vit=_EXPLAIN_KWARGS,
-    bert_lora=_EXPLAIN_KWARGS, boring=WORKS, demo_transformer=_NO_VALIDATION_STEP,
+    bert=WORKS, gpt2_cls=WORKS, gpt2_lm=WORKS, vit=WORKS, bert_lora=WORKS, boring=WORKS, demo_transformer=REFUSED,
 )  # fmt: skip
+REFUSALS[("Attribution", "demo_transformer")] = (ValueError, r"add a `validation_step` to the module, or set `run_on: fit_end`")
 _expect(
     "AdversarialRobustness",
-    bert=_EXPLAIN_KWARGS, gpt2_cls=_EXPLAIN_KWARGS, gpt2_lm=_EXPLAIN_KWARGS, vit=_EXPLAIN_KWARGS,
-    bert_lora=_EXPLAIN_KWARGS,
-    boring="#16: crash at the first validation end, after training steps: explain/robustness.py `evaluate` raises "
-    "ValueError 'needs class targets in the batches' (the bare-tensor batch has none) instead of refusing at setup",
-    demo_transformer=_NO_VALIDATION_STEP,
+    bert=WORKS, gpt2_cls=WORKS, gpt2_lm=WORKS, vit=WORKS, bert_lora=WORKS, boring=REFUSED, demo_transformer=REFUSED,
 )  # fmt: skip
+REFUSALS[("AdversarialRobustness", "boring")] = (ValueError, r"needs class targets.*batch_keys: \{target: ")
+REFUSALS[("AdversarialRobustness", "demo_transformer")] = (ValueError, r"add a `validation_step`, or set `run_on: fit_end`")
 _expect(
     "FairnessMetrics",
-    bert=WORKS, gpt2_cls=WORKS, gpt2_lm=_LM_LOGITS_FAIRNESS, vit=WORKS, bert_lora=WORKS, boring=_NO_TARGET_FAIRNESS,
-    demo_transformer=_NO_VALIDATION_STEP,
+    bert=WORKS, gpt2_cls=WORKS, gpt2_lm=REFUSED, vit=WORKS, bert_lora=WORKS, boring=REFUSED, demo_transformer=REFUSED,
 )  # fmt: skip
 _expect(
     "FairnessPenalty",
-    bert=WORKS, gpt2_cls=WORKS,
-    gpt2_lm="#16: crash in the first training step: fairness/predictions.py `class_scores` raises ValueError on "
-    "token-level logits (16, 10, 64), without naming a fix",
-    vit=WORKS, bert_lora=WORKS,
-    boring="#16: crash in the first training step: core/batch.py raises BatchKeyError 'No target in a single Tensor' "
-    "on the bare tensor batch, without naming a fix",
-    demo_transformer=_TWO_INPUT_FORWARD,
+    bert=WORKS, gpt2_cls=WORKS, gpt2_lm=REFUSED, vit=WORKS, bert_lora=WORKS, boring=REFUSED, demo_transformer=REFUSED,
 )  # fmt: skip
 _expect(
     "ThresholdOptimizer",
-    bert=WORKS, gpt2_cls=WORKS, gpt2_lm=_LM_LOGITS_FAIRNESS, vit=WORKS, bert_lora=WORKS, boring=_NO_TARGET_FAIRNESS,
-    demo_transformer=_TWO_INPUT_FORWARD,
+    bert=WORKS, gpt2_cls=WORKS, gpt2_lm=REFUSED, vit=WORKS, bert_lora=WORKS, boring=REFUSED, demo_transformer=REFUSED,
 )  # fmt: skip
+# token-level logits (B, L, V): group fairness scores one prediction per sample (a sequence-classification head)
+_FAIRNESS_TOKENS = (ValueError, r"shape \(16, 10, 64\).*Use a sequence-classification head")
+# a bare tensor batch has no side columns; a tuple batch names their position
+_FAIRNESS_BARE = (BatchKeyError, r"'group' is missing.*batch_keys: \{group: <key or position>\}")
+_FAIRNESS_TUPLE = (BatchKeyError, r"'group' is missing.*batch_keys: \{group: <int>\}")
+for _name in ("FairnessMetrics", "FairnessPenalty", "ThresholdOptimizer"):
+    REFUSALS[(_name, "gpt2_lm")] = _FAIRNESS_TOKENS
+    REFUSALS[(_name, "boring")] = _FAIRNESS_BARE
+    REFUSALS[(_name, "demo_transformer")] = _FAIRNESS_TUPLE
+REFUSALS[("FairnessMetrics", "demo_transformer")] = (RuntimeError, r"no `validation_step`\. Add a `validation_step`")
 _expect(
     "ProgressivePruning",
     bert=WORKS, gpt2_cls=REFUSED, gpt2_lm=REFUSED, vit=REFUSED,
@@ -347,38 +335,47 @@ def check_federated(cell: Cell) -> None:
 def make_attribution(model: str, root: Path) -> Any:
     from lightning_trust.explain import Attribution
 
-    token = model in TOKEN_MODELS
+    token = model in TOKEN_MODELS  # the input embeddings are found by the callback (no `layer` given)
     return Attribution(
         method="layer_integrated_gradients" if token else "integrated_gradients",
-        layer=EMBEDDINGS[model] if token else None,
         num_samples=4, method_kwargs={"n_steps": 4}, infidelity_samples=0, sensitivity_samples=0, figures="never",
-        progress=False, seed=0,
+        progress=False, seed=0, max_new_tokens=2,
     )  # fmt: skip
 
 
 def check_attribution(cell: Cell) -> None:
-    from captum.attr import IntegratedGradients, LayerIntegratedGradients
+    from captum.attr import IntegratedGradients, LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+
+    from lightning_trust.explain.llm import IdTokenizer
 
     cb = cell.callback
     result = cb.last
     assert result is not None, f"no attribution pass ran; the report is {_brief(cb.report())}"
     module = cell.module.eval()
-    read = _scores
-    inputs = cb.sample.inputs
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return read(module(x))
-
-    if cell.model_name in TOKEN_MODELS:
+    inputs, others = cb.sample.inputs, cb.sample.others
+    if cell.model_name == "gpt2_lm":  # Captum's LLMGradientAttribution of the generated tokens, sample by sample
+        hf, tok, mask = module.model, IdTokenizer(), others["attention_mask"]
+        for i in range(len(inputs)):
+            direct = LLMGradientAttribution(LayerIntegratedGradients(hf, hf.get_input_embeddings()), tok).attribute(
+                TextTokenInput(tok.decode(inputs[i][mask[i].bool()]), tok, baselines=0),
+                gen_args={"max_new_tokens": 2, "do_sample": False}, n_steps=4,
+            )  # fmt: skip
+            torch.testing.assert_close(result.token_attr[i], direct.token_attr)
+    elif cell.model_name in TOKEN_MODELS:  # the attention mask passed as an additional forward argument
+        assert cb.report()["layer"] == EMBEDDINGS[cell.model_name], cb.report()["layer"]
         layer = module.get_submodule(EMBEDDINGS[cell.model_name])
-        expected = LayerIntegratedGradients(forward, layer).attribute(
-            inputs, baselines=torch.zeros_like(inputs), target=result.targets, n_steps=4
-        )
+        expected = LayerIntegratedGradients(
+            lambda ids, mask: _scores(module(ids, attention_mask=mask)), layer
+        ).attribute(
+            inputs, baselines=torch.zeros_like(inputs), additional_forward_args=(others["attention_mask"],),
+            target=result.targets, n_steps=4,
+        )  # fmt: skip
+        torch.testing.assert_close(result.attributions, expected.detach())
     else:
-        expected = IntegratedGradients(forward).attribute(
+        expected = IntegratedGradients(lambda x: _scores(module(x))).attribute(
             inputs, baselines=torch.zeros_like(inputs), target=result.targets, n_steps=4
         )
-    torch.testing.assert_close(result.attributions, expected.detach())
+        torch.testing.assert_close(result.attributions, expected.detach())
     assert cb.report()["top_features"]
 
 
@@ -388,24 +385,66 @@ def make_robustness(model: str, root: Path) -> Any:
     return AdversarialRobustness(attacks=["fgsm"], epsilons=[0.0, 0.1], num_samples=8, progress=False, seed=0)
 
 
+def _gpt2_forward(hf: Any, ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """GPT-2 on perturbed token embeddings with its ids kept (its classifier pools at the last non-pad
+    id, which `inputs_embeds` alone hides): the wte output replaced by a forward hook."""
+
+    def forward(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        handle = hf.get_input_embeddings().register_forward_hook(lambda *_: embeds)
+        try:
+            return hf(input_ids=ids[: len(embeds)], attention_mask=mask).logits
+        finally:
+            handle.remove()
+
+    return forward
+
+
 def check_robustness(cell: Cell) -> None:
+    """FGSM at 0.1 with Captum called directly on the same sample: pixels for the ViT, the token
+    embeddings (padding masked out) for the text models, the summed token loss for the causal LM."""
+    import torch.nn.functional as F
     from captum.robust import FGSM
 
     cb, report = cell.callback, cell.callback.report()
-    assert cb.sample is not None, f"no attack pass ran; the report is {_brief(report)}"
-    module = cell.module.eval()
-    read = _scores
+    assert cb.sample is not None and cb.history, f"no attack pass ran; the report is {_brief(report)}"
+    hf = cell.module.eval().model
     x, y = cb.sample.inputs, cb.sample.targets
-    with torch.no_grad():
-        clean = (read(module(x)).argmax(-1) == y).float().mean().item()
-    assert report["clean_accuracy"] == pytest.approx(clean)
-    low, high = float(x.min()), float(x.max())
-    adversarial = FGSM(lambda t: read(module(t)), lower_bound=low, upper_bound=high).perturb(x, 0.1, y)
-    with torch.no_grad():
-        robust = (read(module(adversarial)).argmax(-1) == y).float().mean().item()
+    if "pixel_values" in x:
+        pixels = x["pixel_values"]
+        forward, start, extra, mask = (lambda p: hf(pixel_values=p).logits), pixels, None, None
+        bounds = {"lower_bound": float(pixels.min()), "upper_bound": float(pixels.max())}
+        assert report["space"] == "inputs"
+    else:
+        ids, attention = x["input_ids"], x["attention_mask"]
+        start = hf.get_input_embeddings()(ids).detach()
+        if cell.model_name == "gpt2_cls":
+            forward = _gpt2_forward(hf, ids)
+        else:
+            forward = lambda e, m: hf(inputs_embeds=e, attention_mask=m).logits  # noqa: E731
+        extra, mask, bounds = (attention,), attention[..., None].expand_as(start).float(), {}
+        assert report["space"] == "embeddings"
+    lm = y.ndim == 2
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not lm:
+            return F.cross_entropy(out, target, reduction="none")
+        return F.cross_entropy(out[:, :-1].transpose(1, 2), target[:, 1:], reduction="none").sum(1)
+
+    def accuracy(values: torch.Tensor) -> float:
+        with torch.no_grad():
+            out = forward(values, *(extra or ()))
+        if not lm:
+            return (out.argmax(-1) == y).float().mean().item()
+        hits, labels = out[:, :-1].argmax(-1) == y[:, 1:], y[:, 1:]
+        return hits[labels != -100].float().mean().item()
+
+    assert report["clean_accuracy"] == pytest.approx(accuracy(start))
+    adversarial = FGSM(forward, loss_func=loss, **bounds).perturb(start.clone(), 0.1, y, additional_forward_args=extra,
+                                                                  mask=mask)  # fmt: skip
+    assert not torch.equal(adversarial, start)
     fgsm = report["robust_accuracy"]["fgsm"]
-    value = fgsm.get("0.1", fgsm.get(0.1)) if isinstance(fgsm, Mapping) else None
-    assert value == pytest.approx(robust), (fgsm, robust)
+    assert fgsm["0.1"] == pytest.approx(accuracy(adversarial)), (fgsm, accuracy(adversarial))
+    assert report["overhead"]["runs"] == len(cb.history), report["overhead"]
 
 
 def make_fairness(model: str, root: Path) -> Any:

@@ -1,5 +1,10 @@
 """``AdversarialRobustness``: Captum's FGSM/PGD attacks on a fixed sample while the model trains.
 
+Any model inputs the batch contract reads: a tensor, a dict of keyword inputs (the float input, e.g.
+``pixel_values``, attacked; the rest passed along), token ids (attacked in embedding space, see
+:mod:`~lightning_trust.explain.robustness_inputs`). The passes stay within ``max_overhead`` of the
+fit's time (:class:`~lightning_trust.core.budget.OverheadBudget`).
+
 Example:
     >>> robust = AdversarialRobustness(attacks=["fgsm", "pgd"], epsilons=[0.0, 0.05, 0.1], num_samples=256)
     >>> [eps_name(e) for e in robust.epsilons]  # how report keys and metric names write them
@@ -16,22 +21,38 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract, call_module, logits_of
+from lightning_trust.core.batch import BatchContract
+from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.output import log_metrics, save_figure, write_json
 from lightning_trust.core.passes import isolated_eval
 from lightning_trust.core.seam_r1 import trained_epoch
-from lightning_trust.core.tensors import to_jsonable
+from lightning_trust.core.tensors import map_tensors, to_jsonable
+from lightning_trust.evaluation.tokens import label_shift
 from lightning_trust.explain.keys import ROBUSTNESS_LOGGED_KEYS, ROBUSTNESS_REPORT_KEYS
 from lightning_trust.explain.plots import robust_accuracy_figure
 from lightning_trust.explain.progress import progress
-from lightning_trust.explain.sample import FixedSample, draw_sample
+from lightning_trust.explain.robustness_checks import (
+    attacked_range,
+    check_epsilons,
+    check_schedule,
+    check_targets,
+    embedding_layer,
+)
+from lightning_trust.explain.robustness_inputs import (
+    AttackSample,
+    attack_loss,
+    attack_space,
+    correct,
+    draw_attack_sample,
+)
 from lightning_trust.explain.schedule import ScheduledPass
 
 __all__ = ["ATTACKS", "AdversarialRobustness", "eps_name"]
@@ -44,17 +65,14 @@ def eps_name(eps: float) -> str:
     return f"{float(eps):g}"
 
 
-def _cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
-    # Captum's default loss is -log(outputs), for probabilities; our modules return logits.
-    return F.cross_entropy(outputs, target, reduction="none")
-
-
 class AdversarialRobustness(ScheduledPass):
     r"""Robust accuracy under Captum's ``FGSM`` and ``PGD`` on a fixed, seeded evaluation sample.
 
     At each trigger (``run_on``) every attack runs at every ``epsilon`` (input space, clamped to the
-    inputs' valid range) on ``num_samples`` validation samples drawn once (seeded, stratified by
-    class) through the batch contract, in an isolated pass (DP hooks paused, eval mode, forked RNG,
+    inputs' valid range; embedding space for token ids, padding unperturbed) on ``num_samples``
+    validation samples drawn once at setup (seeded, stratified by class) through the batch contract;
+    a causal LM's token labels count per token (the logits at ``t`` against the label at ``t + 1``
+    when the labels are the input ids). In an isolated pass (DP hooks paused, eval mode, forked RNG,
     parameters frozen, everything restored). Logged: ``robustness/clean_acc``,
     ``robustness/<attack>/acc@<eps>``, ``robustness/<attack>/success@<eps>`` (attack success rate:
     share of the clean-correct samples the attack flips), ``robustness/worst_acc`` and, with
@@ -79,6 +97,9 @@ class AdversarialRobustness(ScheduledPass):
         run_on: ``"validation_end"``, ``"fit_end"``, ``"test_end"`` or a list of them (named ``run_on``,
             not ``on``: YAML 1.1 reads a bare ``on:`` key as ``true``).
         seed: seed of the sample and of PGD's random start.
+        max_overhead: the passes cost at most this share of the fit's own time: a due validation pass is
+            skipped when it would exceed it (counted in the report's ``overhead.skipped``); the last
+            epoch's and the fit-end pass always run. ``None``: every pass.
         stratify: balance the sample over classes.
         batch_size: samples per attack call (``None``: all at once).
         progress: show progress in the Trainer's progress bar style.
@@ -106,6 +127,7 @@ class AdversarialRobustness(ScheduledPass):
         every_n_epochs: int = 1,
         run_on: Union[str, list[str]] = "validation_end",
         seed: int = 0,
+        max_overhead: Optional[float] = DEFAULT_MAX_OVERHEAD,
         stratify: bool = True,
         batch_size: Optional[int] = None,
         progress: bool = True,
@@ -146,12 +168,70 @@ class AdversarialRobustness(ScheduledPass):
         self.batch_size = batch_size
         self.progress = progress
         self.batch_keys = batch_keys
-        self.sample: Optional[FixedSample] = None
+        self.budget = OverheadBudget(max_overhead)
+        self.max_overhead = self.budget.max_overhead
+        self._overhead: dict[str, Any] = self.budget.summary()
+        self._layer: Optional[torch.nn.Module] = None  # the embedding layer token inputs are attacked through
+        self._shift: Optional[int] = None
+        self._prepared = False
+        self.sample: Optional[AttackSample] = None
         self.history: list[dict[str, Any]] = []
         self.last: Optional[dict[str, Any]] = None
         self._figures: dict[str, str] = {}
 
+    # setup and the budget -------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        check_schedule(self.stages, pl_module, stage)
+        self._prepare(trainer, pl_module, at_setup=True)
+
+    def _prepare(self, trainer: Any, pl_module: Any, at_setup: bool = False) -> None:
+        """Draw the sample (once) and check it: targets, attack space, epsilons (before any step)."""
+        if self.sample is None:
+            contract = BatchContract.resolve(self.batch_keys, trainer)
+            loader, kind = find_loader(trainer, ("val", "test"))
+            if loader is None:
+                if not at_setup:  # loaders given to `trainer.test(...)` are attached after setup
+                    raise ValueError(
+                        "AdversarialRobustness found no validation (or test) DataLoader to draw its sample from: "
+                        "give the DataModule (or the LightningModule) a `val_dataloader`."
+                    )
+                return
+            self.sample = draw_attack_sample(loader, contract, self.num_samples, self.seed, self.stratify, source=kind)
+        self._layer = embedding_layer(self.sample, pl_module, self.input_range)
+        check_targets(self.sample, pl_module, self._layer, trainer)
+        targets = self.sample.targets
+        assert targets is not None
+        self._shift = label_shift("auto", self.sample.inputs, targets) if targets.ndim == 2 else None
+        if self._shift is not None and self.min_perturbation:
+            raise ValueError(
+                "`min_perturbation` searches the smallest epsilon that flips a sample's class, but the targets are "
+                "per token (a language model): set `min_perturbation=False`."
+            )
+        space = "embeddings" if self._layer is not None else "inputs"
+        check_epsilons(self.epsilons, *attacked_range(self.sample, self._layer, self.input_range), space=space)
+        self._prepared = True
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.budget.start()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        self._overhead = self.budget.summary()  # the fit's account (its clock would run on after the fit)
+
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or stage == "test_end":
+            self._attack_and_log(trainer, pl_module, stage, hook_allows_log)
+            return
+        if self.budget.allows(final=stage == "fit_end" or _last_epoch(trainer)):
+            with self.budget.timed():
+                self._attack_and_log(trainer, pl_module, stage, hook_allows_log)
+        self._overhead = self.budget.summary()
+
+    def _attack_and_log(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         result = self.evaluate(pl_module, trainer, stage=stage)
         metrics: dict[str, Optional[float]] = {
             "robustness/clean_acc": result["clean_accuracy"],
@@ -172,18 +252,8 @@ class AdversarialRobustness(ScheduledPass):
     # the pass ---------------------------------------------------------------------------------
     def evaluate(self, pl_module: Any, trainer: Any = None, stage: str = "manual") -> dict[str, Any]:
         """Attack the fixed sample now (the hooks call this) and return the result dict."""
-        contract = BatchContract.resolve(self.batch_keys, trainer)
-        if self.sample is None:
-            loader, kind = find_loader(trainer, ("val", "test"))
-            if loader is None:
-                raise RuntimeError(
-                    "AdversarialRobustness found no validation (or test) DataLoader to draw its sample from."
-                )
-            self.sample = draw_sample(loader, contract, self.num_samples, self.seed, self.stratify, source=kind)
-            if self.sample.targets is None:
-                raise ValueError(
-                    "AdversarialRobustness needs class targets in the batches (see `batch_keys: {target: ...}`)."
-                )
+        if not self._prepared:
+            self._prepare(trainer, pl_module)  # no loader at setup, or called by hand
         # validate/test hooks run under torch.inference_mode, which enable_grad alone does not lift
         with torch.inference_mode(False):
             return self._evaluate(pl_module, trainer, stage)
@@ -194,10 +264,8 @@ class AdversarialRobustness(ScheduledPass):
         assert self.sample is not None and self.sample.targets is not None
         start = time.perf_counter()
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        x = self.sample.inputs.to(device).clone()
         y = self.sample.targets.to(device).long().clone()
-        low, high = self.input_range or [float(self.sample.inputs.min()), float(self.sample.inputs.max())]
-        n = len(x)
+        n = len(y)
         size = self.batch_size or n
         parts = [slice(i, min(i + size, n)) for i in range(0, n, size)]
         robust: dict[str, dict[str, float]] = {a: {} for a in self.attacks}
@@ -207,14 +275,29 @@ class AdversarialRobustness(ScheduledPass):
             for p in module.parameters():
                 p.requires_grad_(False)
             torch.manual_seed(self.seed)
+            space = attack_space(module, _to(self.sample.inputs, device), self._layer)
+            low, high = (
+                (float("-inf"), float("inf")) if space.kind == "embeddings"
+                else self.input_range or [float(space.start.min()), float(space.start.max())]
+            )  # fmt: skip
+            x = space.start.detach().clone()
 
-            def predict(inputs: Tensor) -> Tensor:
+            def extras(s: slice) -> Optional[tuple[Tensor, ...]]:
+                return tuple(e[s] for e in space.extras) or None
+
+            def mask(s: slice) -> Optional[Tensor]:
+                return space.mask[s] if space.mask is not None else None
+
+            def predict(values: Tensor) -> Tensor:
                 with torch.no_grad():
-                    return torch.cat([logits_of(call_module(module, inputs[s])).argmax(dim=1) for s in parts])
+                    return torch.cat([
+                        correct(space.forward(values[s], *(extras(s) or ())), y[s], self._shift) for s in parts
+                    ])  # fmt: skip
 
-            clean_correct = predict(x) == y
-            fgsm = FGSM(module, loss_func=_cross_entropy, lower_bound=low, upper_bound=high)
-            pgd = PGD(module, loss_func=_cross_entropy, lower_bound=low, upper_bound=high)
+            clean_correct = predict(x)
+            loss = attack_loss(self._shift)
+            fgsm = FGSM(space.forward, loss_func=loss, lower_bound=low, upper_bound=high)
+            pgd = PGD(space.forward, loss_func=loss, lower_bound=low, upper_bound=high)
             total = len(self.attacks) * len(self.epsilons) + (
                 self.min_perturbation_samples if self.min_perturbation else 0
             )
@@ -222,27 +305,31 @@ class AdversarialRobustness(ScheduledPass):
                 for attack in self.attacks:
                     for eps in self.epsilons:
                         if attack == "fgsm":
-                            adv = torch.cat(
-                                [fgsm.perturb(x[s].clone().requires_grad_(), epsilon=eps, target=y[s]) for s in parts]
-                            )
+                            adv = torch.cat([
+                                fgsm.perturb(x[s].clone().requires_grad_(), epsilon=eps, target=y[s],
+                                             additional_forward_args=extras(s), mask=mask(s))
+                                for s in parts
+                            ])  # fmt: skip
                         else:
                             step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * eps / self.pgd_steps
                             adv = torch.cat([
                                 pgd.perturb(x[s].clone().requires_grad_(), radius=eps, step_size=step, step_num=self.pgd_steps, target=y[s],
-                                            random_start=self.random_start, norm=self.norm)
+                                            additional_forward_args=extras(s), random_start=self.random_start, norm=self.norm,
+                                            mask=mask(s))
                                 for s in parts
                             ])  # fmt: skip
-                        correct = predict(adv.detach()) == y
-                        robust[attack][eps_name(eps)] = float(correct.float().mean())
-                        flipped = (clean_correct & ~correct).sum()
+                        right = predict(adv.detach())
+                        robust[attack][eps_name(eps)] = float(right.float().mean())
+                        flipped = (clean_correct & ~right).sum()
                         base = clean_correct.sum()
                         success[attack][eps_name(eps)] = float(flipped / base) if base > 0 else None
                         bar.advance()
                 if self.min_perturbation:
-                    min_result = self._min_perturbation(module, fgsm, x, y, clean_correct, bar)
+                    min_result = self._min_perturbation(space, fgsm, x, y, clean_correct, bar)
         clean = float(clean_correct.float().mean())
         result: dict[str, Any] = {
             "stage": stage,
+            "space": space.kind,
             "epoch": trained_epoch(trainer),
             "step": int(getattr(trainer, "global_step", 0) or 0),
             "clean_accuracy": clean,
@@ -257,20 +344,26 @@ class AdversarialRobustness(ScheduledPass):
         return result
 
     def _min_perturbation(
-        self, module: Any, fgsm: Any, x: Tensor, y: Tensor, clean_correct: Tensor, bar: Any
+        self, space: Any, fgsm: Any, x: Tensor, y: Tensor, clean_correct: Tensor, bar: Any
     ) -> dict[str, Any]:
         from captum.robust import MinParamPerturbation
 
         upper = max(self.epsilons) or 1.0
         search = MinParamPerturbation(
-            forward_func=module, attack=fgsm, arg_name="epsilon", arg_min=0.0, arg_max=upper,
+            forward_func=space.forward, attack=fgsm, arg_name="epsilon", arg_min=0.0, arg_max=upper,
             arg_step=upper / 64, mode="binary",
         )  # fmt: skip
         found: list[float] = []
         searched = 0
         for i in torch.nonzero(clean_correct).flatten()[: self.min_perturbation_samples].tolist():
             xi, yi = x[i : i + 1], y[i : i + 1]
-            _, eps = search.evaluate(xi.clone().requires_grad_(), target=yi, attack_kwargs={"target": yi})
+            extra = tuple(e[i : i + 1] for e in space.extras) or None
+            kwargs = {"target": yi, "additional_forward_args": extra}
+            if space.mask is not None:
+                kwargs["mask"] = space.mask[i : i + 1]
+            _, eps = search.evaluate(
+                xi.clone().requires_grad_(), additional_forward_args=extra, target=yi, attack_kwargs=kwargs
+            )
             searched += 1
             if eps is not None:
                 found.append(float(eps))
@@ -298,14 +391,16 @@ class AdversarialRobustness(ScheduledPass):
         return to_jsonable({
             "attacks": list(self.attacks),
             "epsilons": list(self.epsilons),
-            "num_samples": len(self.sample.inputs) if self.sample is not None else self.num_samples,
+            "num_samples": len(self.sample) if self.sample is not None else self.num_samples,
             "norm": self.norm,
+            "space": last.get("space"),
             "epoch": last.get("epoch"),
             "clean_accuracy": last.get("clean_accuracy"),
             "robust_accuracy": last.get("robust_accuracy", {}),
             "worst_accuracy": last.get("worst_accuracy"),
             "attack_success_rate": last.get("attack_success_rate", {}),
             "min_perturbation": last.get("min_perturbation"),
+            "overhead": dict(self._overhead),
             "figures": dict(self._figures),
         })  # fmt: skip
 
@@ -315,11 +410,23 @@ class AdversarialRobustness(ScheduledPass):
             "sample": None if self.sample is None else self.sample.state(),
             "history": self.history,
             "last": self.last,
+            "budget": self.budget.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sample = state_dict.get("sample")
-        self.sample = None if sample is None else FixedSample.from_state(sample)
+        self.sample = None if sample is None else AttackSample.from_state(sample)
         self.history = list(state_dict.get("history", []))
         self.last = state_dict.get("last")
+        if "budget" in state_dict:
+            self.budget.load_state_dict(state_dict["budget"])
+
+
+def _last_epoch(trainer: Any) -> bool:
+    steps_done = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+    return steps_done or (trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs)
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    return map_tensors(inputs, lambda t: t.to(device).clone())
