@@ -32,6 +32,8 @@ from opacus.accountants.utils import get_noise_multiplier
 __all__ = [
     "ACCOUNTANTS",
     "History",
+    "accounting_problem",
+    "check_accounting",
     "epsilon_of",
     "extend_history",
     "noise_for_epsilon",
@@ -103,6 +105,9 @@ def noise_for_epsilon(
             "`target_epsilon` needs a planned training length to find the noise: set Trainer(max_epochs=...) "
             "or Trainer(max_steps=...), or give `noise_multiplier` instead."
         )
+    problem = accounting_problem([(1.0, sample_rate, 1)], delta, accountant)
+    if problem is not None:
+        raise ValueError(_delta_message(delta, sample_rate, accountant, problem))
     try:
         return float(
             get_noise_multiplier(
@@ -114,12 +119,50 @@ def noise_for_epsilon(
                 epsilon_tolerance=epsilon_tolerance,
             )
         )
-    except ValueError as err:
+    except (ValueError, RuntimeError, ArithmeticError) as err:
         raise ValueError(
             f"target_epsilon={target_epsilon} at δ={delta:.3g} cannot be reached in "
             f"{steps} steps at sample rate {sample_rate:.4g} ({err}): no noise multiplier is large "
             "enough. Raise target_epsilon or target_delta, train fewer steps/epochs, or use a smaller batch."
         ) from err
+
+
+def accounting_problem(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> Optional[str]:
+    """Why Opacus's ``accountant`` cannot give a meaningful ε for ``history`` at ``delta`` (its
+    error, or a negative ε: δ too large to mean anything); ``None`` when it can."""
+    try:
+        epsilon = epsilon_of(history, delta, accountant)
+    except (ValueError, RuntimeError, ArithmeticError) as err:
+        return f"{type(err).__name__}: {err}"
+    if math.isnan(epsilon) or epsilon < 0:
+        return f"ε = {epsilon:.3g}, so δ is too large for any guarantee"
+    return None
+
+
+def check_accounting(
+    history: Sequence[tuple[float, float, int]],
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: Optional[int],
+    delta: float,
+    accountant: str,
+) -> None:
+    """Refuse a plan whose ε Opacus cannot compute (after one more step, and at the end of the
+    ``steps`` planned), before training, naming δ and what to change."""
+    if noise_multiplier == 0:
+        return
+    for extra in {1, max(steps or 1, 1)}:
+        problem = accounting_problem(extend_history(history, noise_multiplier, sample_rate, extra), delta, accountant)
+        if problem is not None:
+            raise ValueError(_delta_message(delta, sample_rate, accountant, problem))
+
+
+def _delta_message(delta: float, sample_rate: float, accountant: str, problem: str) -> str:
+    return (
+        f"target_delta={delta:.3g} cannot be accounted by Opacus's {accountant!r} accountant at sample rate "
+        f"{sample_rate:.4g} ({problem}). Set target_delta well below 1/N but not vanishing (e.g. 1e-5)"
+        + ("; for a very small δ use accountant='rdp'." if accountant == "prv" else ".")
+    )
 
 
 def steps_of(history: Sequence[tuple[float, float, int]]) -> int:

@@ -178,6 +178,7 @@ class DifferentialPrivacy(TrustCallback):
             epsilon_tolerance,
             dataset_size,
             log_every_n_steps,
+            fix_module=fix_module,
         )
 
         self.target_epsilon = target_epsilon

@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 from typing import Optional, Union
 
 import lightning.pytorch as pl
@@ -32,6 +34,18 @@ __all__ = ["SUPPORTED_PRECISIONS", "check_arguments", "check_trainer"]
 SUPPORTED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite(name: str, value: object, fix: str) -> None:
+    """Refuse a ``value`` that is not a finite real number (a string, a bool, NaN, infinity)."""
+    if not _is_real(value):
+        raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}); pass a float.")
+    if not math.isfinite(float(value)):  # type: ignore[arg-type]  # a Real
+        raise ValueError(f"`{name}` must be finite, got {value}; {fix}.")
+
+
 def check_arguments(
     target_epsilon: Optional[float] = None,
     target_delta: Optional[float] = None,
@@ -47,23 +61,41 @@ def check_arguments(
     epsilon_tolerance: float = 0.01,
     dataset_size: Optional[int] = None,
     log_every_n_steps: Optional[int] = None,
+    fix_module: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming the fix for arguments of ``DifferentialPrivacy`` that cannot work."""
+    """Raise ``ValueError`` naming the fix for arguments of ``DifferentialPrivacy`` that cannot work
+    (a wrong type, a value out of range, NaN or infinity where a finite number is needed)."""
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ValueError(
             "DifferentialPrivacy needs exactly one of `target_epsilon` (the noise is computed from it) or "
             f"`noise_multiplier` (fixed noise); got target_epsilon={target_epsilon}, "
             f"noise_multiplier={noise_multiplier}."
         )
-    if target_epsilon is not None and not target_epsilon > 0:
-        raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
-    if noise_multiplier is not None and not noise_multiplier >= 0:
-        raise ValueError(f"`noise_multiplier` must be >= 0, got {noise_multiplier}.")
-    if target_delta is not None and not 0 < target_delta < 1:
-        raise ValueError(f"`target_delta` must be in (0, 1), got {target_delta}; a typical value is 1e-5.")
+    for flag, value in (("poisson_sampling", poisson_sampling), ("secure_rng", secure_rng), ("fix_module", fix_module)):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{flag}` must be True or False, got {value!r} ({type(value).__name__}).")
+    if target_epsilon is not None:
+        _finite("target_epsilon", target_epsilon, "for no noise (debugging only) set `noise_multiplier=0` instead")
+        if not target_epsilon > 0:
+            raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
+    if noise_multiplier is not None:
+        _finite("noise_multiplier", noise_multiplier, "set a finite noise multiplier such as 1.0")
+        if not noise_multiplier >= 0:
+            raise ValueError(f"`noise_multiplier` must be >= 0, got {noise_multiplier}.")
+    if target_delta is not None:
+        _finite("target_delta", target_delta, "set target_delta=1e-5 (well below 1/N)")
+        if not 0 < target_delta < 1:
+            raise ValueError(f"`target_delta` must be in (0, 1), got {target_delta}; a typical value is 1e-5.")
     norms = max_grad_norm if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm]
-    if not norms or any(not isinstance(c, (int, float)) or not c > 0 for c in norms):
-        raise ValueError(f"`max_grad_norm` must be a positive number (or a list of them), got {max_grad_norm}.")
+    if not norms or any(not _is_real(c) or not math.isfinite(c) or not c > 0 for c in norms):
+        raise ValueError(
+            f"`max_grad_norm` must be a finite positive number (or a list of them), got {max_grad_norm!r}: it is the "
+            "per-sample clipping bound the noise is scaled to (an infinite one clips nothing and makes the noise "
+            "infinite). Set max_grad_norm=1.0 (or about the typical per-sample gradient norm)."
+        )
+    for name, value in (("accountant", accountant), ("clipping", clipping), ("grad_sample_mode", grad_sample_mode)):
+        if not isinstance(value, str):
+            raise ValueError(f"`{name}` must be a string, got {value!r} ({type(value).__name__}).")
     if isinstance(max_grad_norm, (list, tuple)) and clipping != "per_layer":
         raise ValueError("A list `max_grad_norm` (one bound per parameter) needs `clipping='per_layer'`.")
     if accountant not in ACCOUNTANTS:
@@ -79,18 +111,22 @@ def check_arguments(
             "grad_sample_mode='bk' clips the whole per-sample gradient, so it supports only `clipping='flat'`; use "
             "grad_sample_mode='hooks' (or 'auto', which picks hooks for per-layer clipping)."
         )
-    if max_physical_batch_size is not None and max_physical_batch_size < 1:
-        raise ValueError(f"`max_physical_batch_size` must be a positive integer, got {max_physical_batch_size}.")
+    for name, count in (
+        ("max_physical_batch_size", max_physical_batch_size),
+        ("dataset_size", dataset_size),
+        ("log_every_n_steps", log_every_n_steps),
+    ):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1):
+            raise ValueError(f"`{name}` must be a positive integer (or None), got {count!r} ({type(count).__name__}).")
     if max_physical_batch_size is not None and not poisson_sampling:
         raise ValueError("`max_physical_batch_size` splits Poisson batches; it needs `poisson_sampling=True`.")
-    if stop_at_epsilon is not None and not stop_at_epsilon > 0:
-        raise ValueError(f"`stop_at_epsilon` must be > 0, got {stop_at_epsilon}.")
+    if stop_at_epsilon is not None:
+        _finite("stop_at_epsilon", stop_at_epsilon, "pass stop_at_epsilon=None for no budget")
+        if not stop_at_epsilon > 0:
+            raise ValueError(f"`stop_at_epsilon` must be > 0, got {stop_at_epsilon}.")
+    _finite("epsilon_tolerance", epsilon_tolerance, "keep the default 0.01")
     if not epsilon_tolerance > 0:
         raise ValueError(f"`epsilon_tolerance` must be > 0, got {epsilon_tolerance}.")
-    if dataset_size is not None and dataset_size < 1:
-        raise ValueError(f"`dataset_size` must be a positive integer, got {dataset_size}.")
-    if log_every_n_steps is not None and log_every_n_steps < 1:
-        raise ValueError(f"`log_every_n_steps` must be a positive integer, got {log_every_n_steps}.")
     if secure_rng and importlib.util.find_spec("torchcsprng") is None:
         raise ValueError(
             "`secure_rng=True` needs cryptographically secure randomness from `torchcsprng` "

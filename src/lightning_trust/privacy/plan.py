@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_trust.core import warn_once
-from lightning_trust.privacy.accounting import planned_steps, steps_per_epoch, steps_within_budget
+from lightning_trust.privacy.accounting import check_accounting, planned_steps, steps_per_epoch, steps_within_budget
 from lightning_trust.privacy.optimizer import single_optimizer
 from lightning_trust.privacy.samplers import VirtualBatchSampler
 
@@ -89,6 +89,8 @@ def plan_fit(dp: DifferentialPrivacy, trainer: pl.Trainer) -> Optional[int]:
         if not (math.isfinite(noise) and noise >= 0):
             raise ValueError(f"`noise_plan` must return a finite noise multiplier >= 0, got {noise}.")
         dp.noise_multiplier, dp._noise_planned = noise, True
+    assert dp.delta is not None
+    check_accounting(dp._accountant.history, dp.noise_multiplier, dp.sample_rate, remaining, dp.delta, dp.accountant)
     if dp.noise_multiplier == 0:
         warn_once(dp, "no_noise", "DifferentialPrivacy(noise_multiplier=0): no noise, ε is infinite (debugging only).")
     rank_zero_info(
