@@ -12,11 +12,12 @@ shuffled when the user's loader shuffles). Lightning runs the user's own ``train
 backward and optimizer from ``configure_optimizers`` (so precision, gradient clipping and other
 callbacks apply unchanged). Around each client's batches the callback
 
-* loads the current global weights (plus the client's ``keep_local`` entries) and clears the
-  optimizer state, as FedAvg-style algorithms assume;
+* loads the current global weights (the payload: with ``payload="trainable"`` only the trainable
+  tensors and buffers, :mod:`~lightning_trust.federated.payload`; plus the client's ``keep_local``
+  entries) and clears the optimizer state, as FedAvg-style algorithms assume;
 * adds the FedProx proximal gradient ``mu * (w - w_global)`` before each optimizer step (the
   user's loss is unchanged);
-* after the client's last step, takes its weights as its update (or drops it when the client
+* after the client's last step, takes its payload as its update (or drops it when the client
   fails, ``dropout_rate``);
 
 and after the round's last batch it aggregates (:class:`~lightning_trust.federated.server.Server`),
@@ -27,6 +28,7 @@ weights, server optimizer, client sampler RNG, DP accountant, FedBN local weight
 checkpointed; resuming continues identically.
 """
 
+from lightning_trust.federated.adaptive import AdaptiveClipping
 from lightning_trust.federated.aggregators import (
     AGGREGATORS,
     Aggregator,
@@ -50,6 +52,7 @@ from lightning_trust.federated.strategy import FederatedStrategy
 __all__ = [
     "AGGREGATORS",
     "IID",
+    "AdaptiveClipping",
     "Aggregator",
     "ByKey",
     "ClientDP",
