@@ -275,3 +275,31 @@ def test_text_demo_federated_by_native_region_with_a_lora_transformer(tmp_path):
     assert sim.report()["payload_bytes"] * 10 < sim.report()["frozen_bytes"]
     by_hand = ByKey("native_region").split(dm.train_dataset, None, contract=sim._contract)
     assert [len(p) for p in by_hand] == sim.partition_info["sizes"]
+
+
+class Unfreezes(pl.Callback):
+    """BackboneFinetuning-style: the base trains from the second epoch (round) on."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            pl_module.base.requires_grad_(True)
+
+
+class FrozenBase(EditsItsBase):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.base(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_layer_unfrozen_by_a_callback_joins_the_payload_from_its_round():
+    model = FrozenBase()
+    initial = model.base.weight.detach().clone()
+    sim = Recording(num_clients=2, local_steps=1)
+    trainer(max_epochs=2, callbacks=[sim, Unfreezes()]).fit(model)  # the simulation's hooks run first
+    assert [("base.weight" in s) for s in sim.sent_up[0]] == [False, False]
+    assert [("base.weight" in s) for s in sim.sent_up[1]] == [True, True]
+    assert "base.weight" in sim.aggregated[1] and not torch.equal(model.base.weight.detach(), initial)
+    assert sim.history[1]["bytes_up"] > sim.history[0]["bytes_up"]

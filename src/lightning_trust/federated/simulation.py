@@ -273,16 +273,13 @@ class FederatedSimulation(TrustCallback):
         elif not self._resume:  # resumed between rounds: the checkpoint's global weights
             load_payload(pl_module, self._global)
         # resumed within a round: the module holds the interrupted client's weights, restored by Lightning
-        self._base = base_fingerprint(pl_module) if self.payload == "trainable" else ""
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._select_payload(pl_module)  # a round may unfreeze layers (BackboneFinetuning)
 
     def _select_payload(self, pl_module: pl.LightningModule) -> None:
+        """What travels this round (chosen at its first step: a callback may have unfrozen layers)."""
         self._keys, self._param_keys, self._payload_info = select_payload(
             pl_module, self.payload, self.server.keep_local, self._global
         )
+        self._base = base_fingerprint(pl_module) if self.payload == "trainable" else ""
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -331,6 +328,8 @@ class FederatedSimulation(TrustCallback):
 
     def _begin_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seg: ClientSegment) -> None:
         assert self._global is not None
+        if seg.start == 0:
+            self._select_payload(pl_module)
         state = {k: self._global[k] for k in self._keys}
         state.update(self._local_states.get(seg.client, {}))
         load_payload(pl_module, state)
