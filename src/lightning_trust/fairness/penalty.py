@@ -52,6 +52,7 @@ from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.passes import unwrap_module
+from lightning_trust.fairness.checks import check_batch, check_predictions
 from lightning_trust.fairness.groups import entry_name, group_names, read_codes, single_entry
 from lightning_trust.fairness.predictions import Activation, check_activation, class_scores, positive_score
 
@@ -175,6 +176,7 @@ class FairnessPenalty(TrustCallback):
         self._epoch_sum: Optional[Tensor] = None
         self._epoch_steps = 0
         self.history: list[dict[str, float]] = []  # mean penalty per epoch
+        self._checked = False
 
     @property
     def state_key(self) -> str:
@@ -196,6 +198,7 @@ class FairnessPenalty(TrustCallback):
             )
         self.contract = BatchContract.resolve(self.batch_keys, trainer, side_keys=self.columns)
         self._sizes = [len(names) if names else None for names in (group_names(trainer, c) for c in self.columns)]
+        self._checked = False
         self._patch(pl_module)
 
     @override
@@ -225,6 +228,8 @@ class FairnessPenalty(TrustCallback):
     def _penalised_step(self, pl_module: pl.LightningModule, original: Any, args: Any, kwargs: Any) -> Any:
         assert self.contract is not None
         batch = args[0] if args else kwargs["batch"]
+        if not self._checked:  # the first step, before its optimizer step: columns and target
+            check_batch(self.contract, batch, self.columns, self._sizes, "FairnessPenalty")
         capture = ForwardCapture(detach=False)
         capture.arm(pl_module, batch_size_of(batch, self.contract))
         try:
@@ -237,6 +242,9 @@ class FairnessPenalty(TrustCallback):
         if preds is None:
             self.extra_forwards += 1
             preds = logits_of(call_module(pl_module, self.contract.inputs(batch)))
+        if not self._checked:
+            check_predictions(preds, self.contract.target(batch), "FairnessPenalty")
+            self._checked = True
         penalty = self.penalty(preds, batch)
         self._record(pl_module, penalty)
         if isinstance(out, Tensor):

@@ -38,6 +38,7 @@ from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.loaders import split_loaders
 from lightning_trust.core.output import artifact_dir, write_json
+from lightning_trust.fairness.checks import check_batch, check_predictions, predictions_of, probe_batch
 from lightning_trust.fairness.groups import (
     entry_name,
     group_labels,
@@ -155,6 +156,7 @@ class ThresholdOptimizer(TrustCallback):
         self.thresholds: dict[str, dict[str, Any]] = {}
         self.results: dict[str, dict[str, Any]] = {}  # split -> before/after
         self.fitted_on: Optional[dict[str, Any]] = None
+        self._checked = False
 
     @property
     def state_key(self) -> str:
@@ -166,6 +168,24 @@ class ThresholdOptimizer(TrustCallback):
         super().setup(trainer, pl_module, stage)
         self.contract = BatchContract.resolve(self.batch_keys, trainer, side_keys=self.columns)
         self.group_names = {c: group_names(trainer, c) for c in self.columns}
+        self._checked = False
+
+    def _check(self, batch: Any, preds: Optional[Any] = None) -> None:
+        """Refuse missing or non-integer sensitive columns, a missing target, per-token predictions."""
+        assert self.contract is not None
+        capacities = [len(n) if n else None for n in (self.group_names[c] for c in self.columns)]
+        check_batch(self.contract, batch, self.columns, capacities, "ThresholdOptimizer")
+        if preds is not None:
+            check_predictions(preds, self.contract.target(batch), "ThresholdOptimizer")
+            self._checked = True
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before the first optimizer step: one validation batch, as the sanity pass would show it
+        batch = probe_batch(trainer, pl_module) if not self._checked else None
+        if batch is not None and self.contract is not None:
+            self._check(batch)
+            self._check(batch, predictions_of(trainer, pl_module, self.contract, batch))
 
     def _should_skip(self, trainer: pl.Trainer) -> bool:
         """Scores are collected in fit's validation epochs (not the sanity check) and in test."""
@@ -184,6 +204,8 @@ class ThresholdOptimizer(TrustCallback):
     def _collect(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         assert self.contract is not None
         preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs, pl_module.trainer)
+        if not self._checked:
+            self._check(batch, preds)
         scores = positive_score(class_scores(preds, self.activation), self.positive_label)
         y = (self.contract.target(batch).reshape(-1).to(scores.device) == self.positive_label).long()
         codes = read_codes(self.contract, batch, self.columns, scores.device)
