@@ -173,6 +173,7 @@ class Attribution(ScheduledPass):
         # state
         self._plan: Optional[Plan] = None
         self.skipped: list[dict[str, Any]] = []  # passes the overhead budget skipped
+        self.pass_seconds: list[float] = []  # each pass's time in this fit, files and figures included
         self.sample: Optional[FixedSample] = None
         self.reference: Optional[Tensor] = None  # training inputs for "mean"/"train" baselines
         self.previous: Optional[Tensor] = None  # the last pass's global importance
@@ -218,8 +219,10 @@ class Attribution(ScheduledPass):
         if not self.budget.allows(final=self._is_final(trainer, stage)):
             self.skipped.append({"stage": stage, "epoch": int(trainer.current_epoch), "step": int(trainer.global_step)})
             return
+        before = self.budget.spent
         with self.budget.timed():
             self._pass(trainer, pl_module, stage, hook_allows_log)
+        self.pass_seconds.append(self.budget.spent - before)
 
     def _is_final(self, trainer: Any, stage: str) -> bool:
         """The pass the report shows (always run, whatever the budget): at fit or test end, in a
@@ -358,7 +361,7 @@ class Attribution(ScheduledPass):
             "tokens": None if last is None else last.token_scores(),
             "generated": None if last is None else last.generated,
             "patch_size": None if plan is None else plan.patch_size,
-            "budget": {**self.budget.summary(), "skipped_passes": list(self.skipped)},
+            "budget": {**self.budget.summary(), "skipped_passes": list(self.skipped), "pass_seconds": self.pass_seconds},
             "figures": dict(self._figures),
             "files": {} if last is None else dict(last.files),
         })  # fmt: skip

@@ -45,7 +45,8 @@ ATTRIBUTION_REPORT_KEYS: dict[str, str] = {
     "tokens": "token inputs: each fixed sample's unpadded tokens with their scores, [[{token, score}]] (else null)",
     "generated": "causal LMs: each sample's generated target tokens, attributed to its prompt (else null)",
     "patch_size": "vision transformers: the patch size of the patch heatmaps (else null)",
-    "budget": "the overhead budget: max_overhead, measured overhead, runs, skipped, seconds, skipped_passes",
+    "budget": "the overhead budget: max_overhead, measured overhead, runs, skipped, seconds, skipped_passes "
+    "(stage, epoch, step of each), pass_seconds (each pass run)",
 }
 
 #: What :class:`~lightning_trust.explain.AdversarialRobustness` logs, once per pass.
@@ -70,4 +71,6 @@ ROBUSTNESS_REPORT_KEYS: dict[str, str] = {
     "worst_accuracy": "lowest accuracy over the attacks and epsilons (and clean)",
     "attack_success_rate": "share of clean-correct samples flipped, {attack: {eps: rate}}",
     "min_perturbation": "the smallest breaking FGSM epsilons found (null unless min_perturbation=True)",
+    "space": "what was perturbed: 'inputs' (float inputs, clamped to their range) or 'embeddings' (token inputs)",
+    "overhead": "the passes' budget during fit: max_overhead, measured overhead, runs, skipped, seconds",
 }
