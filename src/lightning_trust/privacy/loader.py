@@ -14,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sized
 from typing import Any, Optional
 
 import torch
@@ -23,7 +24,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_trust.core.seam import restore_train_loader, swap_train_loader
 from lightning_trust.privacy.empty import EmptyDrawCollate
-from lightning_trust.privacy.samplers import AccumulationSampler, EvenDistributedPoissonSampler, VirtualBatchSampler
+from lightning_trust.privacy.samplers import (
+    AccumulationSampler,
+    EvenDistributedPoissonSampler,
+    VirtualBatchSampler,
+    non_uniform_sampling,
+)
 
 __all__ = ["install", "noise_generator", "poisson_loader", "sampling_generator", "training_set", "uninstall"]
 
@@ -48,6 +54,16 @@ def training_set(
             "and the DP guarantee assumes Poisson sampling. Use a map-style Dataset, or accept a guarantee that "
             "assumes shuffling with `DifferentialPrivacy(poisson_sampling=False, dataset_size=N)`."
         )
+    unusual = non_uniform_sampling(loader) if poisson_sampling else None
+    if unusual is not None:
+        raise ValueError(
+            f"The train DataLoader samples with {unusual}, not uniformly. DifferentialPrivacy replaces the loader's "
+            "sampling by Poisson sampling (each example joins a batch with the same probability q), which the "
+            "privacy accountant assumes, so this sampler's weighting or order would be dropped without a word. Use "
+            "a plain DataLoader(dataset, batch_size=..., shuffle=True) (reweight through the loss instead), or keep "
+            "your sampler with DifferentialPrivacy(poisson_sampling=False): the report then states that the "
+            "guarantee assumes Poisson sampling that was not done."
+        )
     size = dataset_size
     if size is None:
         try:
@@ -64,8 +80,18 @@ def training_set(
             "The training set size N is needed for the sample rate; pass `DifferentialPrivacy(dataset_size=N)`."
         )
     batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+    if (
+        not batch_size
+        and not poisson_sampling
+        and isinstance(loader.batch_sampler, Sized)
+        and len(loader.batch_sampler)
+    ):
+        batch_size = math.ceil(int(size) / len(loader.batch_sampler))  # the user's own batches: their mean size
     if not batch_size:
-        raise ValueError("The train DataLoader needs a `batch_size` (the expected Poisson batch size).")
+        raise ValueError(
+            "The train DataLoader needs a `batch_size` (the expected Poisson batch size); pass "
+            "DataLoader(dataset, batch_size=...)."
+        )
     return dataset, int(size), int(batch_size)
 
 

@@ -7,7 +7,7 @@ Example:
     >>> sorted(LOGGED_KEYS)
     ['privacy/delta', 'privacy/epsilon', 'privacy/noise_multiplier']
     >>> guarantee(2.5, 1e-5, poisson_sampling=False)
-    '(2.5, 1e-05)-DP for the training examples assuming Poisson sampling; batches were shuffled instead, so the bound is not proven'
+    "(2.5, 1e-05)-DP for the training examples assuming Poisson sampling; batches came from the train loader's own sampler instead, so the bound is not proven"
     >>> fig = epsilon_figure([(10, 0.8), (20, 1.2)], "rdp", delta=1e-5, stop_at_epsilon=2.0, noise_multiplier=1.1,
     ...                      sample_rate=0.01)
     >>> fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()
@@ -57,6 +57,8 @@ REPORT_KEYS: dict[str, str] = {
     "steps": "noisy optimizer steps accounted",
     "sample_rate": "Poisson sample rate q of a logical batch",
     "sampling": "poisson, or shuffle when Poisson sampling was switched off",
+    "unmet_assumptions": "assumptions of the ε computation that did not hold (poisson_sampling: batches were not "
+    "Poisson sampled, so ε is what Poisson sampling would give, not a proven bound); empty when all held",
     "target_epsilon": "the ε the noise was planned for (null with a fixed noise multiplier)",
     "stop_at_epsilon": "the budget training stops before exceeding (null: none)",
     "stopped_at_budget": "whether training stopped at the budget",
@@ -77,7 +79,10 @@ def guarantee(epsilon: float, delta: Optional[float], poisson_sampling: bool) ->
     """The guarantee in words, with the assumption that does not hold without Poisson sampling."""
     text = f"({epsilon:.4g}, {delta:.3g})-DP for the training examples" if delta is not None else "not trained yet"
     if not poisson_sampling:
-        text += " assuming Poisson sampling; batches were shuffled instead, so the bound is not proven"
+        text += (
+            " assuming Poisson sampling; batches came from the train loader's own sampler instead, so the bound "
+            "is not proven"
+        )
     return text
 
 
@@ -105,6 +110,7 @@ def privacy_report(dp: DifferentialPrivacy) -> dict[str, Any]:
         "steps": dp.steps,
         "sample_rate": dp.sample_rate,
         "sampling": "poisson" if dp.poisson_sampling else "shuffle",
+        "unmet_assumptions": [] if dp.poisson_sampling else ["poisson_sampling"],
         "target_epsilon": dp.target_epsilon,
         "stop_at_epsilon": dp.stop_at_epsilon,
         "stopped_at_budget": dp.stopped_at_budget,

@@ -1,16 +1,48 @@
-"""Batch samplers the DP callback puts in front of the user's dataset (all built on Opacus's samplers)."""
+"""Batch samplers the DP callback puts in front of the user's dataset (all built on Opacus's
+samplers), and the user samplers it may replace without changing what the user asked for.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+    >>> data = TensorDataset(torch.randn(8, 2))
+    >>> non_uniform_sampling(DataLoader(data, batch_size=4, shuffle=True)) is None
+    True
+    >>> non_uniform_sampling(DataLoader(data, batch_size=4, sampler=WeightedRandomSampler([1.0] * 8, 8)))
+    'sampler=WeightedRandomSampler'
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sized
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+
+#: Samplers that draw every example alike (one epoch, each once), so Poisson sampling replaces them faithfully.
+UNIFORM_SAMPLERS = (RandomSampler, SequentialSampler, DistributedSampler)
+
+
+def non_uniform_sampling(loader: Any) -> Optional[str]:
+    """What in ``loader`` samples other than uniformly over the dataset (``"sampler=..."``,
+    ``"batch_sampler=..."``), or ``None``: its own ``batch_sampler``, a sampler other than the plain
+    random/sequential/distributed ones (exact types: a subclass may reorder or reweight), or a
+    ``RandomSampler`` drawing a different number of samples than the dataset holds."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is None:
+        return None
+    if type(batch_sampler) is not BatchSampler:
+        return f"batch_sampler={type(batch_sampler).__name__}"
+    sampler = batch_sampler.sampler
+    if type(sampler) not in UNIFORM_SAMPLERS:
+        return f"sampler={type(sampler).__name__}"
+    if isinstance(sampler, RandomSampler) and sampler.num_samples != len(sampler.data_source):
+        return f"sampler=RandomSampler(num_samples={sampler.num_samples})"
+    return None
 
 
 class EvenDistributedPoissonSampler(DistributedUniformWithReplacementSampler):
