@@ -596,16 +596,39 @@ def check_domains(cell: Cell) -> None:
 def make_report(model: str, root: Path) -> Any:
     from lightning_trust.report import TrustReport
 
-    return TrustReport(standards={"model.params": {"min": 1}}, output_dir=str(root / "card"), verbose=False)
+    standards = {"model.params": {"min": 1}, "model.macs": {"min": 1}, "training.final_epoch": {"max": 0}}
+    return TrustReport(standards=standards, output_dir=str(root / "card"), verbose=False)
 
 
 def check_report(cell: Cell) -> None:
+    import jsonschema
+    import torch_pruning as tp
+
+    from lightning_trust.report import card_schema, load_card
+
     cb = cell.callback
-    assert cb.card is not None and (cell.trainer.default_root_dir is not None)
-    assert (Path(cb.output_dir) / "model_card.json").exists()
-    params = sum(p.numel() for p in cell.module.parameters())
-    card = cb.card
-    assert card["model"]["params"] == params, (card["model"], params)
+    card = load_card(Path(cb.output_dir) / "model_card.json")
+    jsonschema.validate(card, card_schema(), cls=jsonschema.Draft202012Validator)
+    assert all((Path(cb.output_dir) / f"model_card.{ext}").is_file() for ext in ("md", "html"))
+    assert card["model"]["params"] == sum(p.numel() for p in cell.module.parameters()), card["model"]
+    # MACs of one sample: torch-pruning's count, the model called as a user calls it
+    batch = next(iter(_val_batches(cell)))
+    if isinstance(batch, Mapping):
+        keys = ("input_ids", "attention_mask", "pixel_values")
+        example: Any = {k: v[:1] for k, v in batch.items() if k in keys}
+    elif isinstance(batch, (list, tuple)):
+        example = tuple(t[:1] for t in batch)  # LightningTransformer.forward(inputs, target)
+    else:
+        example = batch[:1]
+    macs, _ = tp.utils.count_ops_and_params(cell.module.eval(), example)
+    assert card["model"]["macs"] == int(macs), (card["model"], macs)
+    sizes = {"train": len(cell.datamodule.train_dataloader().dataset)} if cell.datamodule is not None else {}
+    for split, size in sizes.items():
+        assert card["data"]["splits"][split]["size"] == size, card["data"]
+    logged = {k: float(v) for k, v in cell.trainer.callback_metrics.items()}
+    assert card["metrics"] == pytest.approx(logged), (card["metrics"], logged)
+    assert card["training"]["epochs"] == 1 and card["training"]["final_epoch"] == 0, card["training"]
+    assert [s["status"] for s in card["standards"]] == ["met", "met", "met"], card["standards"]
     assert cb.exit_code == 0
 
 
