@@ -125,7 +125,8 @@ def plan_optimizer(dp: DifferentialPrivacy, trainer: pl.Trainer) -> None:
     :meth:`~lightning_trust.privacy.DifferentialPrivacy.clip_plan` (kept as its ``clip_norms``)."""
     optimizer = single_optimizer(trainer.strategy.optimizers)
     assert dp.noise_multiplier is not None and dp.expected_batch_size is not None
-    dp.clip_norms = dp.clip_plan([p for group in optimizer.param_groups for p in group["params"]])
+    # the parameters Opacus clips and noises: frozen ones (a LoRA base) are not the DP optimizer's
+    dp.clip_norms = dp.clip_plan([p for group in optimizer.param_groups for p in group["params"] if p.requires_grad])
     dp._opacus.wrap(
         trainer,
         optimizer,
