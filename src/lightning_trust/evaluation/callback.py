@@ -197,7 +197,8 @@ class CrossDomainEvaluation(TrustCallback):
         self._loaders: dict[str, Any] = {}
         self._probed = Probed(list(self.corruptions), None, None)
         self._extra_due = True
-        self._overhead: dict[str, Any] = self.budget.summary()
+        self._pass_seconds: list[float] = []  # each timed extra pass of the fit
+        self._overhead: dict[str, Any] = self._account()
 
     @property
     def capabilities(self) -> frozenset[Capability]:  # type: ignore[override]  # depends on the arguments
@@ -300,7 +301,7 @@ class CrossDomainEvaluation(TrustCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._overhead = self.budget.summary()  # the fit's account (the clock would run on after it)
+        self._overhead = self._account()  # the fit's account (the clock would run on after it)
         if self.figures and RunningStage.VALIDATING.value in self.results:
             self._write_figures(trainer, RunningStage.VALIDATING)
 
@@ -371,8 +372,11 @@ class CrossDomainEvaluation(TrustCallback):
         assert self._metrics is not None
         extra = bool(self.corruptions or self.domains)
         if self._extra_due:
-            with self.budget.timed() if trainer.state.fn == TrainerFn.FITTING else contextlib.nullcontext():
+            fitting, before = trainer.state.fn == TrainerFn.FITTING, self.budget.spent
+            with self.budget.timed() if fitting else contextlib.nullcontext():
                 self._extra_passes(trainer, pl_module, stage)
+            if fitting:
+                self._pass_seconds.append(self.budget.spent - before)
         values = self._metrics.compute(trainer.strategy, trainer.world_size, pl_module.device)
         names = self._names if self._extra_due or not extra else self._clean_names()
         values = restrict_values(values, names)
@@ -383,7 +387,7 @@ class CrossDomainEvaluation(TrustCallback):
         )  # fmt: skip
         result["extra_passes"] = "none" if not extra else ("run" if self._extra_due else "skipped")
         if trainer.state.fn == TrainerFn.FITTING:
-            self._overhead = self.budget.summary()
+            self._overhead = self._account()
         if self.corruptions and self._extra_due:
             result.update(corruption_summary(
                 values.per_domain, values.sizes, self._clean_names(), self.corruptions, self.severities, self._baseline
@@ -406,6 +410,9 @@ class CrossDomainEvaluation(TrustCallback):
         draw_figures(trainer, folder, result, self.metric_names, self._in_names, suffix)
 
     # report and checkpoint --------------------------------------------------------------------
+    def _account(self) -> dict[str, Any]:
+        return {**self.budget.summary(), "pass_seconds": list(self._pass_seconds)}
+
     def report(self) -> dict[str, Any]:
         """The latest evaluation (test when run, else the last validation) as plain JSON (see
         :attr:`report_keys`), figures under ``"figures"``."""
@@ -417,7 +424,7 @@ class CrossDomainEvaluation(TrustCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results, "history": self.history, "figures": self._figures,
-                "budget": self.budget.state_dict()}  # fmt: skip
+                "budget": self.budget.state_dict(), "pass_seconds": self._pass_seconds}  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -426,3 +433,4 @@ class CrossDomainEvaluation(TrustCallback):
         self._figures = dict(state_dict.get("figures", {}))
         if "budget" in state_dict:
             self.budget.load_state_dict(state_dict["budget"])
+        self._pass_seconds = list(state_dict.get("pass_seconds", []))

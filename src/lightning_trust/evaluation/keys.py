@@ -57,7 +57,9 @@ REPORT_KEYS: dict[str, str] = {
     "corruption": "clean error, errors per corruption and severity, CE per corruption (with corruptions)",
     "tables": "paths of the CSV/Markdown tables (and corruption errors JSON) of the pass",
     "extra_passes": "whether the pass ran the corrupted copies and extra domains: 'run', 'skipped' (budget) or 'none'",
-    "overhead": "the extra passes' budget during fit: max_overhead, measured overhead, runs, skipped, seconds",
+    "overhead": (
+        "the extra passes' budget during fit: max_overhead, measured overhead, runs, skipped, seconds, pass_seconds"
+    ),
     "validation": "the last validation pass's summaries, when the report shows a test pass",
     "history": "one summary per validation pass: epoch, step, average, worst, worst_domain, ood_gap, extra_passes",
 }

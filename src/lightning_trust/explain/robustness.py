@@ -170,10 +170,12 @@ class AdversarialRobustness(ScheduledPass):
         self.batch_keys = batch_keys
         self.budget = OverheadBudget(max_overhead)
         self.max_overhead = self.budget.max_overhead
-        self._overhead: dict[str, Any] = self.budget.summary()
+        self._pass_seconds: list[float] = []  # each timed pass of the fit
+        self._overhead: dict[str, Any] = self._account()
         self._layer: Optional[torch.nn.Module] = None  # the embedding layer token inputs are attacked through
         self._shift: Optional[int] = None
         self._prepared = False
+        self._drawn: Optional[dict[str, Any]] = None
         self.sample: Optional[AttackSample] = None
         self.history: list[dict[str, Any]] = []
         self.last: Optional[dict[str, Any]] = None
@@ -220,18 +222,26 @@ class AdversarialRobustness(ScheduledPass):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
-        self._overhead = self.budget.summary()  # the fit's account (its clock would run on after the fit)
+        self._overhead = self._account()  # the fit's account (its clock would run on after the fit)
+        if self.last is not None and self._drawn is not self.last:  # the fit stopped early: draw its last pass
+            self._draw(trainer, self.last, self.folder(trainer))
+
+    def _account(self) -> dict[str, Any]:
+        return {**self.budget.summary(), "pass_seconds": list(self._pass_seconds)}
 
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         if trainer.state.fn != TrainerFn.FITTING or stage == "test_end":
-            self._attack_and_log(trainer, pl_module, stage, hook_allows_log)
+            self._attack_and_log(trainer, pl_module, stage, hook_allows_log, draw=True)
             return
-        if self.budget.allows(final=stage == "fit_end" or _last_epoch(trainer)):
-            with self.budget.timed():
-                self._attack_and_log(trainer, pl_module, stage, hook_allows_log)
-        self._overhead = self.budget.summary()
+        final = stage == "fit_end" or _last_epoch(trainer)
+        if self.budget.allows(final=final):
+            before = self.budget.spent
+            with self.budget.timed():  # the figure of the final pass only: a figure costs more than a small attack
+                self._attack_and_log(trainer, pl_module, stage, hook_allows_log, draw=final)
+            self._pass_seconds.append(self.budget.spent - before)
+        self._overhead = self._account()
 
-    def _attack_and_log(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
+    def _attack_and_log(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool, draw: bool) -> None:
         result = self.evaluate(pl_module, trainer, stage=stage)
         metrics: dict[str, Optional[float]] = {
             "robustness/clean_acc": result["clean_accuracy"],
@@ -247,7 +257,8 @@ class AdversarialRobustness(ScheduledPass):
         log_metrics(trainer, pl_module, metrics, hook_allows_log)
         folder = self.folder(trainer)
         write_json(folder / "robustness.json", {"last": result, "history": self.history})
-        self._draw(trainer, result, folder)
+        if draw:
+            self._draw(trainer, result, folder)
 
     # the pass ---------------------------------------------------------------------------------
     def evaluate(self, pl_module: Any, trainer: Any = None, stage: str = "manual") -> dict[str, Any]:
@@ -304,7 +315,9 @@ class AdversarialRobustness(ScheduledPass):
             with progress(trainer, total, "Adversarial robustness", self.progress) as bar:
                 for attack in self.attacks:
                     for eps in self.epsilons:
-                        if attack == "fgsm":
+                        if eps == 0:  # no attack: the sample within the bounds, no gradient needed
+                            adv = x.clamp(low, high)
+                        elif attack == "fgsm":
                             adv = torch.cat([
                                 fgsm.perturb(x[s].clone().requires_grad_(), epsilon=eps, target=y[s],
                                              additional_forward_args=extras(s), mask=mask(s))
@@ -383,6 +396,7 @@ class AdversarialRobustness(ScheduledPass):
         fig = robust_accuracy_figure(self.epsilons, curves, result["clean_accuracy"], title)
         save_figure(trainer, fig, folder / "robust_accuracy.png", tag="robustness/robust_accuracy")
         self._figures["robust_accuracy"] = str(folder / "robust_accuracy.png")
+        self._drawn = result
 
     # report and checkpoint ------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -411,6 +425,7 @@ class AdversarialRobustness(ScheduledPass):
             "history": self.history,
             "last": self.last,
             "budget": self.budget.state_dict(),
+            "pass_seconds": self._pass_seconds,
         }
 
     @override
@@ -421,6 +436,7 @@ class AdversarialRobustness(ScheduledPass):
         self.last = state_dict.get("last")
         if "budget" in state_dict:
             self.budget.load_state_dict(state_dict["budget"])
+        self._pass_seconds = list(state_dict.get("pass_seconds", []))
 
 
 def _last_epoch(trainer: Any) -> bool:
