@@ -93,9 +93,9 @@ def check_arguments(
             "per-sample clipping bound the noise is scaled to (an infinite one clips nothing and makes the noise "
             "infinite). Set max_grad_norm=1.0 (or about the typical per-sample gradient norm)."
         )
-    for name, value in (("accountant", accountant), ("clipping", clipping), ("grad_sample_mode", grad_sample_mode)):
-        if not isinstance(value, str):
-            raise ValueError(f"`{name}` must be a string, got {value!r} ({type(value).__name__}).")
+    for name, choice in (("accountant", accountant), ("clipping", clipping), ("grad_sample_mode", grad_sample_mode)):
+        if not isinstance(choice, str):
+            raise ValueError(f"`{name}` must be a string, got {choice!r} ({type(choice).__name__}).")
     if isinstance(max_grad_norm, (list, tuple)) and clipping != "per_layer":
         raise ValueError("A list `max_grad_norm` (one bound per parameter) needs `clipping='per_layer'`.")
     if accountant not in ACCOUNTANTS:

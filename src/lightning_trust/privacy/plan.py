@@ -89,7 +89,7 @@ def plan_fit(dp: DifferentialPrivacy, trainer: pl.Trainer) -> Optional[int]:
         if not (math.isfinite(noise) and noise >= 0):
             raise ValueError(f"`noise_plan` must return a finite noise multiplier >= 0, got {noise}.")
         dp.noise_multiplier, dp._noise_planned = noise, True
-    assert dp.delta is not None
+    assert dp.delta is not None and dp.noise_multiplier is not None
     check_accounting(dp._accountant.history, dp.noise_multiplier, dp.sample_rate, remaining, dp.delta, dp.accountant)
     if dp.noise_multiplier == 0:
         warn_once(dp, "no_noise", "DifferentialPrivacy(noise_multiplier=0): no noise, ε is infinite (debugging only).")
