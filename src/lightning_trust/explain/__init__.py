@@ -9,6 +9,11 @@ module             concern
 ``arguments``      what ``Attribution`` refuses at construction
 ``keys``           the callbacks' declared logged metrics and report keys
 ``resolution``     what a pass explains: the inputs' modality, the targets, the baselines
+``plan``           what a pass explains, checked before training (inputs, method, layer, baseline, target)
+``inputs``         the attributed input, the others (``additional_forward_args``), the input embeddings
+``compute``        one pass: Captum on the fixed sample (a classifier's scores or a causal LM's tokens)
+``llm``            causal LMs: Captum's LLM attribution and a tokenizer over integer ids
+``budgeting``      the overhead budget's final pass and the costly part of a pass
 ``explanation``    one pass's result: input-space attributions, feature names, files, drift
 ``methods``        Captum methods by name, their options, baselines, the chunked Captum calls
 ``sample``         the fixed, seeded, class-stratified sample

@@ -28,8 +28,9 @@ from lightning_trust.core.output import log_metrics
 from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain import plots
 from lightning_trust.explain.arguments import check_attribution_arguments
+from lightning_trust.explain.budgeting import fits_budget, is_final_pass
 from lightning_trust.explain.compute import compute_explanation
-from lightning_trust.explain.explanation import Explanation, rank_correlation, write_files
+from lightning_trust.explain.explanation import Explanation, rank_correlation, sample_captions, write_files
 from lightning_trust.explain.keys import ATTRIBUTION_LOGGED_KEYS, ATTRIBUTION_REPORT_KEYS
 from lightning_trust.explain.methods import BASELINES
 from lightning_trust.explain.plan import Plan, check_runs_at_validation, make_plan
@@ -52,7 +53,8 @@ class Attribution(ScheduledPass):
     logs ``explain/*`` metrics and writes files to ``<log_dir>/lightning_trust/explain/``:
     ``importance.csv``/``.json``, ``history.json``, ``attributions.pt`` and, per modality, a
     ranked bar chart ``feature_importance.png`` (tabular; names from ``datamodule.feature_names``),
-    heatmaps ``heatmaps.png`` + ``heatmaps/sample_XX.png`` (+ TensorBoard images) for images, or
+    heatmaps ``heatmaps.png`` + ``heatmaps/sample_XX.png`` (+ TensorBoard images) for images (and
+    ``patch_heatmap.png`` for vision transformers), or ``token_heatmap.png`` (coloured text) and
     ``tokens.html`` for token inputs. Under DDP only rank zero computes; the others go on.
 
     Args:
@@ -91,6 +93,23 @@ class Attribution(ScheduledPass):
         progress: show progress (in the Trainer's progress bar style) for multi-step passes.
         batch_keys: how to read batches (see :class:`~lightning_trust.core.batch.BatchContract`).
         name: the report section (default ``"explain"``); give two Attribution callbacks distinct names.
+        input: the attributed keyword input of dict batches (default: ``input_ids``, else
+            ``pixel_values``, else the first); the other inputs (``attention_mask``, ``token_type_ids``)
+            are passed to Captum as ``additional_forward_args``.
+        max_overhead: the passes' time as a share of the fit's own time (default 0.05): a due pass
+            runs only when it keeps the total within it (:class:`~lightning_trust.core.OverheadBudget`);
+            the final pass (fit or test end, a standalone validation) always runs. ``None``: every
+            due pass runs. Skipped passes are reported under ``budget``.
+        max_new_tokens: tokens a causal LM generates (greedily) as the target attributed to its prompt.
+
+    Token models: ``integrated_gradients`` (and ``layer_integrated_gradients`` without ``layer``) runs
+    over the input embeddings (``get_input_embeddings()`` of the Hugging Face model inside); baselines
+    ``"pad"``/``"mask"`` (that token's id, from the datamodule or the model's config; padding stays
+    padding), a token id, ``"zeros"`` (id 0) or ``"zero_embedding"``; token scores are the attributions
+    summed over the embedding, 0 at padding. A causal LM (token-level scores and ``generate()``) is
+    explained with Captum's ``LLMGradientAttribution``/``LLMAttribution``. A vision transformer's
+    attributions are also summed per patch (``patch_heatmap``). The layer, baseline, target and the
+    model's output are checked before training (one tiny forward on the first validation batch).
 
     Example:
         >>> cb = Attribution(method="occlusion", method_kwargs={"sliding_window_shapes": [1, 2, 2]}, target="true")
@@ -174,6 +193,8 @@ class Attribution(ScheduledPass):
         self._plan: Optional[Plan] = None
         self.skipped: list[dict[str, Any]] = []  # passes the overhead budget skipped
         self.pass_seconds: list[float] = []  # each pass's time in this fit, files and figures included
+        self._pass_started = 0.0
+        self._in_fit = False
         self.sample: Optional[FixedSample] = None
         self.reference: Optional[Tensor] = None  # training inputs for "mean"/"train" baselines
         self.previous: Optional[Tensor] = None  # the last pass's global importance
@@ -217,21 +238,21 @@ class Attribution(ScheduledPass):
     # the pass ---------------------------------------------------------------------------------
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         if not self.budget.allows(final=self._is_final(trainer, stage)):
-            self.skipped.append({"stage": stage, "epoch": int(trainer.current_epoch), "step": int(trainer.global_step)})
+            self.skipped.append({
+                "stage": stage, "epoch": int(trainer.current_epoch), "step": int(trainer.global_step), "what": "pass",
+            })  # fmt: skip
             return
-        before = self.budget.spent
+        before, self._pass_started = self.budget.spent, time.perf_counter()
+        self._in_fit = getattr(getattr(trainer, "state", None), "fn", None) == TrainerFn.FITTING
         with self.budget.timed():
             self._pass(trainer, pl_module, stage, hook_allows_log)
         self.pass_seconds.append(self.budget.spent - before)
 
     def _is_final(self, trainer: Any, stage: str) -> bool:
-        """The pass the report shows (always run, whatever the budget): at fit or test end, in a
-        standalone validation, or at the last epoch's validation when no pass follows at fit end."""
-        if stage != "validation_end" or getattr(getattr(trainer, "state", None), "fn", None) != TrainerFn.FITTING:
-            return True
-        max_epochs = getattr(trainer, "max_epochs", None)
-        last = max_epochs is not None and max_epochs > 0 and trainer.current_epoch >= max_epochs - 1
-        return last and not self.runs_at("fit_end")
+        return is_final_pass(trainer, stage, self.runs_at("fit_end"))
+
+    def _allows(self, expected: float) -> bool:
+        return not self._in_fit or fits_budget(self.budget, time.perf_counter() - self._pass_started, expected)
 
     def _pass(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         start = time.perf_counter()
@@ -303,7 +324,9 @@ class Attribution(ScheduledPass):
 
     def _explain(self, pl_module: Any, trainer: Any, stage: str, final: bool) -> Explanation:
         assert self.sample is not None and self._plan is not None  # drawn and planned by `explain`
-        result = compute_explanation(self, pl_module, trainer, self._plan, self.sample, stage, final)
+        result = compute_explanation(self, pl_module, trainer, self._plan, self.sample, stage, final, self._allows)
+        if result.sensitivity_skipped:
+            self.skipped.append({"stage": stage, "epoch": result.epoch, "step": result.step, "what": "sensitivity_max"})
         result.drift = rank_correlation(result.importance, self.previous) if self.previous is not None else None
         self._previous_before = self.previous
         self.previous = result.importance
@@ -324,20 +347,9 @@ class Attribution(ScheduledPass):
         m = min(self.num_heatmaps, len(result.inputs))
         drawn = plots.draw_explanation(
             trainer, self.folder(trainer), result, resolve_modality(self.modality, result.inputs), f"{self.method}, epoch {result.epoch}",
-            self.top_k, self.num_heatmaps, self._captions(result, m),
+            self.top_k, self.num_heatmaps, sample_captions(self.sample, result, m),
         )  # fmt: skip
         self._figures.update(drawn)
-
-    def _captions(self, result: Explanation, m: int) -> list[str]:
-        captions = []
-        for i in range(m):
-            parts = [f"#{self.sample.indices[i] if self.sample else i}"]
-            if self.sample is not None and self.sample.targets is not None:
-                parts.append(f"y={int(self.sample.targets[i])}")
-            if result.targets is not None:
-                parts.append(f"t={int(result.targets[i])}")
-            captions.append(" ".join(parts))
-        return captions
 
     # report and checkpoint ------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

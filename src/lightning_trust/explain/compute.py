@@ -10,6 +10,7 @@ types) go to every Captum forward as ``additional_forward_args``; padded positio
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
@@ -32,9 +33,17 @@ __all__ = ["compute_explanation"]
 
 
 def compute_explanation(
-    cb: Any, module: nn.Module, trainer: Any, plan: Plan, sample: FixedSample, stage: str, final: bool
+    cb: Any,
+    module: nn.Module,
+    trainer: Any,
+    plan: Plan,
+    sample: FixedSample,
+    stage: str,
+    final: bool,
+    allowed: Callable[[float], bool] = lambda expected: True,
 ) -> Explanation:
-    """Explain ``sample`` with ``cb``'s settings (``final``: with the work deferred to the end)."""
+    """Explain ``sample`` with ``cb``'s settings (``final``: with the work deferred to the end;
+    ``allowed(expected_seconds)``: whether the budget takes ``sensitivity_max`` at that cost)."""
     start = time.perf_counter()
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     inputs = sample.inputs.to(device).clone()  # a normal tensor even if drawn under inference mode
@@ -49,7 +58,7 @@ def compute_explanation(
         if plan.kind == "llm":
             found = _llm(cb, inner, trainer, plan, inputs, mask)
         else:
-            found = _model(cb, inner, trainer, plan, modality, inputs, others, mask, final)
+            found = _model(cb, inner, trainer, plan, modality, inputs, others, mask, final, allowed)
     attributions, targets, baselines, delta, infid, sens, extra = found
     input_attr = to_input_space(attributions, inputs, modality, plan.method, mask)
     importance = input_attr.detach().abs().float().mean(dim=0).flatten().cpu()
@@ -83,6 +92,7 @@ def compute_explanation(
         patches=patches,
         generated=extra.get("generated"),
         token_attr=extra.get("token_attr"),
+        sensitivity_skipped=bool(extra.get("sensitivity_skipped", False)),
     )
 
 
@@ -96,6 +106,7 @@ def _model(
     others: tuple[Tensor, ...],
     mask: Optional[Tensor],
     final: bool,
+    allowed: Callable[[float], bool],
 ) -> tuple[Any, ...]:
     assert cb.sample is not None
     forward = plan.forward(module)
@@ -113,9 +124,10 @@ def _model(
             baselines=baselines, targets=targets, others=others, zero_embedding=plan.zero_embedding,
             infidelity_samples=cb.infidelity_samples if quality else 0, infidelity_noise=cb.infidelity_noise,
             sensitivity_samples=cb.sensitivity_samples if with_sensitivity else 0,
-            sensitivity_radius=cb.sensitivity_radius,
+            sensitivity_radius=cb.sensitivity_radius, sensitivity_allowed=allowed,
         )  # fmt: skip
-    return found.attributions, targets, baselines, found.delta, found.infidelity, found.sensitivity_max, {}
+    extra = {"sensitivity_skipped": found.sensitivity_skipped}
+    return found.attributions, targets, baselines, found.delta, found.infidelity, found.sensitivity_max, extra
 
 
 def _llm(cb: Any, module: nn.Module, trainer: Any, plan: Plan, ids: Tensor, mask: Optional[Tensor]) -> tuple[Any, ...]:

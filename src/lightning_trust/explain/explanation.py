@@ -23,7 +23,15 @@ from torch import Tensor
 
 from lightning_trust.core.output import write_json
 
-__all__ = ["Explanation", "feature_names", "patch_scores", "rank_correlation", "to_input_space", "write_files"]
+__all__ = [
+    "Explanation",
+    "feature_names",
+    "patch_scores",
+    "rank_correlation",
+    "sample_captions",
+    "to_input_space",
+    "write_files",
+]
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Explanation:
     patches: Optional[Tensor] = None  # vision transformers: attribution summed per patch (N, H/p, W/p)
     generated: Optional[list[list[str]]] = None  # causal LMs: each sample's generated target tokens
     token_attr: Optional[list[Tensor]] = None  # causal LMs: per sample (generated x prompt tokens)
+    sensitivity_skipped: bool = False  # sensitivity_max was due but over the overhead budget
 
     def token_scores(self) -> Optional[list[list[dict[str, Any]]]]:
         """Each sample's ``[{"token", "score"}]`` over its unpadded tokens (``None`` unless token inputs)."""
@@ -73,6 +82,19 @@ class Explanation:
         """The ``k`` most important features, ``[{"feature": name, "score": mean |attribution|}]``."""
         order = torch.argsort(self.importance, descending=True, stable=True)[:k]
         return [{"feature": self.names[i], "score": float(self.importance[i])} for i in order.tolist()]
+
+
+def sample_captions(sample: Any, result: Explanation, m: int) -> list[str]:
+    """Captions of the first ``m`` samples: ``#<dataset index> y=<label> t=<explained target>``."""
+    captions = []
+    for i in range(m):
+        parts = [f"#{sample.indices[i] if sample else i}"]
+        if sample is not None and sample.targets is not None and sample.targets.ndim == 1:
+            parts.append(f"y={int(sample.targets[i])}")
+        if result.targets is not None and result.targets.ndim == 1:
+            parts.append(f"t={int(result.targets[i])}")
+        captions.append(" ".join(parts))
+    return captions
 
 
 def rank_correlation(a: Tensor, b: Tensor) -> float:

@@ -46,7 +46,7 @@ ATTRIBUTION_REPORT_KEYS: dict[str, str] = {
     "generated": "causal LMs: each sample's generated target tokens, attributed to its prompt (else null)",
     "patch_size": "vision transformers: the patch size of the patch heatmaps (else null)",
     "budget": "the overhead budget: max_overhead, measured overhead, runs, skipped, seconds, skipped_passes "
-    "(stage, epoch, step of each), pass_seconds (each pass run)",
+    "(stage, epoch, step and what: a whole 'pass' or its 'sensitivity_max'), pass_seconds (each pass run)",
 }
 
 #: What :class:`~lightning_trust.explain.AdversarialRobustness` logs, once per pass.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,7 @@ class Attributions(NamedTuple):
     delta: Optional[Tensor]
     infidelity: Optional[float]
     sensitivity_max: Optional[float]
+    sensitivity_skipped: bool = False  # refused by ``sensitivity_allowed`` (its cost over a budget)
 
 
 def _explanation_func(explainer: Any, fixed_base: Optional[Tensor]) -> Callable[..., Tensor]:
@@ -274,6 +276,7 @@ def attribute(
     infidelity_noise: float = 0.1,
     sensitivity_samples: int = 0,
     sensitivity_radius: float = 0.02,
+    sensitivity_allowed: Callable[[float], bool] = lambda expected: True,
 ) -> Attributions:
     """``method``'s attributions of ``inputs`` chunk by chunk, with Captum's ``infidelity`` (Gaussian
     perturbations of std ``infidelity_noise``) and ``sensitivity_max`` (L-inf radius
@@ -283,6 +286,8 @@ def attribute(
     ``others``: the module's other inputs (row-aligned with ``inputs``), passed to Captum as
     ``additional_forward_args``. ``zero_embedding``: a layer method's baseline is an all-zero output
     of ``layer`` (integrated gradients over that output; ``baselines`` is ignored).
+    ``sensitivity_allowed(expected_seconds)``: asked before ``sensitivity_max`` (expected: its
+    perturbations times the chunk's attribution time); a refusal skips it (``sensitivity_max=None``).
     """
     from captum.metrics import infidelity, sensitivity_max
 
@@ -304,7 +309,9 @@ def attribute(
     _, call = split_options(method, dict(options or {}))
     per_sample_base = baselines is not None and spec.baseline == "single"
     attrs, deltas, infids, sens = [], [], [], []
+    skipped = False
     for part in chunks:
+        started = time.perf_counter()
         kwargs: dict[str, Any] = dict(call)
         if baselines is not None:
             kwargs["baselines"] = baselines[part] if per_sample_base else baselines
@@ -318,6 +325,7 @@ def attribute(
         else:
             attr = explainer.attribute(inputs[part], **kwargs)
         attrs.append(attr.detach())
+        seconds = time.perf_counter() - started
         advance()
         if infidelity_samples > 0:
 
@@ -332,7 +340,8 @@ def attribute(
             )  # fmt: skip
             infids.append(value.detach().reshape(-1))
             advance()
-        if sensitivity_samples > 0:
+        skipped = skipped or (sensitivity_samples > 0 and not sensitivity_allowed(sensitivity_samples * seconds))
+        if sensitivity_samples > 0 and not skipped:
             fixed_base = kwargs.pop("baselines", None) if spec.baseline == "distribution" else None
             value = sensitivity_max(
                 _explanation_func(explainer, fixed_base), inputs[part], perturb_radius=sensitivity_radius,
@@ -344,5 +353,6 @@ def attribute(
         attributions=torch.cat(attrs),
         delta=torch.cat(deltas) if deltas else None,
         infidelity=float(torch.cat(infids).float().mean()) if infids else None,
-        sensitivity_max=float(torch.cat(sens).float().mean()) if sens else None,
+        sensitivity_max=float(torch.cat(sens).float().mean()) if sens and not skipped else None,
+        sensitivity_skipped=skipped,
     )
