@@ -37,7 +37,8 @@ class RankData(pl.LightningDataModule):
     def val_dataloader(self):
         return DataLoader(self._part(), batch_size=64)
 
-metrics = FairnessMetrics(sensitive_features=["sex", ["sex", "race"]], metrics={list(METRICS)!r}, min_group_size=0)
+metrics = FairnessMetrics(sensitive_features=["sex", ["sex", "race"]], metrics={list(METRICS)!r}, min_group_size=0,
+                          n_boot=8)
 optimizer = ThresholdOptimizer("sex", constraint="demographic_parity", name="fairness_thresholds")
 penalty = FairnessPenalty("sex", lam=0.5)  # the patched training_step runs under DDP's forward redirection
 trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=3,
@@ -47,7 +48,9 @@ trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1,
 module = LogitModule()
 trainer.fit(module, RankData())
 r = metrics.report()
+counts, replicates = metrics._collector.counts.compute()
 save_result({{"by_group": r["by_group"], "by_feature": r["by_feature"], "num_samples": r["num_samples"],
+             "state_bytes": r["state_bytes"], "replicate_rows": replicates[:, :-1].sum(1).tolist(),
              "thresholds": optimizer.thresholds, "scale": float(module.scale), "penalty_steps": penalty.steps}})
 """
 
@@ -66,6 +69,10 @@ def test_ddp_uneven_batches_equal_metricframe(tmp_path):
     sf = pd.DataFrame({"sex": sex, "race": names(data, "race")})
     for r in results:
         assert r["num_samples"] == 517
+        # the tables summed over the ranks (all_reduce "sum"), of a size set by the groups alone
+        assert r["state_bytes"] == ((2 + 6) * 4 + 1) * 8 * 9
+        # each replicate adds every sample of both ranks once per entry, with a Poisson(1) weight
+        assert all(abs(rows / (2 * 517) - 1) < 0.15 for rows in r["replicate_rows"])
         frame = MetricFrame(metrics=METRICS, y_true=y_true, y_pred=y_pred, sensitive_features=sf)
         for (s, race), row in frame.by_group.iterrows():
             for metric, value in row.items():
@@ -80,6 +87,7 @@ def test_ddp_uneven_batches_equal_metricframe(tmp_path):
             y_true, y_pred, sensitive_features=sf
         )
         assert r["penalty_steps"] == 3
+    assert results[0]["replicate_rows"] == results[1]["replicate_rows"]
     # ThresholdOptimizer fitted on the gathered scores of both ranks: the same on each, equal to fairlearn's
     assert results[0]["thresholds"] == results[1]["thresholds"]
     import torch

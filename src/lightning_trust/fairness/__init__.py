@@ -1,6 +1,7 @@
-"""lightning_trust.fairness: group fairness metrics (Fairlearn MetricFrame) and bias mitigation.
+"""lightning_trust.fairness: group fairness metrics (equal to Fairlearn's MetricFrame) and bias mitigation.
 
-* :class:`FairnessMetrics`: streaming, DDP-correct per-group metrics and disparity summaries.
+* :class:`FairnessMetrics`: streaming, DDP-correct per-group metrics and disparity summaries from
+  per-group confusion counts (memory independent of the rows).
 * :class:`FairnessPenalty`: in-processing demographic-parity / equalized-odds loss penalty.
 * :class:`ThresholdOptimizer`: post-processing with fairlearn's ThresholdOptimizer;
   :class:`ThresholdPredictor` applies the fitted thresholds.
@@ -10,8 +11,12 @@ module             concern
 =================  ==========================================================================
 ``groups``         metric functions by name, summaries, feature entries, group codes and names
 ``predictions``    class scores, the positive-class score, hard predictions
-``state``          the streaming, DDP-gathered state (a torchmetrics ``Metric``)
-``frame``          MetricFrame read out into JSON: tables, summaries, intervals, flags, CSV rows
+``counts``         the count tables per group and class, Poisson-bootstrap replicates (``GroupCounts``)
+``tables``         from counts to numbers: per-group metrics, summaries, intervals, flags (= MetricFrame)
+``collect``        per batch: predictions, labels and codes into the tables, checked once
+``checks``         early refusals: sensitive columns, target, prediction shape, a missing step
+``state``          per-sample scores for ``ThresholdOptimizer`` (fairlearn's fit needs samples)
+``frame``          the results as a table: CSV rows and bar charts
 ``metrics``        the ``FairnessMetrics`` callback
 ``metrics_args``   its arguments, checked
 ``breaches``       declared limits: breaches, warnings once per run, ``FairnessBreachError``

@@ -1,5 +1,8 @@
-"""The streaming state of group fairness: a torchmetrics ``Metric`` of per-sample labels,
-predictions, group codes (and scores), gathered from every rank once per epoch.
+"""The per-sample state :class:`~lightning_trust.fairness.ThresholdOptimizer` needs: labels,
+predictions, group codes and scores, gathered from every rank once per epoch (fairlearn's
+``ThresholdOptimizer.fit`` places per-group thresholds on the scores themselves).
+:class:`~lightning_trust.fairness.FairnessMetrics` keeps counts instead
+(:mod:`~lightning_trust.fairness.counts`).
 
 Example:
     >>> import torch
