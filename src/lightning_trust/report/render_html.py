@@ -9,6 +9,7 @@ import html
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from lightning_trust.report.figures import pixel_size
 from lightning_trust.report.rows import (
     VERDICT,
     balance_text,
@@ -53,9 +54,9 @@ code{font:12.5px ui-monospace,SFMono-Regular,Menlo,monospace;background:var(--bg
 .pill.met{background:var(--ok)}.pill.not_met{background:var(--bad)}.pill.not_measured{background:var(--warn)}
 .pill.unknown{background:var(--bad)}
 tr.not_met td,tr.unknown td{background:#ffebe9}
-.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:14px;margin-top:10px}
-figure{margin:0;border:1px solid var(--line);border-radius:8px;padding:8px;background:#fff;min-width:0}
-figure.wide{grid-column:1/-1}
+.figures{display:flex;flex-wrap:wrap;gap:14px;margin-top:10px;align-items:flex-start}
+figure{margin:0;border:1px solid var(--line);border-radius:8px;padding:8px;background:#fff;flex:0 1 auto;max-width:100%;min-width:0}
+figure.wide{flex:1 1 100%}
 .shot{overflow-x:auto}
 figure img{display:block;max-width:none;height:auto}
 figure iframe{display:block;width:100%;height:320px;border:0;background:#fff}
@@ -69,7 +70,7 @@ details summary{cursor:pointer;font-weight:600}
 .headline{max-width:760px}.headline td:first-child{white-space:nowrap;width:45%}
 .evidence{display:grid;grid-template-columns:minmax(0,1fr) 400px;gap:18px;align-items:start}
 .evidence .headline{min-width:0}.evidence .headline td:first-child{white-space:normal;overflow-wrap:anywhere;width:62%}
-.evidence .figures{grid-template-columns:repeat(auto-fill,minmax(300px,1fr));margin-top:0}
+.evidence .figures{margin-top:0}
 .evidence .headline td{font-size:12.5px}
 """
 
@@ -203,11 +204,19 @@ def render_html(card: Mapping[str, Any]) -> str:
 
 
 #: A picture wider than this (pixels) takes a whole row, and its section puts the numbers below it.
-_WIDE_PX = 560
+_WIDE_PX = 700
+
+
+def _size(figure: Mapping[str, Any]) -> Optional[tuple[int, int]]:
+    """Pixel size of a PNG figure (read from its data in cards before schema 1.1)."""
+    if figure.get("width") and figure.get("height"):
+        return int(figure["width"]), int(figure["height"])
+    return pixel_size(base64.b64decode(figure["data"])) if figure.get("data") else None
 
 
 def _is_wide(figure: Mapping[str, Any]) -> bool:
-    return figure["media_type"] == "text/html" or int(figure.get("width") or 0) > _WIDE_PX
+    size = _size(figure) if figure["media_type"] == "image/png" else None
+    return figure["media_type"] == "text/html" or (size is not None and size[0] > _WIDE_PX)
 
 
 def _html_figure(figure: Mapping[str, Any]) -> str:
@@ -224,9 +233,8 @@ def _html_figure(figure: Mapping[str, Any]) -> str:
             f'<figure{cls}><iframe class="card-page" data-key="{key}" title="{text}" sandbox="" '
             f'srcdoc="{_e(page)}"></iframe>{caption}</figure>'
         )
-    size = ""
-    if figure.get("width") and figure.get("height"):
-        size = f' width="{int(figure["width"])}" height="{int(figure["height"])}"'
+    pixels = _size(figure) if figure["media_type"] == "image/png" else None
+    size = f' width="{pixels[0]}" height="{pixels[1]}"' if pixels else ""
     return (
         f'<figure{cls}><div class="shot"><img class="card-figure" data-key="{key}" alt="{text}"{size} '
         f'src="data:{figure["media_type"]};base64,{figure["data"]}"></div>{caption}</figure>'
