@@ -44,6 +44,7 @@ from opacus.utils.module_utils import has_trainable_params
 from torch import Tensor, nn
 
 from lightning_trust.core import iter_tensors
+from lightning_trust.privacy.copies import SharedOnCopy
 
 __all__ = ["BatchAlignment", "hooked_layers"]
 
@@ -73,7 +74,7 @@ def _first_batch_size(args: Any, kwargs: Any) -> Optional[int]:
     return None
 
 
-class BatchAlignment:
+class BatchAlignment(SharedOnCopy):
     """Forward pre-hooks that give every hooked layer the batch dimension (see the module docstring).
 
     ``active()`` says whether per-sample gradients are being recorded now (the Opacus hooks are

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lightning_trust.core import iter_tensors
 from lightning_trust.privacy.bookkeeping import BookKeeping, choose_mode
 from lightning_trust.privacy.causal import replace_attention
+from lightning_trust.privacy.copies import SharedOnCopy
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
@@ -50,7 +51,7 @@ MODULE_ATTRS = ("activations", "max_batch_len")
 _MISSING = object()
 
 
-class SafeGradSampleHooks(GradSampleHooks):
+class SafeGradSampleHooks(SharedOnCopy, GradSampleHooks):
     """Opacus's hooks, except that a backward pass with no recorded forward (eval mode, grads on, as in
     an attribution run outside :meth:`PerSampleGradients.paused`) is ignored instead of failing."""
 
@@ -60,7 +61,7 @@ class SafeGradSampleHooks(GradSampleHooks):
         super().capture_backprops_hook(module, *args, **kwargs)
 
 
-class GhostClippingHooks(GradSampleHooksFastGradientClipping):
+class GhostClippingHooks(SharedOnCopy, GradSampleHooksFastGradientClipping):
     """Opacus's fast-gradient-clipping hooks with the same guard as :class:`SafeGradSampleHooks`."""
 
     def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -109,7 +110,7 @@ def _same_objects(first: list[Any], second: list[Any]) -> bool:
     return len(first) == len(second) and all(a is b for a, b in zip(first, second))
 
 
-class PerSampleGradients:
+class PerSampleGradients(SharedOnCopy):
     """Opacus's per-sample-gradient hooks on a module, without wrapping it.
 
     ``mode``: ``"hooks"`` (Opacus's per-layer grad samplers), ``"functorch"``, ``"ghost"`` (fast
