@@ -45,3 +45,15 @@ def test_a_single_required_input_stays_a_tensor() -> None:
 def test_an_unbound_contract_reads_position_zero() -> None:
     x = torch.ones(3, 2)
     assert BatchContract().inputs((x, torch.zeros(3))) is x
+
+
+def test_macs_of_several_positional_inputs_equal_torch_pruning() -> None:
+    import torch_pruning as tp
+
+    from lightning_trust.core.macs import count_macs_params
+
+    module = LightningTransformer(vocab_size=33)
+    batch = PositionalInputs((torch.randint(0, 33, (4, 6)), torch.randint(0, 33, (4, 6))))
+    one = (batch[0][:1], batch[1][:1])
+    assert count_macs_params(module, batch) == tuple(float(v) if i == 0 else int(v) for i, v in
+                                                     enumerate(tp.utils.count_ops_and_params(module, one)))  # fmt: skip

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_trust.core.batch import DEFAULT_INPUT_KEYS, call_module
+from lightning_trust.core.calls import PositionalInputs
 from lightning_trust.core.passes import isolated_eval
 from lightning_trust.core.tensors import first_tensor, map_tensors
 
@@ -23,7 +24,8 @@ __all__ = ["count_macs", "count_macs_params"]
 
 def count_macs_params(model: nn.Module, example_input: Any) -> tuple[float, int]:
     """MACs of one sample (the first row of ``example_input``) and parameters, by torch-pruning's
-    counter. Keyword inputs (a dict of model arguments) are passed as ``model(**inputs)``.
+    counter. Keyword inputs (a dict of model arguments) are passed as ``model(**inputs)``, several
+    positional inputs (:class:`~lightning_trust.core.PositionalInputs`) as ``model(*inputs)``.
 
     One row, because ``tp.utils.count_ops_and_params`` averages layers over the batch but not
     element-wise ops; MACs may be fractional (pooling counts half operations).
@@ -31,6 +33,10 @@ def count_macs_params(model: nn.Module, example_input: Any) -> tuple[float, int]
     import torch_pruning as tp
 
     sample = map_tensors(example_input, lambda t: t[:1] if t.ndim else t)
+    if isinstance(example_input, PositionalInputs):
+        # torch-pruning calls model(*sample) and reads the batch size from the first argument
+        macs, params = tp.utils.count_ops_and_params(model, tuple(sample))
+        return float(macs), int(params)
     if isinstance(sample, Mapping) and any(k in sample for k in DEFAULT_INPUT_KEYS):
         sample = (sample,)  # a dict that is one input, not keyword arguments
     elif isinstance(sample, (tuple, list)):

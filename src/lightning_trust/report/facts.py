@@ -21,12 +21,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_trust.core.batch import DEFAULT_INPUT_KEYS, DEFAULT_TARGET_KEYS, BatchContract, BatchKeyError
-from lightning_trust.core.calls import PositionalInputs
 from lightning_trust.core.loaders import first_loader, split_loaders
 from lightning_trust.core.macs import count_macs
 from lightning_trust.core.passes import unwrap_module
 from lightning_trust.core.seam_r1 import trained_epoch
-from lightning_trust.core.tensors import first_tensor, map_tensors, to_jsonable
+from lightning_trust.core.tensors import first_tensor, to_jsonable
 
 __all__ = [
     "PACKAGES",
@@ -69,31 +68,13 @@ def model_facts(module: nn.Module, trainer: Any, example_input: Any) -> dict[str
     first = first_tensor(example_input)
     if first is not None:
         facts["input_shape"] = [int(d) for d in first.shape]
-        if isinstance(example_input, PositionalInputs) and len(example_input) > 1:
-            first, *rest = example_input
-            facts["macs"] = count_macs(_Positional(module, rest), trainer, first)
-        else:
-            facts["macs"] = count_macs(module, trainer, example_input)
+        facts["macs"] = count_macs(module, trainer, example_input)
     hparams = getattr(module, "hparams", None)
     if hparams:
         facts["hyperparameters"] = to_jsonable(
             {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}, strict=True
         )
     return facts
-
-
-class _Positional(nn.Module):
-    """``module(x, *rest)`` for a forward of several positional tensors
-    (:class:`~lightning_trust.core.PositionalInputs`): the MAC counter gets the first tensor alone,
-    so it reads the batch size from it (given the whole tuple it would divide by its length)."""
-
-    def __init__(self, module: nn.Module, rest: list[Any]) -> None:
-        super().__init__()
-        self.module = module
-        self.rest = rest
-
-    def forward(self, x: Tensor) -> Any:
-        return self.module(x, *map_tensors(self.rest, lambda t: t.to(x.device)))
 
 
 def _dataset(datamodule: Any, trainer: Any, split: str) -> Optional[Dataset]:
