@@ -7,14 +7,18 @@ eager QAT is deprecated and Lightning's own QAT callback was removed in 2.0), an
 faster here: on SmallCNN (batch 64, one CPU thread) 4.1x over fp32 eager against 3.0x for eager
 ``torch.ao`` QAT (fbgemm/x86). Pitfalls handled here:
 
-* an exported graph refuses ``.train()``/``.eval()`` unless ``allow_exported_model_train_eval``
-  is applied (Lightning toggles modes around validation);
+* an exported graph's ``.train()``/``.eval()`` switch nothing by themselves: the fake-quant graph
+  gets its own mode switch (:mod:`lightning_trust.compression.qat_graph`), which the int8
+  conversion uses too, so the int8 program has no dropout, attention dropout or BatchNorm update;
 * an exported graph fixes the batch size unless dynamic shapes are given: the batch dimension is
-  exported as ``Dim("batch")``, so the last, smaller batch and any inference batch work;
+  exported as ``Dim("batch")`` on every input with the batch's leading size (a batch of one is
+  tiled to two for tracing), so the last, smaller batch and any inference batch work;
+* the module is exported as it is called: keyword arguments (Hugging Face models) and several
+  positional inputs, in one canonical form (:class:`~lightning_trust.compression.qat_graph.ForwardCall`);
+* a module called twice (``self.relu`` in a ResNet block) merges into one quantizer partition
+  with two outputs: each call is given its own (:func:`split_reused_modules`);
 * ``convert_pt2e`` keeps the dead fp32 weights next to their int8 copies: unused parameters and
-  buffers are dropped and the graph is re-exported, so the file holds only what the graph uses;
-* BatchNorm freezing has no switch in PT2E: the ``training`` flag of the graph's ``batch_norm``
-  nodes is cleared (as in PyTorch's PT2E QAT tutorial), re-applied after every ``.train()``.
+  buffers are dropped and the graph is re-exported, so the file holds only what the graph uses.
 
 Example:
     >>> import torch
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -45,7 +50,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_trust.core.batch import call_module
+from lightning_trust.compression.examples import repeat_rows
+from lightning_trust.compression.qat_graph import ForwardCall, install_modes, set_graph_mode, training_ops
 from lightning_trust.core.passes import saved_modes
 from lightning_trust.core.seam import inductor_config
 from lightning_trust.core.tensors import map_tensors, tensor_bytes
@@ -55,12 +61,15 @@ __all__ = [
     "compile_int8",
     "convert_to_int8",
     "drop_unused_state",
+    "export_call",
     "export_dynamic_batch",
     "load_int8_model",
     "plain_forward",
     "program_bytes",
     "quantize_prepare",
+    "remove_batch_counters",
     "set_batchnorm_training",
+    "split_reused_modules",
 ]
 
 #: Name under which QuantizationAwareTraining registers the fake-quantized graph on the LightningModule.
@@ -80,56 +89,144 @@ def plain_forward(module: nn.Module) -> Iterator[nn.Module]:
             module.__dict__["forward"] = override
 
 
-def _dynamic_batch(example: Any) -> Any:
+def export_call(module: nn.Module, example: Any) -> Any:
+    """``torch.export.export`` of ``module`` called as ``example`` (a :class:`ForwardCall`, or a
+    batch's inputs: tensor, keyword dict, :class:`PositionalInputs`), batch dimension dynamic.
+
+    Every tensor whose leading size is the batch size gets ``Dim("batch")``; a batch of one is
+    tiled to two rows first (torch.export specializes a size-1 dimension to the constant 1).
+    """
     from torch.export import Dim
 
+    call = ForwardCall.from_inputs(module, example)
+    size = call.batch_size()
+    if size == 1:
+        call = call.map(lambda t: repeat_rows(t, 2) if t.ndim > 0 else t)
+        size = 2
     batch = Dim("batch", min=1)
-    return (map_tensors(example, lambda t: {0: batch} if t.ndim > 0 else None),)
+
+    def spec(value: Any) -> Any:
+        return map_tensors(value, lambda t: {0: batch} if t.ndim > 0 and t.shape[0] == size else None)
+
+    shapes = tuple(spec(a) for a in call.args) + tuple(spec(v) for v in call.kwargs.values())
+    _register_hf_caches()
+    return torch.export.export(module, call.args, call.kwargs, dynamic_shapes=shapes if size else None)
 
 
 def export_dynamic_batch(module: nn.Module, example: Any) -> Any:
-    """``torch.export.export`` of ``module`` on ``example`` (one positional input), batch dimension dynamic."""
-    return torch.export.export(module, (example,), dynamic_shapes=_dynamic_batch(example))
+    """:func:`export_call` (the name this module has always exported)."""
+    return export_call(module, example)
+
+
+def _register_hf_caches() -> None:
+    """Let torch.export flatten Hugging Face's ``DynamicCache`` (GPT-2 returns one unless
+    ``use_cache=False``), with transformers' own registration, when transformers is in use."""
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:  # an older transformers: export reports the cache type itself
+        return
+    register_dynamic_cache_export_support()
 
 
 def _failing_module(model: nn.Module, example: Any) -> Optional[str]:
-    """Name of the first leaf module that torch.export cannot capture on its own (for a clear refusal)."""
-    captured: dict[str, Any] = {}
+    """The deepest module torch.export cannot capture on its own (for a refusal naming it): from
+    the root, descend into the first child (in call order) whose own export fails."""
+    captured: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
     handles = []
 
     def recorder(name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            captured.setdefault(name, inputs)
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            captured.setdefault(name, (tuple(args), dict(kwargs)))
 
         return hook
 
     for name, module in model.named_modules():
-        if name and next(module.children(), None) is None:
-            handles.append(module.register_forward_hook(recorder(name)))
+        if name:
+            handles.append(module.register_forward_hook(recorder(name), with_kwargs=True))
     try:
         with torch.no_grad(), plain_forward(model):
-            call_module(model, example)
+            ForwardCall.from_inputs(model, example).invoke(model)
     except Exception:  # the failing forward is what is being diagnosed
         pass
     finally:
         for h in handles:
             h.remove()
-    for name, inputs in captured.items():
+
+    def fails(name: str) -> bool:
+        args, kwargs = captured[name]
         try:
-            torch.export.export(model.get_submodule(name), tuple(inputs))
-        except Exception:  # any export failure names this module
-            return name
-    return None
+            torch.export.export(model.get_submodule(name), args, kwargs)
+        except Exception:  # any export failure counts
+            return True
+        return False
+
+    culprit: Optional[str] = None
+    children = [name for name in captured if "." not in name]
+    while children:
+        failing = next((name for name in children if fails(name)), None)
+        if failing is None:
+            break
+        culprit = failing
+        children = [n for n in captured if n.startswith(failing + ".") and "." not in n[len(failing) + 1 :]]
+    return culprit
+
+
+def _export_refusal(model: nn.Module, example: Any, err: BaseException) -> RuntimeError:
+    culprit = _failing_module(model, example)
+    kind = type(model.get_submodule(culprit)).__name__ if culprit else ""
+    where = f"its module {culprit!r} ({kind})" if culprit else "its forward"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if "data-dependent" in str(err) or "GuardOnDataDependent" in type(err).__name__:
+        fix = (
+            "Remove the branch on tensor values there"
+            + (" (pass `tgt_is_causal=True`/`is_causal=True` with the attention masks: nn.Transformer compares a "
+               "mask's values with a causal mask at run time)" if kind.startswith("Transformer") else "")
+            + ", or leave this model out of QAT."
+        )  # fmt: skip
+    else:
+        fix = "Make that code exportable (no Python branches on tensor values, no unsupported outputs), or leave this model out of QAT."
+    return RuntimeError(
+        f"QuantizationAwareTraining cannot quantize {type(model).__name__}: torch.export failed in {where}: "
+        f"{type(err).__name__}: {first[:300]}. {fix}"
+    )
+
+
+def split_reused_modules(graph_module: torch.fx.GraphModule) -> int:
+    """Give each call of a module called several times (``self.relu`` twice in a ResNet block) its
+    own source partition; returns how many nodes were relabelled.
+
+    Why: non-strict ``torch.export`` leaves ``source_fn_stack`` empty, so the quantizers group nodes
+    by the innermost ``nn_module_stack`` path, which is the same for every call of one module: the
+    X86 Inductor quantizer then finds a ReLU "partition" with two outputs and raises ``Input
+    partition has more than one output node``. The stack's key tells the calls apart
+    (``...relu`` and ``...relu@1``); appending that suffix to the path makes one partition per call.
+    """
+    relabelled = 0
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        key, (path, cls) = list(stack.items())[-1]
+        _, at, call = str(key).rpartition("@")
+        if at and call.isdigit() and not str(path).endswith(f"@{call}"):
+            stack[key] = (f"{path}@{call}", cls)
+            relabelled += 1
+    return relabelled
 
 
 def quantize_prepare(model: nn.Module, example: Any) -> torch.fx.GraphModule:
     """Export ``model`` (train mode, dynamic batch) and insert QAT fake quantization for the X86 Inductor backend.
 
-    The returned graph shares the model's parameters (the optimizer keeps training them); nothing
-    is attached to ``model``. Raises naming the module when the model cannot be exported or
-    holds nothing the quantizer can quantize.
+    ``example``: how the model is called (a :class:`ForwardCall`, or a batch's inputs). The
+    returned graph shares the model's parameters (the optimizer keeps training them), takes the
+    call's canonical form and switches modes with ``.train()``/``.eval()``
+    (:func:`~lightning_trust.compression.qat_graph.install_modes`); nothing is attached to
+    ``model``. Raises naming the module when the model cannot be exported or holds nothing the
+    quantizer can quantize.
     """
-    from torchao.quantization.pt2e import FakeQuantizeBase, allow_exported_model_train_eval
+    from torchao.quantization.pt2e import FakeQuantizeBase
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -138,28 +235,25 @@ def quantize_prepare(model: nn.Module, example: Any) -> torch.fx.GraphModule:
 
     try:
         with saved_modes(model, training=True), plain_forward(model):
-            exported = export_dynamic_batch(model, example).module()
+            exported = export_call(model, example).module()
     except Exception as err:
-        culprit = _failing_module(model, example)
-        where = f"its module {culprit!r} ({type(model.get_submodule(culprit)).__name__})" if culprit else "its forward"
-        raise RuntimeError(
-            f"QuantizationAwareTraining cannot quantize {type(model).__name__}: torch.export failed in {where}: "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Make the forward exportable "
-            "(no data-dependent Python control flow) or leave this model out of QAT."
-        ) from err
+        raise _export_refusal(model, example, err) from err
+    split_reused_modules(exported)
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=True))
     try:
         prepared = prepare_qat_pt2e(exported, quantizer)
     except Exception as err:
         raise RuntimeError(
-            f"QuantizationAwareTraining cannot quantize {type(model).__name__}: prepare_qat_pt2e failed: "
-            f"{type(err).__name__}: {err}"
+            f"QuantizationAwareTraining cannot quantize {type(model).__name__}: torchao's prepare_qat_pt2e (X86 "
+            f"Inductor quantizer) failed: {type(err).__name__}: {err}. Pass `example_input` matching the forward, or "
+            "leave this model out of QAT."
         ) from err
     if not any(isinstance(m, FakeQuantizeBase) for m in prepared.modules()):
         raise ValueError(
             f"QuantizationAwareTraining found nothing to quantize in {type(model).__name__}: the X86 Inductor "
-            "quantizer annotates Conv/Linear (and their fused activations); this model has none in its forward."
+            "quantizer annotates Conv/Linear (and their fused activations); this model has none in its forward. "
+            "Remove QuantizationAwareTraining for this model."
         )
     model_params = {id(p) for p in model.parameters()}
     foreign = [n for n, p in prepared.named_parameters() if id(p) not in model_params]
@@ -167,8 +261,7 @@ def quantize_prepare(model: nn.Module, example: Any) -> torch.fx.GraphModule:
         raise RuntimeError(
             f"torch.export copied parameters {foreign[:3]}; QAT would train copies the optimizer never sees."
         )
-    allow_exported_model_train_eval(prepared)
-    return prepared
+    return install_modes(prepared, training=True)
 
 
 def set_batchnorm_training(graph_module: torch.fx.GraphModule, training: bool) -> bool:
@@ -202,16 +295,49 @@ def drop_unused_state(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModul
     return graph_module
 
 
+def remove_batch_counters(graph_module: torch.fx.GraphModule) -> int:
+    """Erase BatchNorm's ``num_batches_tracked += ...`` nodes (an int8 program updates no statistics)."""
+    counters = [n for n in graph_module.graph.nodes if n.op == "call_function" and _is_counter(n)]
+    for node in counters:
+        graph_module.graph.erase_node(node)
+    if counters:
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+    return len(counters)
+
+
+def _is_counter(node: torch.fx.Node) -> bool:
+    target = node.args[0] if node.args else None
+    return (
+        node.target is torch.ops.aten.add_.Tensor
+        and isinstance(target, torch.fx.Node)
+        and str(target.target).endswith("num_batches_tracked")
+        and not node.users
+    )
+
+
 def convert_to_int8(prepared: torch.fx.GraphModule, example: Any) -> tuple[torch.fx.GraphModule, Any]:
-    """A real int8 model from a QAT graph (left untouched): ``convert_pt2e`` on a copy, dead weights
-    dropped, re-exported with a dynamic batch. Returns the converted graph and its ExportedProgram."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval
+    """A real int8 model from a QAT graph (left untouched): ``convert_pt2e`` on a copy in eval mode,
+    batch counters and dead weights dropped, re-exported with a dynamic batch. Returns the
+    converted graph and its ExportedProgram; raises if a training-mode op is left in it."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     clone = copy.deepcopy(prepared).cpu()
-    move_exported_model_to_eval(clone)
-    converted = drop_unused_state(convert_pt2e(clone))
-    return converted, export_dynamic_batch(converted, example)
+    set_graph_mode(clone, training=False)
+    clone.__dict__["_exported_training"] = False  # torchao's flag (export_utils._EXPORTED_TRAINING_ATTR)
+    converted = convert_pt2e(clone)
+    remove_batch_counters(converted)
+    converted = drop_unused_state(converted)
+    program = export_call(converted, example)
+    left = training_ops(converted) + training_ops(program.graph_module)
+    mutated = list(program.graph_signature.buffers_to_mutate.values())
+    if left or mutated:
+        raise RuntimeError(
+            f"The int8 program still has training-mode operations {left + mutated}: its outputs would not be "
+            "deterministic. Remove them from the forward (dropout without `self.training`), or leave this model out "
+            "of QAT."
+        )
+    return converted, program
 
 
 def program_bytes(program: Any) -> int:
@@ -246,5 +372,14 @@ def load_int8_model(path: Union[str, Path], compile: bool = False) -> Any:
     """
     import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops the graph calls
 
-    module = torch.export.load(str(path)).module()
+    try:
+        program = torch.export.load(str(path))
+    except Exception as err:  # a program returning a Hugging Face cache needs its pytree registered first
+        if "DynamicCache" not in str(err):
+            raise
+        import transformers  # noqa: F401
+
+        _register_hf_caches()
+        program = torch.export.load(str(path))
+    module = program.module()
     return compile_int8(module) if compile else module

@@ -27,16 +27,21 @@ from lightning_trust.core.tensors import map_tensors
 __all__ = ["collect_predictions", "cpu_copy", "measure_latency", "predicted_labels", "reduced_mean"]
 
 
-def measure_latency(model: Callable[..., Any], inputs: Any, min_run_time: float = 0.3) -> float:
-    """Median seconds per call of ``model`` on ``inputs`` on CPU under ``torch.no_grad()`` (torch.utils.benchmark)."""
+def measure_latency(
+    model: Callable[..., Any],
+    inputs: Any,
+    min_run_time: float = 0.3,
+    call: Callable[[Any, Any], Any] = call_module,
+) -> float:
+    """Median seconds per ``call(model, inputs)`` on CPU under ``torch.no_grad()`` (torch.utils.benchmark)."""
     from torch.utils.benchmark import Timer
 
     with torch.no_grad():
         for _ in range(3):  # warm-up (and compilation, for compiled models)
-            call_module(model, inputs)
+            call(model, inputs)
         timer = Timer(
             stmt="call_module(model, inputs)",
-            globals={"model": model, "inputs": inputs, "call_module": call_module},
+            globals={"model": model, "inputs": inputs, "call_module": call},
             num_threads=torch.get_num_threads(),
         )
         return float(timer.blocked_autorange(min_run_time=min_run_time).median)
@@ -56,8 +61,14 @@ def collect_predictions(
     contract: BatchContract,
     device: torch.device,
     max_batches: Optional[int] = None,
+    inputs_of: Optional[Callable[[Any], Any]] = None,
+    call: Callable[[Any, Any], Any] = call_module,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Predicted labels of each model over the loaders, and the targets (all on CPU)."""
+    """Predicted labels of each model over the loaders, and the targets (all on CPU).
+
+    ``inputs_of(batch)`` gives what ``call(model, inputs)`` takes (default: the contract's inputs).
+    """
+    inputs_of = contract.inputs if inputs_of is None else inputs_of
     preds: dict[str, list[Tensor]] = {name: [] for name in models}
     targets: list[Tensor] = []
     with torch.no_grad():
@@ -65,10 +76,10 @@ def collect_predictions(
             for index, batch in enumerate(loader):
                 if max_batches is not None and index >= max_batches:
                     break
-                inputs = map_tensors(contract.inputs(batch), lambda t: t.to(device))
+                inputs = map_tensors(inputs_of(batch), lambda t: t.to(device))
                 targets.append(torch.as_tensor(contract.target(batch)).reshape(-1).cpu())
                 for name, model in models.items():
-                    preds[name].append(predicted_labels(call_module(model, inputs)).reshape(-1).cpu())
+                    preds[name].append(predicted_labels(call(model, inputs)).reshape(-1).cpu())
     empty = torch.zeros(0, dtype=torch.long)
     return {n: torch.cat(p) if p else empty for n, p in preds.items()}, (torch.cat(targets) if targets else empty)
 

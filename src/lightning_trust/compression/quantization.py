@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import lightning.pytorch as pl
@@ -23,32 +22,30 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_trust.compression.checkpoints import callback_state, on_checkpoint_load
-from lightning_trust.compression.examples import (
-    example_batch_size,
-    example_from,
-    example_from_spec,
-    on_device,
-    repeat_rows,
-)
+from lightning_trust.compression.examples import EXAMPLE_ROWS, example_from_spec, on_device
 from lightning_trust.compression.export import (
     QAT_ATTR,
-    compile_int8,
     convert_to_int8,
-    export_dynamic_batch,
     load_int8_model,
     plain_forward,
-    program_bytes,
     quantize_prepare,
     set_batchnorm_training,
 )
 from lightning_trust.compression.keys import QUANTIZATION_LOGGED_KEYS, QUANTIZATION_REPORT_KEYS
-from lightning_trust.compression.measure import collect_predictions, measure_latency, reduced_mean
-from lightning_trust.core import artifact_dir, find_callback, new_figure, save_figure, write_json
+from lightning_trust.compression.qat_graph import (
+    CallTemplate,
+    ForwardCall,
+    GraphForward,
+    freeze_graph_batchnorm,
+    freeze_graph_observers,
+)
+from lightning_trust.compression.qat_report import QAT_EXTRA_LOGGED_KEYS, QAT_EXTRA_REPORT_KEYS, convert_and_measure
+from lightning_trust.core import find_callback
 from lightning_trust.core.batch import BatchContract, Key
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.loaders import split_loaders
-from lightning_trust.core.tensors import map_tensors
+from lightning_trust.core.passes import fork_rngs
 
 __all__ = [
     "QAT_ATTR",
@@ -102,8 +99,8 @@ class QuantizationAwareTraining(TrustCallback):
             "private data afterwards is not covered by ε (fine-tune on public data, or keep the DP model in float)"
         )
     }
-    logged_keys: ClassVar[dict[str, str]] = QUANTIZATION_LOGGED_KEYS
-    report_keys: ClassVar[dict[str, str]] = QUANTIZATION_REPORT_KEYS
+    logged_keys: ClassVar[dict[str, str]] = {**QUANTIZATION_LOGGED_KEYS, **QAT_EXTRA_LOGGED_KEYS}
+    report_keys: ClassVar[dict[str, str]] = {**QUANTIZATION_REPORT_KEYS, **QAT_EXTRA_REPORT_KEYS}
 
     def __init__(
         self,
@@ -113,33 +110,32 @@ class QuantizationAwareTraining(TrustCallback):
         export_path: Optional[str] = None,
         compile: bool = True,
         measure_latency: bool = True,
+        latency_batch_size: int = 32,
+        latency_threads: int = 1,
         example_input: Any = None,
         batch_keys: Optional[dict[str, Key]] = None,
         name: Optional[str] = None,
     ) -> None:
         super().__init__(name=name)
-        if start_epoch < 0:
-            raise ValueError(f"`start_epoch` must be >= 0, got {start_epoch}.")
-        for arg, value in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
-            if value is not None and value < start_epoch:
-                raise ValueError(
-                    f"`{arg}` ({value}) must be >= `start_epoch` ({start_epoch}): nothing is quantized before."
-                )
-        if export_path is not None and not str(export_path).endswith(".pt2"):
-            raise ValueError(f"`export_path` must end with '.pt2' (a torch.export program), got {export_path!r}.")
+        check_arguments(start_epoch, freeze_observers_epoch, freeze_bn_epoch, export_path, latency_batch_size,
+                        latency_threads)  # fmt: skip
         self.start_epoch = start_epoch
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.export_path = export_path
         self.compile = compile
         self.measure_latency = measure_latency
+        self.latency_batch_size = latency_batch_size
+        self.latency_threads = latency_threads
         self.example_input = example_from_spec(example_input)
         self.batch_keys = batch_keys
         self._contract: Optional[BatchContract] = None
         self._load_hook: Any = None
         self._prepared: Optional[torch.fx.GraphModule] = None
-        self._example: Any = None
-        self._latency_batch = 1
+        self._example: Optional[ForwardCall] = None
+        self._template: Optional[CallTemplate] = None
+        self._pending_batch: Any = None
+        self._float_module: Optional[pl.LightningModule] = None
         self._prepared_epoch: Optional[int] = None
         self._results: dict[str, Any] = {}
         self._figures: dict[str, str] = {}
@@ -173,6 +169,8 @@ class QuantizationAwareTraining(TrustCallback):
             raise ValueError(
                 f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never starts with max_epochs={trainer.max_epochs}."
             )
+        elif fitting and self._prepared is None and find_callback(trainer, _pruning_class()) is None:
+            self._trial(trainer, pl_module)  # pruning changes the shapes first: its own checks come first
         if self._load_hook is not None:
             self._load_hook.remove()
         self._load_hook = on_checkpoint_load(
@@ -180,9 +178,7 @@ class QuantizationAwareTraining(TrustCallback):
         )
 
     def _check_pruning_order(self, trainer: pl.Trainer, fitting: bool) -> None:
-        from lightning_trust.compression.pruning import ProgressivePruning
-
-        pruning = find_callback(trainer, ProgressivePruning)
+        pruning = find_callback(trainer, _pruning_class())
         if pruning is None:
             return
         if trainer.callbacks.index(pruning) > trainer.callbacks.index(self):  # type: ignore[attr-defined]
@@ -198,12 +194,31 @@ class QuantizationAwareTraining(TrustCallback):
                 "pruning's `end_epoch`."
             )
 
+    def _trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before training: export, prepare and convert a CPU copy on the first training batch, so a
+        model that cannot be quantized is refused now, naming its module, not at ``start_epoch``."""
+        inputs = self.example_input
+        if inputs is None:
+            loaders = split_loaders(trainer, "train")
+            if not loaders or self._contract is None:
+                return
+            with fork_rngs():  # the loader's shuffle draws from the global generator
+                inputs = self._contract.inputs(next(iter(loaders[0])))
+        with plain_forward(pl_module):
+            model = copy.deepcopy(pl_module).cpu()
+        call = ForwardCall.from_inputs(model, inputs).rows(EXAMPLE_ROWS)
+        prepared = quantize_prepare(model, call)
+        with torch.no_grad(), fork_rngs():
+            call.invoke(prepared)  # observers see one batch: the conversion needs ranges
+        convert_to_int8(prepared, call)
+
     def _restore_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
         """Insert the fake-quant graph before a QAT checkpoint's weights (and observers) load into the module."""
         state = callback_state(checkpoint, type(self).__name__, self.state_key)
         if self._prepared is None and state and state.get("prepared"):
-            self._example = state["example_input"]
-            self._prepare(trainer, pl_module, rewrap=False)
+            self._template = CallTemplate.from_state(state.get("template"))
+            self._prepare(pl_module, ForwardCall.from_state(pl_module, state["example_input"]))
+            self._apply_freezes(int(state.get("epoch", 0)))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -217,56 +232,76 @@ class QuantizationAwareTraining(TrustCallback):
     ) -> None:
         if self._should_skip(trainer):
             return
-        if self._prepared is None:
-            self._start(trainer, pl_module, batch)
+        if self._prepared is None and self.example_input is not None:
+            self._start(trainer, pl_module, ForwardCall.from_inputs(pl_module, self.example_input), batch)
+        elif self._prepared is None:  # traced from the training step's own call of the module
+            self._pending_batch = batch
+            pl_module.__dict__["forward"] = _FirstCall(self, trainer, pl_module)
         self._apply_freezes(trainer.current_epoch)
 
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        inputs = self.example_input if self.example_input is not None else self._contract.inputs(batch)  # type: ignore[union-attr]
-        self._example = example_from(inputs)
-        self._latency_batch = example_batch_size(inputs)
-        self._prepare(trainer, pl_module)
-        self._prepared_epoch = trainer.current_epoch
-        rank_zero_info(f"QuantizationAwareTraining: fake quantization inserted at epoch {trainer.current_epoch}.")
-
-    def _prepare(self, trainer: Any, pl_module: pl.LightningModule, rewrap: bool = True) -> None:
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_batch is None:
+            return
+        self._pending_batch = None
+        graph_forward = pl_module.__dict__.get("forward")
+        if self._prepared is None or (isinstance(graph_forward, GraphForward) and graph_forward.calls == 0):
+            pl_module.__dict__.pop("forward", None)
+            raise RuntimeError(
+                f"QuantizationAwareTraining routes {type(pl_module).__name__}'s forward through the fake-quantized "
+                "graph, but training_step never called it. Call the model as `self(...)` (or `self.forward(...)`) "
+                "in training_step, not a submodule directly."
+            )
         from lightning_trust.core.seam import rewrap_ddp
 
+        rewrap_ddp(trainer)  # the observers are new buffers DDP must know (not inside the step's forward)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, call: ForwardCall, batch: Any) -> None:
+        self._template = CallTemplate.match(call, batch)
+        self._prepare(pl_module, call)
+        self._prepared_epoch = trainer.current_epoch
+        self._pending_batch = batch  # checked at batch end: the step must have called the graph
+        self._apply_freezes(trainer.current_epoch)
+        rank_zero_info(f"QuantizationAwareTraining: fake quantization inserted at epoch {trainer.current_epoch}.")
+
+    def _prepare(self, pl_module: pl.LightningModule, call: ForwardCall) -> None:
         prepared = quantize_prepare(
-            pl_module, on_device(self._example, pl_module)
+            pl_module, call.map(lambda t: on_device(t, pl_module))
         )  # raises before anything is attached
-        if not pl_module.training:
-            prepared.eval()
+        prepared.train(pl_module.training)
         pl_module.add_module(QAT_ATTR, prepared)
-        pl_module.__dict__["forward"] = prepared.forward  # instance-level: the user's class is unchanged
+        pl_module.__dict__["forward"] = GraphForward(pl_module, prepared, call)  # the user's class is unchanged
         self._prepared = prepared
-        if rewrap:
-            rewrap_ddp(trainer)  # the observers are new buffers DDP must know
+        self._float_module = pl_module
+        self._example = call.rows(EXAMPLE_ROWS)
 
     def _apply_freezes(self, epoch: int) -> None:
-        from torchao.quantization.pt2e import disable_observer
-
         if self._prepared is None:
             return
         if self.freeze_observers_epoch is not None and epoch >= self.freeze_observers_epoch:
-            self._prepared.apply(disable_observer)
+            freeze_graph_observers(self._prepared)
         if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
-            # Lightning's .train() swaps the train-mode BN pattern back in: re-apply every batch (cheap, idempotent)
-            set_batchnorm_training(self._prepared, False)
+            freeze_graph_batchnorm(self._prepared)  # kept through every later .train()/.eval()
+
+    def call_for_batch(self, batch: Any) -> ForwardCall:
+        """The traced call made from a batch of the loaders (validation, latency)."""
+        if self._template is not None:
+            return self._template.call(batch)
+        return ForwardCall.from_inputs(self._float_module, self._contract.inputs(batch))  # type: ignore[union-attr]
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "prepared": self._prepared is not None,
-            "example_input": self._example,
-            "latency_batch": self._latency_batch,
+            "example_input": self._example.to_state() if self._example is not None else None,
+            "template": self._template.to_state() if self._template is not None else None,
             "prepared_epoch": self._prepared_epoch,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._example = state_dict.get("example_input", self._example)
-        self._latency_batch = int(state_dict.get("latency_batch", 1))
         self._prepared_epoch = state_dict.get("prepared_epoch")
 
     # conversion ------------------------------------------------------------------------------
@@ -274,88 +309,11 @@ class QuantizationAwareTraining(TrustCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._prepared is None:
             return
-        self._results = self._convert_and_measure(trainer, pl_module)
+        self._results = convert_and_measure(self, trainer, pl_module)
         rank_zero_info(
             "QuantizationAwareTraining: int8 model "
             + ", ".join(f"{k}={v:.4g}" for k, v in self._results.items() if isinstance(v, float))
         )
-
-    def _convert_and_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        from torchao.quantization.pt2e import move_exported_model_to_eval
-
-        assert self._prepared is not None
-        example = map_tensors(self._example, lambda t: t.cpu())
-        fake_quant = copy.deepcopy(self._prepared).cpu()
-        move_exported_model_to_eval(fake_quant)
-        if self.freeze_bn_epoch is not None:
-            set_batchnorm_training(fake_quant, False)
-        converted, int8_program = convert_to_int8(self._prepared, example)
-        with plain_forward(pl_module):
-            fp32 = copy.deepcopy(pl_module).cpu().eval()
-        fp32_program = export_dynamic_batch(fp32, example)
-        self.quantized_model = converted
-        results: dict[str, Any] = {
-            "backend": "x86_inductor (torchao PT2E)",
-            "size_fp32_bytes": program_bytes(fp32_program),
-            "size_int8_bytes": program_bytes(int8_program),
-        }
-        results["size_ratio"] = results["size_fp32_bytes"] / results["size_int8_bytes"]
-        int8_runner: Any = compile_int8(converted) if self.compile else int8_program.module()
-        loaders = split_loaders(trainer, "val")
-        if loaders and self._contract is not None:
-            models = {"fp32": fp32, "fake_quant": fake_quant, "int8": int8_runner}
-            preds, target = collect_predictions(models, loaders, self._contract, torch.device("cpu"))
-            if target.numel():
-                results["accuracy_fp32"] = reduced_mean(trainer, (preds["fp32"] == target).float())
-                results["accuracy_fake_quant"] = reduced_mean(trainer, (preds["fake_quant"] == target).float())
-                results["accuracy_int8"] = reduced_mean(trainer, (preds["int8"] == target).float())
-                results["agreement"] = reduced_mean(trainer, (preds["int8"] == preds["fake_quant"]).float())
-        folder = artifact_dir(trainer, "quantization")  # on every rank: log_dir is a collective under DDP
-        if not trainer.is_global_zero:
-            return results
-        export_file = Path(self.export_path) if self.export_path else folder / "model_int8.pt2"
-        export_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(int8_program, str(export_file))
-        fp32_file = export_file.with_name(f"{export_file.stem}.fp32_reference.pt2")
-        torch.export.save(fp32_program, str(fp32_file))
-        self.export_file = str(export_file)
-        results["export_path"] = str(export_file)
-        results["file_size_fp32_bytes"] = fp32_file.stat().st_size
-        results["file_size_int8_bytes"] = export_file.stat().st_size
-        if self.measure_latency:
-            batch = repeat_rows(example, self._latency_batch)
-            results["latency_fp32_ms"] = measure_latency(fp32, batch) * 1e3
-            results["latency_int8_ms"] = measure_latency(int8_runner, batch) * 1e3
-            results["speedup"] = results["latency_fp32_ms"] / results["latency_int8_ms"]
-            results["int8_compiled"] = self.compile
-        self._results = results
-        numbers = {
-            f"quantization/{k}": float(v)
-            for k, v in results.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(numbers, step=trainer.global_step)
-        self._figures = {"int8_vs_fp32": str(folder / "int8_vs_fp32.png")}
-        write_json(folder / "quantization.json", self.report())
-        save_figure(trainer, self._figure(), folder / "int8_vs_fp32.png", tag="quantization/int8_vs_fp32")
-        return results
-
-    def _figure(self) -> Any:
-        r = self._results
-        panels = [("size (KiB)", r.get("size_fp32_bytes", 0) / 1024, r.get("size_int8_bytes", 0) / 1024)]
-        if "latency_fp32_ms" in r:
-            panels.append(("CPU latency (ms)", r["latency_fp32_ms"], r["latency_int8_ms"]))
-        if r.get("accuracy_fp32") is not None:
-            panels.append(("val accuracy", r["accuracy_fp32"], r["accuracy_int8"]))
-        fig = new_figure(figsize=(3.0 * len(panels), 3.2))
-        for i, (title, fp32, int8) in enumerate(panels, start=1):
-            ax = fig.add_subplot(1, len(panels), i)
-            ax.bar(["fp32", "int8"], [fp32, int8], color=["#888888", "#2a7ab9"])
-            ax.set_title(title)
-        fig.suptitle("QuantizationAwareTraining: int8 vs fp32")
-        fig.tight_layout()
-        return fig
 
     def report(self) -> dict[str, Any]:
         """The int8 export and its measurements against fp32 (see :attr:`report_keys`)."""
@@ -363,3 +321,44 @@ class QuantizationAwareTraining(TrustCallback):
         if self._figures:
             out["figures"] = dict(self._figures)
         return out
+
+
+class _FirstCall:
+    """The module's forward for one call: the training step's own call is traced, then run fake-quantized."""
+
+    def __init__(self, callback: QuantizationAwareTraining, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.callback, self.trainer, self.module = callback, trainer, module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = ForwardCall.bind(self.module, args, kwargs)
+        self.callback._start(self.trainer, self.module, call, self.callback._pending_batch)
+        return self.module.__dict__["forward"](*args, **kwargs)
+
+
+def _pruning_class() -> type:
+    from lightning_trust.compression.pruning import ProgressivePruning
+
+    return ProgressivePruning
+
+
+def check_arguments(
+    start_epoch: int,
+    freeze_observers_epoch: Optional[int],
+    freeze_bn_epoch: Optional[int],
+    export_path: Optional[str],
+    latency_batch_size: int,
+    latency_threads: int,
+) -> None:
+    """Every argument of :class:`QuantizationAwareTraining` checked before training."""
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+        raise ValueError(f"`start_epoch` must be an integer >= 0, got {start_epoch!r}.")
+    for arg, value in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
+        if value is not None and value < start_epoch:
+            raise ValueError(
+                f"`{arg}` ({value}) must be >= `start_epoch` ({start_epoch}): nothing is quantized before."
+            )
+    if export_path is not None and not str(export_path).endswith(".pt2"):
+        raise ValueError(f"`export_path` must end with '.pt2' (a torch.export program), got {export_path!r}.")
+    for arg, value in (("latency_batch_size", latency_batch_size), ("latency_threads", latency_threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{arg}` must be a positive integer, got {value!r}. Set it to e.g. 32 / 1.")

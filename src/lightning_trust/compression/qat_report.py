@@ -1,0 +1,180 @@
+"""What QuantizationAwareTraining does at the end of fit: convert to int8, export, and measure the
+int8 program against fp32 (size, accuracy, agreement, determinism, latency and whether int8 pays
+off on this machine).
+
+Example:
+    >>> pays_off(2.98), pays_off(0.46)
+    (True, False)
+    >>> sorted(QAT_EXTRA_REPORT_KEYS)
+    ['int8_deterministic', 'int8_pays_off', 'latency_batch_size', 'latency_threads']
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_trust.compression.examples import repeat_rows
+from lightning_trust.compression.export import (
+    compile_int8,
+    convert_to_int8,
+    export_call,
+    plain_forward,
+    program_bytes,
+)
+from lightning_trust.compression.measure import collect_predictions, measure_latency, reduced_mean
+from lightning_trust.compression.qat_graph import ForwardCall
+from lightning_trust.core import artifact_dir, new_figure, save_figure, warn_once, write_json
+from lightning_trust.core.loaders import split_loaders
+
+__all__ = ["QAT_EXTRA_LOGGED_KEYS", "QAT_EXTRA_REPORT_KEYS", "convert_and_measure", "pays_off", "qat_figure"]
+
+#: Logged at the end of fit besides :data:`~lightning_trust.compression.keys.QUANTIZATION_LOGGED_KEYS`.
+QAT_EXTRA_LOGGED_KEYS: dict[str, str] = {
+    "quantization/latency_batch_size": "batch size the latencies were measured at",
+    "quantization/latency_threads": "CPU threads the latencies were measured with",
+}
+#: Reported besides :data:`~lightning_trust.compression.keys.QUANTIZATION_REPORT_KEYS`.
+QAT_EXTRA_REPORT_KEYS: dict[str, str] = {
+    "int8_pays_off": "whether the int8 program is faster than fp32 on this machine (speedup > 1)",
+    "int8_deterministic": "whether the int8 program gives bit-identical outputs on the same input twice",
+    **{key.split("/", 1)[1]: meaning for key, meaning in QAT_EXTRA_LOGGED_KEYS.items()},
+}
+
+
+def pays_off(speedup: float) -> bool:
+    """Whether int8 is worth deploying for speed: strictly faster than fp32."""
+    return speedup > 1.0
+
+
+def _outputs_equal(a: Any, b: Any) -> bool:
+    from lightning_trust.core.tensors import iter_tensors
+
+    left, right = list(iter_tensors(a)), list(iter_tensors(b))
+    return len(left) == len(right) and all(torch.equal(x, y) for x, y in zip(left, right))
+
+
+def _latencies(cb: Any, fp32: Any, int8: Any, example: ForwardCall) -> dict[str, Any]:
+    batch = example.map(lambda t: repeat_rows(t, cb.latency_batch_size) if t.ndim > 0 else t)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cb.latency_threads)
+    try:
+        fp32_runner = compile_int8(fp32) if cb.compile else fp32  # the same compiler for both: a fair speedup
+        out = {
+            "latency_fp32_ms": measure_latency(fp32_runner, batch, call=_invoke) * 1e3,
+            "latency_int8_ms": measure_latency(int8, batch, call=_invoke) * 1e3,
+        }
+    finally:
+        torch.set_num_threads(threads)
+    out["speedup"] = out["latency_fp32_ms"] / out["latency_int8_ms"]
+    out.update(
+        int8_pays_off=pays_off(out["speedup"]),
+        int8_compiled=cb.compile,
+        latency_batch_size=cb.latency_batch_size,
+        latency_threads=cb.latency_threads,
+    )
+    return out
+
+
+def _invoke(model: Any, call: ForwardCall) -> Any:
+    return call.invoke(model)
+
+
+def _accuracies(cb: Any, trainer: Any, models: dict[str, Any]) -> dict[str, Any]:
+    loaders = split_loaders(trainer, "val")
+    if not loaders or cb._contract is None:
+        return {}
+    preds, target = collect_predictions(
+        models, loaders, cb._contract, torch.device("cpu"), inputs_of=cb.call_for_batch, call=_invoke
+    )
+    keep = target != -100  # Hugging Face's ignored label (padding of a language model's tokens)
+    preds, target = {name: p[keep] for name, p in preds.items()}, target[keep]
+    if not target.numel():
+        return {}
+    return {
+        "accuracy_fp32": reduced_mean(trainer, (preds["fp32"] == target).float()),
+        "accuracy_fake_quant": reduced_mean(trainer, (preds["fake_quant"] == target).float()),
+        "accuracy_int8": reduced_mean(trainer, (preds["int8"] == target).float()),
+        "agreement": reduced_mean(trainer, (preds["int8"] == preds["fake_quant"]).float()),
+    }
+
+
+def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]:
+    """Convert ``cb``'s QAT graph to int8, export it next to an fp32 reference, and measure both."""
+    assert cb._prepared is not None and cb._example is not None
+    example: ForwardCall = cb._example.map(lambda t: t.cpu())
+    fake_quant = copy.deepcopy(cb._prepared).cpu()
+    fake_quant.eval()
+    converted, int8_program = convert_to_int8(cb._prepared, example)
+    with plain_forward(pl_module):
+        fp32 = copy.deepcopy(pl_module).cpu().eval()
+    with torch.no_grad():
+        fp32_program = export_call(fp32, example)
+    results: dict[str, Any] = {
+        "backend": "x86_inductor (torchao PT2E)",
+        "size_fp32_bytes": program_bytes(fp32_program),
+        "size_int8_bytes": program_bytes(int8_program),
+    }
+    results["size_ratio"] = results["size_fp32_bytes"] / results["size_int8_bytes"]
+    int8_runner: Any = compile_int8(converted) if cb.compile else int8_program.module()
+    with torch.no_grad():
+        results["int8_deterministic"] = _outputs_equal(example.invoke(int8_runner), example.invoke(int8_runner))
+    results.update(_accuracies(cb, trainer, {"fp32": fp32, "fake_quant": fake_quant, "int8": int8_runner}))
+    folder = artifact_dir(trainer, "quantization")  # on every rank: log_dir is a collective under DDP
+    if not trainer.is_global_zero:
+        return results
+    export_file = Path(cb.export_path) if cb.export_path else folder / "model_int8.pt2"
+    export_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(int8_program, str(export_file))
+    fp32_file = export_file.with_name(f"{export_file.stem}.fp32_reference.pt2")
+    torch.export.save(fp32_program, str(fp32_file))
+    cb.export_file = str(export_file)
+    cb.quantized_model = converted
+    results["export_path"] = str(export_file)
+    results["file_size_fp32_bytes"] = fp32_file.stat().st_size
+    results["file_size_int8_bytes"] = export_file.stat().st_size
+    if cb.measure_latency:
+        results.update(_latencies(cb, fp32, int8_runner, example))
+        if not results["int8_pays_off"]:
+            warn_once(
+                cb,
+                "int8_slower",
+                f"QuantizationAwareTraining: the int8 program is slower than fp32 on this machine "
+                f"({results['speedup']:.2f}x at batch {cb.latency_batch_size}, {cb.latency_threads} thread(s), "
+                f"{'both compiled' if cb.compile else 'eager'}); `int8_pays_off` is False in the report. Keep fp32 "
+                "for CPU speed here"
+                + ("" if cb.compile else ", or set `compile=True` (int8 kernels need Inductor)")
+                + ".",
+            )
+    numbers = {
+        f"quantization/{k}": float(v)
+        for k, v in results.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    for logger in trainer.loggers:
+        logger.log_metrics(numbers, step=trainer.global_step)
+    cb._results = results
+    cb._figures = {"int8_vs_fp32": str(folder / "int8_vs_fp32.png")}
+    write_json(folder / "quantization.json", cb.report())
+    save_figure(trainer, qat_figure(results), folder / "int8_vs_fp32.png", tag="quantization/int8_vs_fp32")
+    return results
+
+
+def qat_figure(r: dict[str, Any]) -> Any:
+    """Bars of size, latency and accuracy, fp32 against int8."""
+    panels = [("size (KiB)", r.get("size_fp32_bytes", 0) / 1024, r.get("size_int8_bytes", 0) / 1024)]
+    if "latency_fp32_ms" in r:
+        panels.append(("CPU latency (ms)", r["latency_fp32_ms"], r["latency_int8_ms"]))
+    if r.get("accuracy_fp32") is not None:
+        panels.append(("val accuracy", r["accuracy_fp32"], r["accuracy_int8"]))
+    fig = new_figure(figsize=(3.0 * len(panels), 3.2))
+    for i, (title, fp32, int8) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        ax.bar(["fp32", "int8"], [fp32, int8], color=["#888888", "#2a7ab9"])
+        ax.set_title(title)
+    fig.suptitle("QuantizationAwareTraining: int8 vs fp32")
+    fig.tight_layout()
+    return fig
