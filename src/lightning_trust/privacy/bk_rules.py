@@ -101,7 +101,7 @@ def _unfold(module: Any, x: Tensor) -> Tensor:
     return patches.transpose(1, 2)
 
 
-def _outer_parts(module: Any, x: Tensor, grad: Tensor) -> list[tuple[nn.Parameter, Part]]:
+def _outer_parts(module: Any, x: Tensor, grad: Tensor) -> list[tuple[Tensor, Part]]:
     batch = grad.shape[0]
     bias = getattr(module, "bias", None)
     if type(module) is nn.Embedding:
@@ -117,7 +117,7 @@ def _outer_parts(module: Any, x: Tensor, grad: Tensor) -> list[tuple[nn.Paramete
     else:
         x, grad = x.reshape(batch, -1, x.shape[-1]), grad.reshape(batch, -1, grad.shape[-1])
         weight = Outer(grad, x)
-    parts: list[tuple[nn.Parameter, Part]] = [(module.weight, weight)]
+    parts: list[tuple[Tensor, Part]] = [(module.weight, weight)]
     if bias is not None:
         parts.append((bias, grad.sum(1)))
     return parts
@@ -125,7 +125,7 @@ def _outer_parts(module: Any, x: Tensor, grad: Tensor) -> list[tuple[nn.Paramete
 
 def contributions(
     module: nn.Module, activations: list[Any], grad: Tensor, wanted: set[int]
-) -> list[tuple[nn.Parameter, Part]]:
+) -> list[tuple[Tensor, Part]]:
     """What one call of ``module`` (inputs ``activations``, output gradient ``grad``) contributes to
     the per-sample gradients of its parameters in ``wanted`` (ids)."""
     if has_bk_rule(module):
@@ -143,6 +143,8 @@ def contributions(
 
 
 def _cat(outers: list[Outer]) -> Outer:
+    if len(outers) == 1:
+        return outers[0]
     return Outer(torch.cat([o.rows for o in outers], 1), torch.cat([o.cols for o in outers], 1))
 
 
@@ -152,7 +154,7 @@ def _materialize(outer: Outer, param: Tensor) -> Tensor:
         full = outer.cols.new_zeros(batch, param.shape[0], cols)
         full.scatter_add_(1, outer.rows.unsqueeze(-1).expand(-1, -1, cols), outer.cols)
     else:
-        full = torch.einsum("ntr,ntc->nrc", outer.rows, outer.cols)
+        full = torch.bmm(outer.rows.transpose(1, 2), outer.cols)  # faster than the equivalent einsum on CPU
     return full.reshape(batch, *param.shape)
 
 
@@ -174,7 +176,11 @@ def _ghost(a: Outer, b: Outer) -> Tensor:
 
 class ParamGrads:
     """Every contribution to one parameter's per-sample gradients in a batch (a tied parameter: from
-    each of its layers), with their per-sample squared norms and clipped sum."""
+    each of its layers), with their per-sample squared norms and clipped sum.
+
+    For a weight used once, the norm comes from its per-sample gradient ``B x R x C`` built and
+    dropped at once, or from the ghost Gram ``B x N x N`` when that is cheaper (``N (R + C) < R C``);
+    the clipped sum is always one matrix product (or ``index_add``), as in a plain backward."""
 
     def __init__(self, param: nn.Parameter, parts: list[Part]) -> None:
         self.param = param
@@ -186,19 +192,15 @@ class ParamGrads:
             return self._prepared
         dtype = self.param.dtype
         parts = [
-            Outer(p.rows if p.indexed else p.rows.to(dtype), p.cols.to(dtype)) if isinstance(p, Outer) else p.to(dtype)
+            (Outer(p.rows if p.indexed else p.rows.to(dtype), p.cols.to(dtype)) if p.cols.dtype != dtype else p)
+            if isinstance(p, Outer)
+            else p.to(dtype)
             for p in self.parts
         ]
-        outers = [p for p in parts if isinstance(p, Outer)]
         fulls = [p for p in parts if not isinstance(p, Outer)]
-        dense = [o for o in outers if not o.indexed]
-        indexed = [o for o in outers if o.indexed]
-        merged: list[Outer] = [_cat(group) for group in (dense, indexed) if group]
-        if len(merged) == 1 and not merged[0].indexed and not fulls:
-            tokens, rows, cols = merged[0].rows.shape[1], merged[0].rows.shape[2], merged[0].cols.shape[2]
-            if tokens * (rows + cols) >= rows * cols:  # the per-sample gradient is smaller than the ghost Gram
-                fulls, merged = [_materialize(merged[0], self.param)], []
-        if fulls:
+        outers = [p for p in parts if isinstance(p, Outer)]
+        merged = [_cat(g) for g in ([o for o in outers if not o.indexed], [o for o in outers if o.indexed]) if g]
+        if fulls:  # a weight also given full per-sample gradients (a tied LayerNorm...): everything full
             total = fulls[0].reshape(-1, *self.param.shape)
             for other in fulls[1:] + [_materialize(o, self.param) for o in merged]:
                 total = total + other.reshape(total.shape)
@@ -211,9 +213,14 @@ class ParamGrads:
         """Per-sample squared gradient norms ``(B,)``."""
         parts = self._prepare()
         if len(parts) == 1 and not isinstance(parts[0], Outer):
-            return parts[0].flatten(1).pow(2).sum(1)
+            return torch.linalg.vector_norm(parts[0].flatten(1), dim=1).pow(2)
         outers = [p for p in parts if isinstance(p, Outer)]
-        total = sum(_ghost(o, o) for o in outers)
+        if len(outers) == 1 and not outers[0].indexed:
+            tokens, rows, cols = outers[0].rows.shape[1], outers[0].rows.shape[2], outers[0].cols.shape[2]
+            if tokens * (rows + cols) >= rows * cols:
+                full = torch.bmm(outers[0].rows.transpose(1, 2), outers[0].cols)
+                return torch.linalg.vector_norm(full.flatten(1), dim=1).pow(2)
+        total = torch.stack([_ghost(o, o) for o in outers]).sum(0)
         if len(outers) == 2:  # dense and indexed uses of one tied weight
             total = total + 2 * _ghost(outers[0], outers[1])
         return total.clamp(min=0)
@@ -227,9 +234,14 @@ class ParamGrads:
         out = self.param.new_zeros(self.param.shape[0], self.param[0].numel())
         for o in parts:
             assert isinstance(o, Outer)
-            cols = o.cols * weights.view(-1, 1, 1)
             if o.indexed:
+                cols = o.cols * weights.view(-1, 1, 1)
                 out.index_add_(0, o.rows.reshape(-1), cols.reshape(-1, cols.shape[-1]))
+                continue
+            rows, cols = o.rows, o.cols
+            if rows.shape[-1] <= cols.shape[-1]:  # scale the narrower factor
+                rows = rows * weights.view(-1, 1, 1)
             else:
-                out.addmm_(o.rows.reshape(-1, o.rows.shape[-1]).t(), cols.reshape(-1, cols.shape[-1]))
+                cols = cols * weights.view(-1, 1, 1)
+            out.addmm_(rows.reshape(-1, rows.shape[-1]).t(), cols.reshape(-1, cols.shape[-1]))
         return out.view_as(self.param)

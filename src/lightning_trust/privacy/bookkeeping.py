@@ -36,7 +36,8 @@ from opacus.grad_sample.functorch import prepare_layer
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
 from torch import Tensor, nn
 
-from lightning_trust.privacy.bk_rules import ParamGrads, Part, contributions, has_bk_rule, has_rule
+from lightning_trust.privacy.bk_rules import ParamGrads, Part, contributions, has_rule
+from lightning_trust.privacy.copies import SharedOnCopy
 
 __all__ = ["BookKeeping", "choose_mode", "hooked_modules", "unsupported_layers"]
 
@@ -88,7 +89,7 @@ class _Call:
     disabled: list[nn.Parameter] = field(default_factory=list)
 
 
-class BookKeeping:
+class BookKeeping(SharedOnCopy):
     """Per-sample clipping in one backward pass on a module's layers.
 
     ``dp_params`` gives the parameters that are clipped (the DP optimizer's; default: every
@@ -107,6 +108,7 @@ class BookKeeping:
         self._pause_depth = 0
         self._params: list[nn.Parameter] = []  # hooked parameters (structure check)
         self._prepared: list[nn.Module] = []
+        self._own: dict[int, list[nn.Parameter]] = {}  # the parameters each hooked layer's forward uses
         self._wanted: Optional[set[int]] = None  # ids of the DP parameters, per batch
 
     # ------------------------------------------------------------------ attach / detach
@@ -122,6 +124,7 @@ class BookKeeping:
             if not has_rule(layer):
                 prepare_layer(layer)
                 self._prepared.append(layer)
+            self._own[id(layer)] = list(layer.parameters(recurse=not has_rule(layer)))
             self._handles.append(layer.register_forward_pre_hook(partial(self._before_forward, name)))
             self._handles.append(layer.register_forward_hook(self._after_forward))
         if override_backward:
@@ -137,6 +140,7 @@ class BookKeeping:
         for layer in self._prepared:
             layer.__dict__.pop("ft_compute_sample_grad", None)
         self._prepared = []
+        self._own = {}
         if self.module is not None:
             self.module.__dict__.pop("backward", None)
         self.module = None
@@ -194,10 +198,9 @@ class BookKeeping:
         if self._wanted is None:
             self._wanted = {id(p) for p in self._dp_params()}
         wanted = self._wanted
-        own = layer.parameters(recurse=not has_rule(layer))
         call = _Call(name, layer, [])
         # the backward then computes no gradient for these: their clipped sum is written after it
-        call.disabled = [p for p in own if p.requires_grad and id(p) in wanted]
+        call.disabled = [p for p in self._own[id(layer)] if p.requires_grad and id(p) in wanted]
         for p in call.disabled:
             p.requires_grad_(False)
         self._open.setdefault(id(layer), []).append(call)
@@ -286,8 +289,8 @@ class BookKeeping:
         with torch.no_grad():
             for call in with_grad:
                 assert call.grad is not None
-                for p, part in contributions(call.module, call.activations, call.grad, wanted):
-                    parts[id(p)].append(part)
+                for param, part in contributions(call.module, call.activations, call.grad, wanted):
+                    parts[id(param)].append(part)
             grads = [ParamGrads(p, parts[id(p)]) for p in params if parts[id(p)]]
             norm2 = torch.stack([g.norm2().to(torch.float32) for g in grads]).sum(0) if grads else None
             # the loss is a mean: the per-sample gradients are `batch` times those of its backward
