@@ -54,6 +54,7 @@ from lightning_trust.compression.examples import repeat_rows
 from lightning_trust.compression.qat_graph import ForwardCall, install_modes, set_graph_mode, training_ops
 from lightning_trust.core.passes import saved_modes
 from lightning_trust.core.seam import inductor_config
+from lightning_trust.core.seam_c1 import flat_outputs
 from lightning_trust.core.tensors import map_tensors, tensor_bytes
 
 __all__ = [
@@ -325,7 +326,8 @@ def convert_to_int8(prepared: torch.fx.GraphModule, example: Any) -> tuple[torch
     clone = copy.deepcopy(prepared).cpu()
     set_graph_mode(clone, training=False)
     clone.__dict__["_exported_training"] = False  # torchao's flag (export_utils._EXPORTED_TRAINING_ATTR)
-    converted = convert_pt2e(clone)
+    with flat_outputs(clone) as restore:  # its constant folding cannot rebuild a DynamicCache output from placeholders
+        converted = restore(convert_pt2e(clone))
     remove_batch_counters(converted)
     converted = drop_unused_state(converted)
     program = export_call(converted, example)

@@ -63,10 +63,12 @@ def collect_predictions(
     max_batches: Optional[int] = None,
     inputs_of: Optional[Callable[[Any], Any]] = None,
     call: Callable[[Any, Any], Any] = call_module,
+    with_target: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Predicted labels of each model over the loaders, and the targets (all on CPU).
 
-    ``inputs_of(batch)`` gives what ``call(model, inputs)`` takes (default: the contract's inputs).
+    ``inputs_of(batch)`` gives what ``call(model, inputs)`` takes (default: the contract's inputs);
+    ``with_target=False``: batches without targets (the targets returned are empty).
     """
     inputs_of = contract.inputs if inputs_of is None else inputs_of
     preds: dict[str, list[Tensor]] = {name: [] for name in models}
@@ -77,7 +79,8 @@ def collect_predictions(
                 if max_batches is not None and index >= max_batches:
                     break
                 inputs = map_tensors(inputs_of(batch), lambda t: t.to(device))
-                targets.append(torch.as_tensor(contract.target(batch)).reshape(-1).cpu())
+                if with_target:
+                    targets.append(torch.as_tensor(contract.target(batch)).reshape(-1).cpu())
                 for name, model in models.items():
                     preds[name].append(predicted_labels(call(model, inputs)).reshape(-1).cpu())
     empty = torch.zeros(0, dtype=torch.long)

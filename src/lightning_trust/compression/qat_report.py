@@ -84,22 +84,28 @@ def _invoke(model: Any, call: ForwardCall) -> Any:
 
 
 def _accuracies(cb: Any, trainer: Any, models: dict[str, Any]) -> dict[str, Any]:
+    """Accuracies against the targets, and int8/fake-quant agreement (also without targets)."""
     loaders = split_loaders(trainer, "val")
     if not loaders or cb._contract is None:
         return {}
-    preds, target = collect_predictions(
-        models, loaders, cb._contract, torch.device("cpu"), inputs_of=cb.call_for_batch, call=_invoke
-    )
-    keep = target != -100  # Hugging Face's ignored label (padding of a language model's tokens)
-    preds, target = {name: p[keep] for name, p in preds.items()}, target[keep]
-    if not target.numel():
+    first = next(iter(loaders[0]), None)
+    if first is None:
         return {}
-    return {
-        "accuracy_fp32": reduced_mean(trainer, (preds["fp32"] == target).float()),
-        "accuracy_fake_quant": reduced_mean(trainer, (preds["fake_quant"] == target).float()),
-        "accuracy_int8": reduced_mean(trainer, (preds["int8"] == target).float()),
-        "agreement": reduced_mean(trainer, (preds["int8"] == preds["fake_quant"]).float()),
-    }
+    labelled = cb._contract.has_target(first)
+    preds, target = collect_predictions(
+        models, loaders, cb._contract, torch.device("cpu"), inputs_of=cb.call_for_batch, call=_invoke,
+        with_target=labelled,
+    )  # fmt: skip
+    if labelled:
+        keep = target != -100  # Hugging Face's ignored label (padding of a language model's tokens)
+        preds, target = {name: p[keep] for name, p in preds.items()}, target[keep]
+    if not preds["int8"].numel():
+        return {}
+    out = {"agreement": reduced_mean(trainer, (preds["int8"] == preds["fake_quant"]).float())}
+    if labelled:
+        for name in ("fp32", "fake_quant", "int8"):
+            out[f"accuracy_{name}"] = reduced_mean(trainer, (preds[name] == target).float())
+    return out
 
 
 def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]:
