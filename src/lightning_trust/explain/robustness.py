@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
@@ -52,12 +51,15 @@ from lightning_trust.explain.robustness_inputs import (
     attack_space,
     correct,
     draw_attack_sample,
+    min_perturbation,
 )
 from lightning_trust.explain.schedule import ScheduledPass
 
 __all__ = ["ATTACKS", "AdversarialRobustness", "eps_name"]
 
 ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
+#: Default budgets: input units, or fractions of the embedding values' width for token inputs.
+DEFAULT_EPSILONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
 
 
 def eps_name(eps: float) -> str:
@@ -83,6 +85,8 @@ class AdversarialRobustness(ScheduledPass):
     Args:
         attacks: ``"fgsm"`` and/or ``"pgd"``.
         epsilons: perturbation budgets (L-inf, or L2 with ``norm="L2"`` for PGD); 0 gives clean accuracy.
+            Default: ``[0, 0.05, 0.1, 0.2]`` in input units; for token inputs the same fractions of the
+            width of the sample's embedding values (embeddings have no common scale), set at setup.
         num_samples: size of the fixed evaluation sample.
         pgd_steps: PGD iterations.
         pgd_step_size: PGD step; default ``2.5 * epsilon / pgd_steps`` (Madry et al.).
@@ -136,7 +140,8 @@ class AdversarialRobustness(ScheduledPass):
     ) -> None:
         super().__init__(run_on, every_n_epochs, name=name)
         attacks = ["fgsm", "pgd"] if attacks is None else [a.lower() for a in attacks]
-        epsilons = [0.0, 0.05, 0.1, 0.2] if epsilons is None else [float(e) for e in epsilons]
+        self._relative_epsilons = epsilons is None
+        epsilons = list(DEFAULT_EPSILONS) if epsilons is None else [float(e) for e in epsilons]
         if not attacks or any(a not in ATTACKS for a in attacks) or len(set(attacks)) != len(attacks):
             raise ValueError(f"`attacks` must be distinct names among {list(ATTACKS)}, got {attacks}.")
         if not epsilons or any(e < 0 for e in epsilons):
@@ -212,7 +217,10 @@ class AdversarialRobustness(ScheduledPass):
                 "per token (a language model): set `min_perturbation=False`."
             )
         space = "embeddings" if self._layer is not None else "inputs"
-        check_epsilons(self.epsilons, *attacked_range(self.sample, self._layer, self.input_range), space=space)
+        low, high = attacked_range(self.sample, self._layer, self.input_range)
+        if space == "embeddings" and self._relative_epsilons:
+            self.epsilons = [float(f"{f * (high - low):.3g}") for f in DEFAULT_EPSILONS]
+        check_epsilons(self.epsilons, low, high, space=space)
         self._prepared = True
 
     @override
@@ -338,7 +346,9 @@ class AdversarialRobustness(ScheduledPass):
                         success[attack][eps_name(eps)] = float(flipped / base) if base > 0 else None
                         bar.advance()
                 if self.min_perturbation:
-                    min_result = self._min_perturbation(space, fgsm, x, y, clean_correct, bar)
+                    min_result = min_perturbation(
+                        space, fgsm, x, y, clean_correct, bar, max(self.epsilons), self.min_perturbation_samples
+                    )
         clean = float(clean_correct.float().mean())
         result: dict[str, Any] = {
             "stage": stage,
@@ -355,40 +365,6 @@ class AdversarialRobustness(ScheduledPass):
         self.last = result
         self.history.append({k: v for k, v in result.items()})
         return result
-
-    def _min_perturbation(
-        self, space: Any, fgsm: Any, x: Tensor, y: Tensor, clean_correct: Tensor, bar: Any
-    ) -> dict[str, Any]:
-        from captum.robust import MinParamPerturbation
-
-        upper = max(self.epsilons) or 1.0
-        search = MinParamPerturbation(
-            forward_func=space.forward, attack=fgsm, arg_name="epsilon", arg_min=0.0, arg_max=upper,
-            arg_step=upper / 64, mode="binary",
-        )  # fmt: skip
-        found: list[float] = []
-        searched = 0
-        for i in torch.nonzero(clean_correct).flatten()[: self.min_perturbation_samples].tolist():
-            xi, yi = x[i : i + 1], y[i : i + 1]
-            extra = tuple(e[i : i + 1] for e in space.extras) or None
-            kwargs = {"target": yi, "additional_forward_args": extra}
-            if space.mask is not None:
-                kwargs["mask"] = space.mask[i : i + 1]
-            _, eps = search.evaluate(
-                xi.clone().requires_grad_(), additional_forward_args=extra, target=yi, attack_kwargs=kwargs
-            )
-            searched += 1
-            if eps is not None:
-                found.append(float(eps))
-            bar.advance()
-        return {
-            "attack": "fgsm",
-            "searched": searched,
-            "found_fraction": len(found) / searched if searched else None,
-            "median": float(np.median(found)) if found else None,
-            "mean": float(np.mean(found)) if found else None,
-            "max_epsilon": upper,
-        }
 
     def _draw(self, trainer: Any, result: dict[str, Any], folder: Path) -> None:
         curves = {a: [result["robust_accuracy"][a][eps_name(e)] for e in self.epsilons] for a in self.attacks}

@@ -39,7 +39,7 @@ from lightning_trust.explain.sample import stratified_indices
 
 __all__ = [
     "AttackSample", "AttackSpace", "attack_loss", "attack_space", "correct", "draw_attack_sample",
-    "find_input_embeddings", "take_rows", "token_ids",
+    "find_input_embeddings", "min_perturbation", "take_rows", "token_ids",
 ]  # fmt: skip
 
 IGNORE_INDEX = -100
@@ -254,3 +254,41 @@ def correct(outputs: Tensor, target: Tensor, shift: Optional[int]) -> Tensor:
         return outputs.argmax(dim=-1) == target
     logits, labels = _aligned(outputs, target, shift or 0)
     return (logits.argmax(dim=-1) == labels)[labels != IGNORE_INDEX]
+
+
+def min_perturbation(
+    space: AttackSpace, fgsm: Any, x: Tensor, y: Tensor, clean_correct: Tensor, bar: Any, max_epsilon: float,
+    samples: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Captum's ``MinParamPerturbation``: the smallest FGSM epsilon (binary search up to ``max_epsilon``)
+    that flips each of the first ``samples`` clean-correct samples, summarized."""
+    from captum.robust import MinParamPerturbation
+
+    upper = max_epsilon or 1.0
+    search = MinParamPerturbation(
+        forward_func=space.forward, attack=fgsm, arg_name="epsilon", arg_min=0.0, arg_max=upper,
+        arg_step=upper / 64, mode="binary",
+    )  # fmt: skip
+    found: list[float] = []
+    searched = 0
+    for i in torch.nonzero(clean_correct).flatten()[:samples].tolist():
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        extra = tuple(e[i : i + 1] for e in space.extras) or None
+        kwargs: dict[str, Any] = {"target": yi, "additional_forward_args": extra}
+        if space.mask is not None:
+            kwargs["mask"] = space.mask[i : i + 1]
+        _, eps = search.evaluate(
+            xi.clone().requires_grad_(), additional_forward_args=extra, target=yi, attack_kwargs=kwargs
+        )
+        searched += 1
+        if eps is not None:
+            found.append(float(eps))
+        bar.advance()
+    return {
+        "attack": "fgsm",
+        "searched": searched,
+        "found_fraction": len(found) / searched if searched else None,
+        "median": float(np.median(found)) if found else None,
+        "mean": float(np.mean(found)) if found else None,
+        "max_epsilon": upper,
+    }
