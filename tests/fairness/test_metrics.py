@@ -334,3 +334,19 @@ def test_ci_stages_limits_the_bootstrap(tmp_path):
     assert lo <= cb.report()["by_group"]["sex"]["Female"]["selection_rate"] <= hi
     with pytest.raises(ValueError, match="ci_stages"):
         FairnessMetrics(stages="validation", ci_stages=["test"])
+
+
+@pytest.mark.parametrize("when", ["report", "stage_end", "never"])
+def test_bar_charts_drawn_when_asked(tmp_path, when):
+    cb = FairnessMetrics("sex", figures=when, metrics=["selection_rate"], min_group_size=0)
+    t = trainer(tmp_path, callbacks=[cb], max_epochs=1, limit_train_batches=1)
+    t.fit(LogitModule(), SyntheticDataModule(synthetic(n=128)))
+    folder = next(tmp_path.rglob("lightning_trust/fairness"))
+    chart = folder / "by_group_selection_rate_validation.png"
+    assert (folder / "by_group_validation.csv").exists() and (folder / "fairness_validation.json").exists()
+    assert chart.exists() == (when == "stage_end")
+    figures = cb.report()["figures"]
+    assert chart.exists() == (when != "never")
+    assert (figures == {"by_group_selection_rate": str(chart)}) == (when != "never")
+    with pytest.raises(ValueError, match="figures"):
+        FairnessMetrics(figures="always")

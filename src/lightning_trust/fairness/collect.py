@@ -26,6 +26,7 @@ from lightning_trust.fairness.checks import check_batch, check_predictions, pred
 from lightning_trust.fairness.counts import GroupCounts, Layout, state_bytes
 from lightning_trust.fairness.groups import base_columns, group_names, read_codes
 from lightning_trust.fairness.predictions import hard_predictions
+from lightning_trust.fairness.tables import fairness_results
 
 __all__ = ["DEFAULT_GROUPS", "CountCollector"]
 
@@ -136,6 +137,28 @@ class CountCollector:
             layout = Layout(tuple(self.columns), tuple(self.capacities), entries, num_classes)
             self.counts = GroupCounts(layout, n_boot=self.n_boot, seed=self._seed).to(pl_module.device)
         return self.counts
+
+    def results(
+        self, metrics: list[str], intervals: bool, ci_quantiles: list[float], min_group_size: int
+    ) -> dict[str, Any]:
+        """The tables summed over ranks, read out (:func:`~lightning_trust.fairness.tables.fairness_results`)."""
+        assert self.counts is not None
+        counts, replicates = self.counts.compute()
+        flat = counts.cpu().numpy()
+        invalid = self.counts.layout.invalid(flat)
+        if invalid:
+            raise ValueError(
+                f"{self.who}: {invalid} (sample, feature) pair(s) this epoch had a group code outside the groups of "
+                f"{dict(zip(self.columns, self.capacities))} or a label outside the classes. Name every group in "
+                "`datamodule.categories[column]` or pass `num_groups={column: N}`."
+            )
+        reps = replicates.cpu().numpy() if intervals and replicates is not None else None
+        results = fairness_results(
+            flat, reps, self.counts.layout, self.names, metrics, ci_quantiles=ci_quantiles,
+            min_group_size=min_group_size,
+        )  # fmt: skip
+        results["state_bytes"] = self.state_bytes()
+        return results
 
     def state_bytes(self) -> int:
         """Bytes of the count tables (0 before the first batch)."""

@@ -45,6 +45,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -66,10 +68,15 @@ from lightning_trust.fairness.breaches import (
 from lightning_trust.fairness.checks import require_step
 from lightning_trust.fairness.collect import CountCollector
 from lightning_trust.fairness.groups import SUMMARIES, entry_name, parse_entries, validate_metrics
-from lightning_trust.fairness.metrics_args import DEFAULT_METRICS, Stage, check_metrics_args, check_num_groups
+from lightning_trust.fairness.metrics_args import (
+    DEFAULT_METRICS,
+    Stage,
+    check_figures,
+    check_metrics_args,
+    check_num_groups,
+)
 from lightning_trust.fairness.predictions import Activation
-from lightning_trust.fairness.publish import artifact_paths, log_results, write_artifacts
-from lightning_trust.fairness.tables import fairness_results
+from lightning_trust.fairness.publish import artifact_paths, log_results, write_artifacts, write_figures
 
 __all__ = ["FairnessBreachError", "FairnessMetrics"]
 
@@ -106,6 +113,10 @@ class FairnessMetrics(TrustCallback):
         min_group_size: groups with fewer samples are reported with ``small: true`` and flagged.
         num_groups: groups of side columns the datamodule does not name in ``categories``
             (default 32: codes 0..31); a code outside a column's groups is refused.
+        figures: when the bar charts (one PNG per metric) are drawn: ``report`` (when
+            :meth:`report` is first read after a stage, e.g. by ``TrustReport``: matplotlib costs
+            about a second a chart, more than the metric), ``stage_end``, or ``never``. The CSV
+            table and the JSON results are written at every stage end.
         log_groups: log every per-group number (else only the summaries).
         batch_keys: batch contract overrides (see :class:`~lightning_trust.core.batch.BatchContract`).
         name: the report section, logging prefix and file folder (default ``fairness``); two
@@ -171,6 +182,7 @@ class FairnessMetrics(TrustCallback):
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
         name: Optional[str] = None,
         num_groups: Optional[dict[str, int]] = None,
+        figures: Literal["report", "stage_end", "never"] = "report",
     ) -> None:
         super().__init__(name=name)
         self.entries = parse_entries(sensitive_features)
@@ -197,6 +209,8 @@ class FairnessMetrics(TrustCallback):
         self.breaches: list[dict[str, Any]] = []
         self.files: dict[str, str] = {}
         self.figures: dict[str, str] = {}
+        self.figures_when = check_figures(figures)
+        self._pending_figures: dict[str, Callable[[], None]] = {}
 
     @property
     def state_key(self) -> str:
@@ -312,29 +326,8 @@ class FairnessMetrics(TrustCallback):
 
     def compute(self, stage: Stage = "validation") -> dict[str, Any]:
         """Sum the epoch's count tables over ranks and compute every entry's numbers from them."""
-        counts_metric = self._collector.counts
-        assert counts_metric is not None
-        counts, replicates = counts_metric.compute()
-        flat = counts.cpu().numpy()
-        invalid = counts_metric.layout.invalid(flat)
-        if invalid:
-            raise ValueError(
-                f"FairnessMetrics: {invalid} (sample, feature) pair(s) this epoch had a group code outside the groups "
-                f"of {dict(zip(self.columns, self._collector.capacities))} or a label outside the classes. Name every "
-                "group in `datamodule.categories[column]` or pass `num_groups={column: N}`."
-            )
-        use_ci = replicates is not None and stage in self.ci_stages
-        results = fairness_results(
-            flat,
-            replicates.cpu().numpy() if use_ci and replicates is not None else None,
-            counts_metric.layout,
-            self._collector.names,
-            self.metrics,
-            ci_quantiles=self.ci_quantiles,
-            min_group_size=self.min_group_size,
-        )
-        results["state_bytes"] = self._collector.state_bytes()
-        return results
+        intervals = stage in self.ci_stages
+        return self._collector.results(self.metrics, intervals, self.ci_quantiles, self.min_group_size)
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if self._collector.counts is None or self._collector.counts.update_count == 0:
@@ -368,14 +361,27 @@ class FairnessMetrics(TrustCallback):
     def _save_files(self, trainer: pl.Trainer, folder: Path, stage: str) -> None:
         # `folder` comes from every rank (trainer.log_dir broadcasts); the files from rank zero
         self.files[f"table_{stage}"], figures = artifact_paths(folder, stage, self.metrics)
-        self.figures.update(figures)
+        if self.figures_when != "never":
+            self.figures.update(figures)
         if trainer.is_global_zero:
             results, prefix = self.results[stage], self.prefix(stage)
-            write_artifacts(trainer, folder, stage, results, self.metrics, self.min_group_size, prefix)
+            write_artifacts(trainer, folder, stage, results, self.metrics)
+            draw = partial(write_figures, trainer, folder, stage, results, self.metrics, self.min_group_size, prefix)
+            self._pending_figures[stage] = draw
+            if self.figures_when == "stage_end":
+                self._draw_figures()
+
+    def _draw_figures(self) -> None:
+        """Draw the bar charts still owed (once: when the report is first read, or at the stage end)."""
+        if self.figures_when != "never":
+            for draw in self._pending_figures.values():
+                draw()
+        self._pending_figures.clear()
 
     # report / checkpoint ----------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """The latest results (test if it ran after fit, else validation) plus breaches and history."""
+        self._draw_figures()
         latest = self.results.get("test") if "test" in self.results else self.results.get("validation")
         out: dict[str, Any] = {}
         if latest is not None:

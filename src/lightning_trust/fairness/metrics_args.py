@@ -17,7 +17,7 @@ from typing import Literal, Optional, Union
 from lightning_trust.fairness.groups import SUMMARIES
 from lightning_trust.fairness.predictions import check_activation
 
-__all__ = ["DEFAULT_METRICS", "Stage", "check_metrics_args", "check_num_groups"]
+__all__ = ["DEFAULT_METRICS", "Stage", "check_figures", "check_metrics_args", "check_num_groups"]
 
 Stage = Literal["validation", "test"]
 #: The per-group metrics computed when ``metrics`` is not given.
@@ -78,3 +78,10 @@ def check_num_groups(num_groups: Optional[Mapping[str, int]]) -> dict[str, int]:
         if not isinstance(column, str) or isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"`num_groups[{column!r}]` must be a positive integer (codes 0..N-1), got {count!r}.")
     return dict(num_groups)
+
+
+def check_figures(figures: str) -> str:
+    """``figures`` if it is ``report``, ``stage_end`` or ``never``."""
+    if figures not in ("report", "stage_end", "never"):
+        raise ValueError(f"`figures` must be 'report', 'stage_end' or 'never', got {figures!r}.")
+    return figures

@@ -21,7 +21,7 @@ from lightning_trust.core.output import save_figure, write_json
 from lightning_trust.fairness.frame import group_bar_figure, write_table_csv
 from lightning_trust.fairness.groups import SUMMARIES
 
-__all__ = ["artifact_paths", "group_values", "log_results", "write_artifacts"]
+__all__ = ["artifact_paths", "group_values", "log_results", "write_artifacts", "write_figures"]
 
 
 def log_results(
@@ -77,6 +77,14 @@ def artifact_paths(folder: Path, stage: str, metrics: Sequence[str]) -> tuple[st
 
 
 def write_artifacts(
+    trainer: pl.Trainer, folder: Path, stage: str, results: dict[str, Any], metrics: Sequence[str]
+) -> None:
+    """Write the CSV table and the JSON results of ``stage``."""
+    write_table_csv(folder / f"by_group_{stage}.csv", results, metrics)
+    write_json(folder / f"fairness_{stage}.json", results)
+
+
+def write_figures(
     trainer: pl.Trainer,
     folder: Path,
     stage: str,
@@ -85,9 +93,7 @@ def write_artifacts(
     min_group_size: int,
     prefix: str,
 ) -> None:
-    """Write the CSV table, the JSON results and a bar chart per metric (except ``count``) of ``stage``."""
-    write_table_csv(folder / f"by_group_{stage}.csv", results, metrics)
-    write_json(folder / f"fairness_{stage}.json", results)
+    """Draw a bar chart per metric (except ``count``) of ``stage`` and log it to the image loggers."""
     for metric in metrics:
         if metric != "count":
             fig_path = folder / f"by_group_{metric}_{stage}.png"
