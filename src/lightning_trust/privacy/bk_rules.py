@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -182,10 +182,11 @@ class ParamGrads:
     dropped at once, or from the ghost Gram ``B x N x N`` when that is cheaper (``N (R + C) < R C``);
     the clipped sum is always one matrix product (or ``index_add``), as in a plain backward."""
 
-    def __init__(self, param: nn.Parameter, parts: list[Part]) -> None:
+    def __init__(self, param: Tensor, parts: list[Part]) -> None:
         self.param = param
         self.parts = parts
         self._prepared: list[Part] = []
+        self._norm2: Optional[Tensor] = None
 
     def _prepare(self) -> list[Part]:
         if self._prepared:
@@ -210,7 +211,12 @@ class ParamGrads:
         return self._prepared
 
     def norm2(self) -> Tensor:
-        """Per-sample squared gradient norms ``(B,)``."""
+        """Per-sample squared gradient norms ``(B,)`` (computed once)."""
+        if self._norm2 is None:
+            self._norm2 = self._compute_norm2()
+        return self._norm2
+
+    def _compute_norm2(self) -> Tensor:
         parts = self._prepare()
         if len(parts) == 1 and not isinstance(parts[0], Outer):
             return torch.linalg.vector_norm(parts[0].flatten(1), dim=1).pow(2)

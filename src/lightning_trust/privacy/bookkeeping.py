@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -86,7 +87,9 @@ class _Call:
     module: nn.Module
     activations: list[Any]
     grad: Optional[Tensor] = None
-    disabled: list[nn.Parameter] = field(default_factory=list)
+    disabled: list[nn.Parameter] = field(default_factory=list)  # requires_grad off during the forward
+    params: list[nn.Parameter] = field(default_factory=list)  # the DP parameters this call uses
+    grads: Optional[list[ParamGrads]] = None  # their norms, computed in the backward (single-use weights)
 
 
 class BookKeeping(SharedOnCopy):
@@ -110,6 +113,7 @@ class BookKeeping(SharedOnCopy):
         self._prepared: list[nn.Module] = []
         self._own: dict[int, list[nn.Parameter]] = {}  # the parameters each hooked layer's forward uses
         self._wanted: Optional[set[int]] = None  # ids of the DP parameters, per batch
+        self._uses: Optional[Counter[int]] = None  # calls per DP parameter in this batch's forward
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, module: nn.Module, override_backward: bool = False) -> None:
@@ -158,6 +162,7 @@ class BookKeeping(SharedOnCopy):
         self._open = {}
         self._calls = []
         self._wanted = None
+        self._uses = None
 
     def begin_batch(self) -> None:
         """Forget calls recorded before this training batch."""
@@ -201,6 +206,7 @@ class BookKeeping(SharedOnCopy):
         call = _Call(name, layer, [])
         # the backward then computes no gradient for these: their clipped sum is written after it
         call.disabled = [p for p in self._own[id(layer)] if p.requires_grad and id(p) in wanted]
+        call.params = list(call.disabled)
         for p in call.disabled:
             p.requires_grad_(False)
         self._open.setdefault(id(layer), []).append(call)
@@ -235,9 +241,18 @@ class BookKeeping(SharedOnCopy):
         self._calls.append(call)
         return replaced
 
-    @staticmethod
-    def _keep_grad(call: _Call, grad: Tensor) -> None:
+    def _keep_grad(self, call: _Call, grad: Tensor) -> None:
         call.grad = grad.detach()
+        if self._uses is None:
+            self._uses = Counter(id(p) for c in self._calls for p in c.params)
+        if call.params and all(self._uses[id(p)] == 1 for p in call.params):
+            # a weight no other call uses: its norm now, while the tensors are fresh in the cache
+            with torch.no_grad():
+                wanted = {id(p) for p in call.params}
+                found = contributions(call.module, call.activations, call.grad, wanted)
+                call.grads = [ParamGrads(p, [part]) for p, part in found]
+                for g in call.grads:
+                    g.norm2()
 
     # ------------------------------------------------------------------ the backward and the clipped sum
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -286,12 +301,16 @@ class BookKeeping(SharedOnCopy):
         batch = self._batch_size(with_grad)
         wanted = {id(p) for p in params}
         parts: dict[int, list[Part]] = {id(p): [] for p in params}
+        grads: list[ParamGrads] = []
         with torch.no_grad():
             for call in with_grad:
                 assert call.grad is not None
+                if call.grads is not None:
+                    grads += [g for g in call.grads if id(g.param) in wanted]
+                    continue
                 for param, part in contributions(call.module, call.activations, call.grad, wanted):
                     parts[id(param)].append(part)
-            grads = [ParamGrads(p, parts[id(p)]) for p in params if parts[id(p)]]
+            grads += [ParamGrads(p, parts[id(p)]) for p in params if parts[id(p)]]
             norm2 = torch.stack([g.norm2().to(torch.float32) for g in grads]).sum(0) if grads else None
             # the loss is a mean: the per-sample gradients are `batch` times those of its backward
             norms = norm2.sqrt() * batch if norm2 is not None else torch.zeros(batch)
