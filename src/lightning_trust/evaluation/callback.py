@@ -27,7 +27,7 @@ from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.output import artifact_dir
-from lightning_trust.core.seam_r1 import trained_epoch
+from lightning_trust.core.seam import trained_epoch
 from lightning_trust.evaluation.arguments import check_arguments
 from lightning_trust.evaluation.corruptions import SEVERITIES
 from lightning_trust.evaluation.domains import DomainIndex, domain_names, in_domain_names, side_domains

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_trust.core.passes import isolated_eval
-from lightning_trust.core.seam_r1 import trained_epoch
+from lightning_trust.core.seam import trained_epoch
 from lightning_trust.explain.explanation import Explanation, feature_names, patch_scores, to_input_space
 from lightning_trust.explain.inputs import resolve_layer
 from lightning_trust.explain.llm import llm_attribute, tokenizer_for

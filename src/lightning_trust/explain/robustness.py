@@ -32,7 +32,7 @@ from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.output import log_metrics, save_figure, write_json
 from lightning_trust.core.passes import isolated_eval
-from lightning_trust.core.seam_r1 import trained_epoch
+from lightning_trust.core.seam import trained_epoch
 from lightning_trust.core.tensors import map_tensors, to_jsonable
 from lightning_trust.evaluation.tokens import label_shift
 from lightning_trust.explain.keys import ROBUSTNESS_LOGGED_KEYS, ROBUSTNESS_REPORT_KEYS

@@ -57,7 +57,7 @@ from typing_extensions import override
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.output import artifact_dir
-from lightning_trust.core.seam_r1 import trained_epoch
+from lightning_trust.core.seam import trained_epoch
 from lightning_trust.fairness.breaches import (
     FairnessBreachError,
     breaches_limit,

@@ -24,7 +24,7 @@ from lightning_trust.core.batch import DEFAULT_INPUT_KEYS, DEFAULT_TARGET_KEYS, 
 from lightning_trust.core.loaders import first_loader, split_loaders
 from lightning_trust.core.macs import count_macs
 from lightning_trust.core.passes import unwrap_module
-from lightning_trust.core.seam_r1 import trained_epoch
+from lightning_trust.core.seam import trained_epoch
 from lightning_trust.core.tensors import first_tensor, to_jsonable
 
 __all__ = [
@@ -196,7 +196,7 @@ def training_facts(trainer: Any, duration_s: float, config: Optional[dict[str, A
     """Epochs, steps, time, seed, hardware, package versions and the configuration of the run.
 
     ``epochs`` counts the epochs completed; ``final_epoch`` is the index of the last one trained, the
-    epoch every section's ``epoch`` names (:func:`~lightning_trust.core.seam_r1.trained_epoch`)."""
+    epoch every section's ``epoch`` names (:func:`~lightning_trust.core.seam.trained_epoch`)."""
     seed = os.environ.get("PL_GLOBAL_SEED")
     return {
         "epochs": int(trainer.current_epoch),

@@ -3,7 +3,7 @@
 import lightning.pytorch as pl
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lightning_trust.core.seam_r1 import trained_epoch
+from lightning_trust.core.seam import trained_epoch
 from tests.support import trainer
 
 
