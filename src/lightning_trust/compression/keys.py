@@ -19,8 +19,9 @@ __all__ = ["PRUNING_LOGGED_KEYS", "PRUNING_REPORT_KEYS", "QUANTIZATION_LOGGED_KE
 PRUNING_LOGGED_KEYS: dict[str, str] = {
     "compression/params": "parameters after a pruning step",
     "compression/macs": "MACs of one sample after a pruning step",
-    "compression/channel_ratio": "share of channels removed after a pruning step",
+    "compression/channel_ratio": "share of output channels removed after a pruning step, measured",
     "compression/macs_ratio": "MACs after a pruning step / dense MACs",
+    "compression/distillation_loss": "with `distill`: the epoch's mean distillation term (before its weight)",
 }
 
 #: The top-level keys of :meth:`ProgressivePruning.report() <lightning_trust.compression.ProgressivePruning.report>`.
@@ -29,7 +30,7 @@ PRUNING_REPORT_KEYS: dict[str, str] = {
     "importance": "the channel importance",
     "schedule": "the pruning schedule",
     "global_pruning": "whether channels were ranked across layers",
-    "channel_ratio": "share of channels removed at the end",
+    "channel_ratio": "share of output channels removed at the end, measured on the layers (not the target)",
     "steps_done": "pruning steps done",
     "params_before": "parameters of the dense model",
     "params_after": "parameters of the pruned model",
@@ -42,7 +43,14 @@ PRUNING_REPORT_KEYS: dict[str, str] = {
     "speedup": "dense latency / pruned latency",
     "accuracy_before": "validation accuracy before the first pruning step",
     "accuracy_after": "validation accuracy at the end of fit",
-    "steps": "per pruning step: epoch, step, target, channel ratio, params, MACs and their ratios",
+    "heads_before": "attention heads per layer of the dense model (models exposing their heads)",
+    "heads_after": "attention heads per layer at the end",
+    "hidden_before": "residual-stream width per attention layer, dense (the config's hidden_size)",
+    "hidden_after": "residual-stream width per attention layer at the end",
+    "mlp_width_before": "MLP width per layer, dense (the config's intermediate_size)",
+    "mlp_width_after": "MLP width per layer at the end",
+    "distillation": "with `distill`: temperature, weight, distilled steps and the last distillation loss",
+    "steps": "per pruning step: epoch, step, target, measured channel ratio, params, MACs and their ratios",
 }
 
 #: What :class:`~lightning_trust.compression.QuantizationAwareTraining` logs at the end of fit.

@@ -25,6 +25,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_trust.compression.heads import (
+    Heads,
+    find_heads,
+    group_kind,
+    head_ratio,
+    hidden_ratio,
+    num_heads_of,
+    root_parameters,
+)
 from lightning_trust.compression.optimizer_state import carry_optimizer_state
 from lightning_trust.compression.structure import (
     PruningOp,
@@ -115,10 +124,21 @@ def trace_pruner(
     """
     trace_forward(module, example)
     ignored = resolve_ignored(module, example, ignored_layers) if resolved is None else resolved
-    check_pruners(module, example, ignored, customized_pruners)
+    heads = find_heads(module)
+    if heads.attention and global_pruning:
+        raise ValueError(
+            f"global_pruning=True would leave the attention layers of {type(module).__name__} with different head "
+            "counts and widths, which its modules' attributes and a Hugging Face config cannot hold; "
+            "set `global_pruning: false` (each layer loses the same share)."
+        )
+    unwrapped = root_parameters(module, heads.hidden) if heads.attention else []
+    check_pruners(module, example, ignored, customized_pruners, [p for p, _ in unwrapped])
     modules = dict(module.named_modules())
     importance = importance_for(module)
     kwargs: dict[str, Any] = {}
+    if heads.attention:
+        kwargs.update(num_heads=num_heads_of(heads.attention), prune_num_heads=True, prune_head_dims=False)
+        kwargs["unwrapped_parameters"] = unwrapped
     pruner_cls: type = tp.pruner.BasePruner
     if sparsity_regularization > 0:
         bn_scale = isinstance(importance, tp.importance.BNScaleImportance)
@@ -140,6 +160,9 @@ def trace_pruner(
         )
     except Exception as err:  # tracing failures surface as many exception types
         raise trace_error(module, example, err) from err
+    from lightning_trust.compression.pruning_checks import check_prunable  # it calls step_pruner
+
+    check_prunable(pruner, module, ignored, heads)
     return pruner, ignored
 
 
@@ -213,18 +236,48 @@ def step_pruner(
     ratio: float,
     ops: list[PruningOp],
     snapshots: dict[str, nn.Module],
+    heads: Optional[Heads] = None,
+    dense_heads: int = 0,
 ) -> None:
-    """Prune ``module`` to channel ratio ``ratio``, recording the operations in ``ops``/``snapshots``."""
+    """Prune ``module`` to channel ratio ``ratio``, recording the operations in ``ops``/``snapshots``.
+
+    With attention ``heads`` (``dense_heads`` per layer before the first step): whole heads go first, to
+    ``round(dense_heads * (1 - ratio))`` per layer (at least one), the residual stream to ``heads * head_size``
+    channels, then the MLP widths to ``ratio``; the modules' attributes and config follow the shapes."""
+    if heads is None or not heads.attention:
+        _sub_step(pruner, module, ratio, 0.0, ops, snapshots)
+        return
+    first = heads.attention[0]
+    keep = max(1, round(dense_heads * (1.0 - ratio)))
+    hidden = hidden_ratio(keep, dense_heads, first.head_size) if heads.config else ratio
+    width = heads.hidden  # before this step: the groups are classified while the residual stream shrinks
+    _sub_step(pruner, module, hidden, head_ratio(first.measured_heads() - keep, first.measured_heads()), ops,
+              snapshots, lambda g: group_kind(g, heads, pruner.DG, width) in ("heads", "hidden"))  # fmt: skip
+    heads.sync(module)
+    _sub_step(pruner, module, ratio, 0.0, ops, snapshots, lambda g: group_kind(g, heads, pruner.DG, 0) == "mlp")
+    heads.sync(module)
+
+
+def _sub_step(
+    pruner: tp.pruner.BasePruner,
+    module: nn.Module,
+    ratio: float,
+    heads_ratio: float,
+    ops: list[PruningOp],
+    snapshots: dict[str, nn.Module],
+    keep: Optional[Callable[[Any], bool]] = None,
+) -> None:
     # torch-pruning reads the ratio of its current step from `per_step_pruning_ratio`; the callback owns the
     # schedule (epochs, resume, MACs targets), so it sets the one ratio of the step it runs now
     step = pruner.current_step
     pruner.iterative_steps = step + 1
     pruner.per_step_pruning_ratio = [float(ratio)] * (step + 2)
-    pruner.per_step_head_pruning_ratio = [0.0] * (step + 2)
+    pruner.per_step_head_pruning_ratio = [float(heads_ratio)] * (step + 2)
     if isinstance(pruner.importance, tp.importance.GroupHessianImportance):
         pruner.importance.zero_grad()
         pruner.importance.accumulate_grad(module)
-    prune_groups(pruner.DG, pruner.step(interactive=True), ops, snapshots)
+    groups = pruner.step(interactive=True)
+    prune_groups(pruner.DG, groups if keep is None else (g for g in groups if keep(g)), ops, snapshots)
 
 
 def step_to_macs(
@@ -236,13 +289,15 @@ def step_to_macs(
     max_ratio: float,
     ops: list[PruningOp],
     snapshots: dict[str, nn.Module],
+    heads: Optional[Heads] = None,
+    dense_heads: int = 0,
 ) -> float:
     """Raise the channel ratio from ``ratio`` in small steps until the measured MACs reach ``goal``;
     returns the channel ratio reached."""
     macs, _ = count_macs_params(module, example)
     while macs > goal and ratio < max_ratio - 1e-9:
         ratio = min(ratio + MACS_SEARCH_STEP, max_ratio)
-        step_pruner(pruner, module, ratio, ops, snapshots)
+        step_pruner(pruner, module, ratio, ops, snapshots, heads, dense_heads)
         macs, _ = count_macs_params(module, example)
     return ratio
 
@@ -258,6 +313,8 @@ def prune_step(
     macs_goal: Optional[float],
     seed: int,
     importance: str = "",
+    heads: Optional[Heads] = None,
+    dense_heads: int = 0,
 ) -> tuple[float, list[list[Any]]]:
     """One pruning step to channel ratio ``target`` (or, with ``macs_goal``, up from ``channel_ratio``
     until the MACs reach it), with the same decisions on every rank (random importance) and without
@@ -271,10 +328,12 @@ def prune_step(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if macs_goal is None:
-            step_pruner(pruner, module, target, ops, snapshots)
+            step_pruner(pruner, module, target, ops, snapshots, heads, dense_heads)
             channel_ratio = target
         else:
-            channel_ratio = step_to_macs(pruner, module, example, macs_goal, channel_ratio, max_ratio, ops, snapshots)
+            channel_ratio = step_to_macs(
+                pruner, module, example, macs_goal, channel_ratio, max_ratio, ops, snapshots, heads, dense_heads
+            )
     history = new_history(pruner, history_len)
     carry_optimizer_state(optimizers, old_params, dict(module.named_parameters()), ops, snapshots)
     return channel_ratio, history

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import lightning.pytorch as pl
 import torch_pruning as tp
@@ -26,8 +26,10 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_trust.compression.checkpoints import on_checkpoint_load
+from lightning_trust.compression.distillation import Distillation
 from lightning_trust.compression.examples import example_batch_size, example_from, example_from_spec, on_device
 from lightning_trust.compression.export import plain_forward
+from lightning_trust.compression.heads import Heads, find_heads, model_shapes
 from lightning_trust.compression.keys import PRUNING_LOGGED_KEYS, PRUNING_REPORT_KEYS
 from lightning_trust.compression.pruner import (
     IMPORTANCES,
@@ -38,6 +40,7 @@ from lightning_trust.compression.pruner import (
     trace_pruner,
 )
 from lightning_trust.compression.pruning_args import pruning_capabilities, pruning_refusals, validate_pruning_args
+from lightning_trust.compression.pruning_checks import check_trial_step, measured_channel_ratio
 from lightning_trust.compression.pruning_report import (
     measure_dense,
     measure_pruned,
@@ -117,6 +120,8 @@ class ProgressivePruning(TrustCallback):
         measure_latency: measure dense vs pruned CPU latency for the report.
         evaluate: compute validation accuracy before the first step and at the end.
         customized_pruners: ``{layer type: tp.pruner.BasePruningFunc}`` for custom layers (Python only).
+        distill: a :class:`~lightning_trust.compression.distillation.Distillation` (or its arguments): the
+            model before the first step is the teacher of the recovery epochs (KL on logits); off by default.
         name: the report section (default ``"compression"``).
 
     Policies: subclass and override :meth:`importance_for` (how channels are ranked) or
@@ -160,6 +165,7 @@ class ProgressivePruning(TrustCallback):
         measure_latency: bool = True,
         evaluate: bool = True,
         customized_pruners: Optional[dict[Any, Any]] = None,
+        distill: Union[Distillation, Mapping[str, Any], None] = None,
         name: Optional[str] = None,
     ) -> None:
         super().__init__(name=name)
@@ -184,10 +190,12 @@ class ProgressivePruning(TrustCallback):
         self.measure_latency = measure_latency
         self.evaluate = evaluate
         self.customized_pruners = customized_pruners
+        self.distill = Distillation(**distill) if isinstance(distill, Mapping) else distill
 
         self._contract: Optional[BatchContract] = None
         self._private = False  # a per-sample-gradient (DP) callback trains in the same fit
         self._pruner: Optional[tp.pruner.BasePruner] = None
+        self._heads = Heads()
         self._skeleton: Optional[nn.Module] = None  # the dense model, kept to un-prune for test(ckpt_path=...)
         self._ignored_resolved: Optional[list[str]] = None
         self._load_hook: Any = None
@@ -259,12 +267,16 @@ class ProgressivePruning(TrustCallback):
             check_schedule_fits(
                 self.events(trainer.max_epochs), trainer.max_epochs, getattr(trainer, "fast_dev_run", False)
             )
+        if self.distill is not None and stage == TrainerFn.FITTING:
+            self.distill.patch(pl_module, self._contract)
         if self._load_hook is not None:
             self._load_hook.remove()
         self._load_hook = on_checkpoint_load(trainer, pl_module, lambda ckpt: self._rebuild_for(pl_module, ckpt))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.distill is not None:
+            self.distill.unpatch()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -347,6 +359,16 @@ class ProgressivePruning(TrustCallback):
                 self.customized_pruners, self.sparsity_regularization,
             )  # fmt: skip
         self._dense.keep(pruner, pl_module)
+        self._heads = find_heads(pl_module)
+        if not self._history:  # before the first step: a pruning that breaks the forward is refused now
+            with isolated_eval(pl_module, trainer, grad=True):
+                final = min(
+                    self.ratio_at(self.events(trainer.max_epochs)[-1], trainer.max_epochs), self.max_pruning_ratio
+                )
+                check_trial_step(
+                    pl_module, self._example, self._ignored_resolved or [], final,
+                    self.max_pruning_ratio, self.round_to, self.customized_pruners,
+                )  # fmt: skip
         return pruner
 
     # one pruning step ------------------------------------------------------------------------
@@ -356,17 +378,21 @@ class ProgressivePruning(TrustCallback):
         pruner = self._pruner
         if not self._before:
             self._measure_before(trainer, pl_module)
+        if self.distill is not None:
+            self.distill.keep_teacher(pl_module)  # the model before the first step teaches the recovery
         example = on_device(self._example, pl_module)
         goal = None if self.target_macs_ratio is None else self._before["macs"] * (1.0 - target)
+        dense_heads = (self._before.get("shapes", {}).get("heads_per_layer") or [0])[0]
         self._channel_ratio, history = prune_step(
             pruner, pl_module, trainer.optimizers, example, target, self._channel_ratio, self.max_pruning_ratio, goal,
-            seed=1_000_003 * (self._done + 1), importance=self.importance,
+            seed=1_000_003 * (self._done + 1), importance=self.importance, heads=self._heads, dense_heads=dense_heads,
         )  # fmt: skip
         self._dense.after_step(pruner)
         self._history.extend(history)
         rewrap_ddp(trainer)
         pruner.update_regularizer()  # regularizing pruners cache the groups of the old structure
-        ratio, number = self._channel_ratio, self._done + 1
+        ratio = measured_channel_ratio(pruner, self._dense.out, pl_module, self._ignored_resolved or [])
+        number = self._done + 1
         self._steps.append(record_step(trainer, self._before, pl_module, example, target, ratio, epoch, number))
 
     # measurements ----------------------------------------------------------------------------
@@ -375,6 +401,8 @@ class ProgressivePruning(TrustCallback):
         self._before, self._skeleton = measure_dense(
             trainer, pl_module, self._example, self._contract, self.evaluate, rows
         )
+        if self._heads.attention:
+            self._before["shapes"] = model_shapes(self._heads.attention, self._heads.mlp)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -388,12 +416,19 @@ class ProgressivePruning(TrustCallback):
         self._after = measure_pruned(
             trainer, pl_module, self._example, self._contract, self.evaluate, rows, self._skeleton, self._before
         )
+        heads = find_heads(pl_module)
+        if heads.attention:
+            self._after["shapes"] = model_shapes(heads.attention, heads.mlp)
         self._figures = save_artifacts(trainer, self.report(), self._before.get("epoch", 0))
 
     # report ----------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         """The schedule, the measured shapes, MACs, latency and accuracy (see :attr:`report_keys`)."""
-        return pruning_report(
+        measured = self._steps[-1]["channel_ratio"] if self._steps else 0.0
+        report = pruning_report(
             self._before, self._after, self._steps, self.importance, self.schedule, self.global_pruning,
-            self._channel_ratio, self._done, self._figures,
+            measured, self._done, self._figures,
         )  # fmt: skip
+        if self.distill is not None:
+            report["distillation"] = self.distill.summary()
+        return report

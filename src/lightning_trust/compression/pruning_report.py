@@ -194,6 +194,15 @@ def pruning_report(
         out["accuracy_before"] = before["accuracy"]
     if "accuracy" in after:
         out["accuracy_after"] = after["accuracy"]
+    for key, label in (
+        ("heads_per_layer", "heads"),
+        ("hidden_per_layer", "hidden"),
+        ("mlp_width_per_layer", "mlp_width"),
+    ):
+        if key in before.get("shapes", {}):
+            out[f"{label}_before"] = list(before["shapes"][key])
+        if key in after.get("shapes", {}):
+            out[f"{label}_after"] = list(after["shapes"][key])
     out["steps"] = copy.deepcopy(steps)
     if figures:
         out["figures"] = dict(figures)

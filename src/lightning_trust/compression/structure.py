@@ -33,15 +33,18 @@ from torch_pruning import ops as tp_ops
 from lightning_trust.compression.checkpoints import callback_state, peek_checkpoint
 from lightning_trust.compression.examples import on_device
 from lightning_trust.compression.export import QAT_ATTR
-from lightning_trust.core.batch import DEFAULT_INPUT_KEYS, call_module
+from lightning_trust.compression.heads import find_heads, root_parameters
+from lightning_trust.core.batch import DEFAULT_INPUT_KEYS, PositionalInputs, call_module
 from lightning_trust.core.passes import isolated_eval, saved_modes
 from lightning_trust.core.seam import adopt_tensors, pruning_graph_names
 from lightning_trust.core.tensors import iter_tensors
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "CONV1D_REFUSAL",
     "PruningOp",
     "build_graph",
+    "check_adapters",
     "check_pruners",
     "load_pruned_checkpoint",
     "output_layers",
@@ -66,6 +69,8 @@ def traced_inputs(example: Any) -> Any:
     passed as ``model(**example)``, anything else as the one positional input (``call_module``'s rule)."""
     if isinstance(example, Mapping) and any(k in example for k in DEFAULT_INPUT_KEYS):
         return (example,)  # a dict that is one input, not keyword arguments
+    if isinstance(example, PositionalInputs):
+        return tuple(example)  # several positional inputs: model(*inputs), as call_module
     if isinstance(example, (tuple, list)):
         return (example,)  # torch-pruning unpacks sequences; the pack passes them as one input
     return dict(example) if isinstance(example, Mapping) else example
@@ -111,13 +116,22 @@ def output_layers(model: nn.Module, example_input: Any, prunable: tuple[type, ..
 
 
 def build_graph(
-    model: nn.Module, example_input: Any, customized_pruners: Optional[dict[Any, Any]] = None
+    model: nn.Module,
+    example_input: Any,
+    customized_pruners: Optional[dict[Any, Any]] = None,
+    attention: Optional[list[Any]] = None,
 ) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of ``model``, traced in an isolated pass (modes, RNGs, grads restored)."""
+    """torch-pruning's dependency graph of ``model``, traced in an isolated pass (modes, RNGs, grads restored);
+    with ``attention`` modules, the root parameters on the residual stream are pruned with it."""
+    hidden = attention[0].projections[0].in_features if attention else 0
+    unwrapped = root_parameters(model, hidden) if attention else None
     try:
         with isolated_eval(model, grad=True):  # torch-pruning's trace leaves the model in eval mode otherwise
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=traced_inputs(example_input), customized_pruners=customized_pruners
+                model,
+                example_inputs=traced_inputs(example_input),
+                customized_pruners=customized_pruners,
+                unwrapped_parameters=unwrapped,
             )
     except Exception as err:  # tracing failures surface as many exception types
         raise trace_error(model, example_input, err) from err
@@ -136,14 +150,23 @@ def trace_error(model: nn.Module, example_input: Any, err: Exception) -> Runtime
 
 
 def check_pruners(
-    model: nn.Module, example: Any, ignored: list[str], customized_pruners: Optional[dict[Any, Any]] = None
+    model: nn.Module,
+    example: Any,
+    ignored: list[str],
+    customized_pruners: Optional[dict[Any, Any]] = None,
+    unwrapped: Optional[list[nn.Parameter]] = None,
 ) -> None:
-    """Refuse a layer with weights that torch-pruning has no pruner for.
+    """Refuse a layer with weights that torch-pruning has no pruner for, and adapter-wrapped layers.
 
     torch-pruning would treat its weights as "unwrapped parameters" and guess the channel
     dimension (the last non-singleton one): a wrong guess breaks shapes or silently prunes the
-    wrong axis. Only layers that run in the forward pass are checked.
+    wrong axis. Only layers that run in the forward pass are checked; the root parameters in
+    ``unwrapped`` (a ViT's class token and position embeddings) are pruned on their known dimension.
+    A LoRA-wrapped layer (PEFT's ``base_layer`` with adapters) would have its base layer pruned but
+    not its adapters.
     """
+    check_adapters(model)
+    known = {id(p) for p in unwrapped or []}
     ignored_modules = {m for n in ignored for m in model.get_submodule(n).modules()}
     custom = tuple(t for t in (customized_pruners or {}) if isinstance(t, type))
     ran: list[nn.Module] = []
@@ -156,17 +179,42 @@ def check_pruners(
             h.remove()
     names = {m: n for n, m in model.named_modules()}
     for module in dict.fromkeys(ran):
-        if module in ignored_modules or next(module.parameters(recurse=False), None) is None:
+        own = [p for p in module.parameters(recurse=False) if id(p) not in known]
+        if module in ignored_modules or not own:
             continue
         if isinstance(module, custom) or module in (customized_pruners or {}):
             continue
         if tp_ops.module2type(module) == tp_ops.OPTYPE.ELEMENTWISE:
             name = names.get(module, type(module).__name__)
+            if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+                raise ValueError(CONV1D_REFUSAL.format(name=name))
             raise ValueError(
                 f"Layer {name!r} ({type(module).__name__}) has parameters but torch-pruning has no pruner for it "
                 f"(it would guess which dimension is the channel). Add it to `ignored_layers: [{name!r}]`, or pass "
                 f"`customized_pruners={{{type(module).__name__}: MyPruner()}}` (a `tp.pruner.BasePruningFunc`)."
             )
+
+
+#: Why a transformers ``Conv1D`` layer (GPT-2) is refused, and the fix.
+CONV1D_REFUSAL = (
+    "Layer {name!r} is a transformers Conv1D (a transposed nn.Linear; GPT-2 fuses the q, k and v of every head in "
+    "`c_attn` and splits them by `split_size`), which torch-pruning has no pruner for: its heads and the attributes "
+    "`embed_dim`, `split_size`, `num_heads` cannot be pruned consistently. Use a model with nn.Linear q/k/v "
+    "projections (BERT, ViT, Llama-style q_proj/k_proj/v_proj), or pass `customized_pruners={{Conv1D: ...}}` with a "
+    "pruner that keeps q, k and v of each head aligned."
+)
+
+
+def check_adapters(model: nn.Module) -> None:
+    """Refuse adapter-wrapped layers (PEFT LoRA: a ``base_layer`` next to ``lora_A``/``lora_B``)."""
+    names = {m: n for n, m in model.named_modules()}
+    wrapped = [names[m] for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    if wrapped:
+        raise ValueError(
+            f"{len(wrapped)} layers are LoRA-wrapped (e.g. {wrapped[0]!r}): pruning would shrink their base layers "
+            "but not their adapters (lora_A/lora_B). Prune the model before wrapping it (call `get_peft_model` on "
+            "the pruned model), or merge the adapters first (`model = peft_model.merge_and_unload()`)."
+        )
 
 
 # one pruning step -----------------------------------------------------------------------------
@@ -275,8 +323,10 @@ def restore_pruned_structure(
         example = info.get("example_input")
         if example is None:
             raise KeyError("The pruning checkpoint has no example input to trace the model with.")
-        graph = build_graph(model, on_device(example, model), customized_pruners)
+        heads = find_heads(model)  # on the structure before the replay, which the history starts from
+        graph = build_graph(model, on_device(example, model), customized_pruners, heads.attention)
         graph.load_pruning_history(todo)
+        heads.sync(model)
     return model
 
 
