@@ -28,11 +28,11 @@ from lightning_trust.core.output import log_metrics
 from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain import plots
 from lightning_trust.explain.arguments import check_attribution_arguments
-from lightning_trust.explain.budgeting import fits_budget, is_final_pass
+from lightning_trust.explain.budgeting import allows_pass, fits_budget, is_final_pass
 from lightning_trust.explain.compute import compute_explanation
 from lightning_trust.explain.explanation import Explanation, rank_correlation, sample_captions, write_files
 from lightning_trust.explain.keys import ATTRIBUTION_LOGGED_KEYS, ATTRIBUTION_REPORT_KEYS
-from lightning_trust.explain.methods import BASELINES
+from lightning_trust.explain.methods import BASELINES, METHODS
 from lightning_trust.explain.plan import Plan, check_runs_at_validation, make_plan
 from lightning_trust.explain.resolution import Modality, resolve_modality
 from lightning_trust.explain.sample import FixedSample, draw_sample
@@ -237,7 +237,7 @@ class Attribution(ScheduledPass):
 
     # the pass ---------------------------------------------------------------------------------
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
-        if not self.budget.allows(final=self._is_final(trainer, stage)):
+        if not self._budget_allows(trainer, stage):
             self.skipped.append({
                 "stage": stage, "epoch": int(trainer.current_epoch), "step": int(trainer.global_step), "what": "pass",
             })  # fmt: skip
@@ -247,6 +247,20 @@ class Attribution(ScheduledPass):
         with self.budget.timed():
             self._pass(trainer, pl_module, stage, hook_allows_log)
         self.pass_seconds.append(self.budget.spent - before)
+
+    def _budget_allows(self, trainer: Any, stage: str) -> bool:
+        final, estimate = self._is_final(trainer, stage), getattr(self._plan, "pass_estimate", None)
+        max_epochs = getattr(trainer, "max_epochs", None) or 0
+        done = (int(trainer.current_epoch) + 1) / max_epochs if max_epochs > 0 else 1.0
+        return allows_pass(self.budget, estimate, final, reserve=self._final_share(), fraction_done=done)
+
+    def _final_share(self) -> float:
+        """The final pass's expected cost in passes: one, plus ``sensitivity_max`` (an attribution per
+        perturbation) when it is deferred to the end and computed (float inputs, not a layer method)."""
+        plan = self._plan
+        quality = plan is not None and not plan.token and not METHODS[plan.method].layer
+        deferred = self.sensitivity_at == "end" and quality
+        return 1.0 + (self.sensitivity_samples if deferred else 0)
 
     def _is_final(self, trainer: Any, stage: str) -> bool:
         return is_final_pass(trainer, stage, self.runs_at("fit_end"))
@@ -373,7 +387,11 @@ class Attribution(ScheduledPass):
             "tokens": None if last is None else last.token_scores(),
             "generated": None if last is None else last.generated,
             "patch_size": None if plan is None else plan.patch_size,
-            "budget": {**self.budget.summary(), "skipped_passes": list(self.skipped), "pass_seconds": self.pass_seconds},
+            "budget": {
+                **self.budget.summary(), "skipped_passes": list(self.skipped), "pass_seconds": self.pass_seconds,
+                "first_pass_estimate": None if plan is None else plan.pass_estimate,
+                "estimate_seconds": None if plan is None else plan.estimate_seconds,
+            },
             "figures": dict(self._figures),
             "files": {} if last is None else dict(last.files),
         })  # fmt: skip

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -46,7 +47,7 @@ from lightning_trust.explain.inputs import (
 from lightning_trust.explain.llm import LLM_METHODS
 from lightning_trust.explain.methods import METHODS, TOKEN_BASELINES, load_baseline
 
-__all__ = ["Plan", "check_runs_at_validation", "make_plan"]
+__all__ = ["Plan", "check_runs_at_validation", "estimate_pass", "make_plan"]
 
 #: methods that differentiate the inputs themselves (impossible on integer token ids)
 _INPUT_GRADIENT = ("saliency", "input_x_gradient", "deeplift", "deeplift_shap", "gradient_shap")
@@ -67,6 +68,8 @@ class Plan:
     num_outputs: Optional[int] = None  # scores per sample of the model's output
     patch_size: Optional[int] = None  # the vision transformer's patch size (patch heatmaps)
     vocab_size: Optional[int] = None
+    pass_estimate: Optional[float] = None  # seconds one pass is expected to take (None: no estimate)
+    estimate_seconds: float = 0.0  # what timing the estimate cost
 
     def forward(self, module: nn.Module) -> InputsForward:
         """``module`` called on ``(attributed, *others)`` as its forward takes them."""
@@ -127,6 +130,9 @@ def make_plan(callback: Any, module: nn.Module, trainer: Any) -> Plan:
             "return (batch, classes) scores from `forward` (or wrap the module so it does)."
         )
     plan.num_outputs = int(scores.shape[1]) if scores.ndim >= 2 and plan.kind == "model" else 1
+    started = time.perf_counter()
+    plan.pass_estimate = estimate_pass(callback, plan, module, trainer, main, others)
+    plan.estimate_seconds = time.perf_counter() - started
     _check_target(callback, plan, contract, batch)
     _check_baseline(callback, plan, main, module, trainer)
     if not token and main.ndim == 4:
@@ -155,6 +161,49 @@ def _tiny_forward(plan: Plan, module: nn.Module, trainer: Any, main: Tensor, oth
     rows = slice(0, min(2, len(main)))
     with isolated_eval(module, trainer) as inner:
         return plan.forward(inner)(main[rows].to(device), *(others[n][rows].to(device) for n in plan.names))
+
+
+#: gradient evaluations per sample of a pass, by method (the others: no estimate before their first pass)
+_EVALUATIONS = {"saliency": 1, "input_x_gradient": 1, "deeplift": 2, "deeplift_shap": 2, "layer_gradcam": 1}
+_STEPS = {"integrated_gradients": ("n_steps", 50), "layer_integrated_gradients": ("n_steps", 50),
+          "gradient_shap": ("n_samples", 5)}  # fmt: skip
+_ROWS = 64  # rows of the timed forward+backward (Captum evaluates all samples x steps in large batches)
+
+
+def estimate_pass(
+    callback: Any, plan: Plan, module: nn.Module, trainer: Any, main: Tensor, others: dict[Any, Tensor]
+) -> Optional[float]:
+    """Seconds a pass is expected to take, before any has run: one forward+backward of ``_ROWS`` rows
+    (the first validation rows repeated, isolated) timed and scaled to ``num_samples`` x the method's
+    evaluations per sample (``n_steps``), plus the forwards of ``infidelity``. ``None`` where the cost
+    does not follow from a gradient's (perturbation methods, causal LMs): that first pass runs."""
+    if plan.kind != "model":
+        return None
+    if plan.method in _STEPS:
+        option, default = _STEPS[plan.method]
+        evaluations = int(callback.method_kwargs.get(option, default))
+    elif plan.method in _EVALUATIONS:
+        evaluations = _EVALUATIONS[plan.method]
+    else:
+        return None
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    index = torch.arange(_ROWS) % min(2, len(main))
+    x = main[index].to(device)
+    rest = [others[n][index].to(device) for n in plan.names]
+    with isolated_eval(module, trainer, grad=True) as inner:
+        started = time.perf_counter()
+        if x.is_floating_point():
+            x.requires_grad_(True)
+            wrt: list[Tensor] = [x]
+        else:  # token ids: the gradient flows to the embeddings (here: to every parameter, an upper bound)
+            wrt = [p for p in inner.parameters() if p.requires_grad]
+        scores = plan.forward(inner)(x, *rest)
+        if wrt:
+            torch.autograd.grad(scores.float().sum(), wrt, allow_unused=True)
+        per_row = (time.perf_counter() - started) / _ROWS
+    quality = not plan.token and not METHODS[plan.method].layer  # infidelity perturbs float inputs
+    forwards = callback.infidelity_samples if quality else 0
+    return per_row * callback.num_samples * (evaluations + forwards / 2)
 
 
 def _as_llm(plan: Plan, callback: Any, module: nn.Module) -> None:
