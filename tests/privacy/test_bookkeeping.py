@@ -263,3 +263,35 @@ def test_gradient_accumulation_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"grad_sample_mode='bk'.*accumulate_grad_batches=2"):
         trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[dp]).fit(model, TinyData())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_bk_under_ddp(tmp_path):
+    from tests.ddp_harness import run_ddp
+
+    results = run_ddp(
+        """
+        from lightning.pytorch.callbacks import Callback
+        from lightning_trust.privacy import DifferentialPrivacy
+
+        class Seen(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                self.optimizer = type(trainer.strategy.optimizers[0]).__name__
+
+        pl.seed_everything(0)
+        dp = DifferentialPrivacy(noise_multiplier=1.0, target_delta=1e-5, grad_sample_mode="bk")
+        seen = Seen()
+        trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=3, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, callbacks=[dp, seen])
+        model = TabularMLP()
+        trainer.fit(model, AdultDataModule(batch_size=256))
+        save_result({"steps": dp.steps, "optimizer": seen.optimizer,
+                     "param_sum": float(sum(p.detach().double().sum() for p in model.parameters()))})
+        """,
+        tmp_path,
+    )
+    assert results[0]["steps"] == results[1]["steps"] == 3
+    assert results[0]["optimizer"] == results[1]["optimizer"] == "DistributedClippedSumOptimizer"
+    assert results[0]["param_sum"] == pytest.approx(results[1]["param_sum"], abs=1e-9)  # one noisy sum, all-reduced
