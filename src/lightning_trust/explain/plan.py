@@ -188,9 +188,9 @@ def estimate_pass(
         return None
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     index = torch.arange(_ROWS) % min(2, len(main))
-    x = main[index].to(device)
-    rest = [others[n][index].to(device) for n in plan.names]
-    with isolated_eval(module, trainer, grad=True) as inner:
+    with torch.inference_mode(False), isolated_eval(module, trainer, grad=True) as inner:  # test hooks: inference
+        x = main[index].to(device).clone()  # a normal tensor, even if the batch was loaded under inference mode
+        rest = [others[n][index].to(device).clone() for n in plan.names]
         started = time.perf_counter()
         if x.is_floating_point():
             x.requires_grad_(True)
