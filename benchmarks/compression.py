@@ -196,6 +196,20 @@ class TextTransformer(TextClassifier):
         self.log("val_loss", nn.functional.cross_entropy(logits, batch["labels"]))
 
 
+class Int8Runner(nn.Module):
+    """The exported int8 program called as the float module is: its call bound to the canonical form the
+    program was exported with (QuantizationAwareTraining's ``ForwardCall``)."""
+
+    def __init__(self, program: Any, like: nn.Module) -> None:
+        super().__init__()
+        self.program, self.like = program, [like]  # a list: the float module is not a submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from lightning_trust.compression.qat_graph import ForwardCall
+
+        return ForwardCall.bind(self.like[0], args, kwargs).invoke(self.program)
+
+
 def tiny_vit() -> nn.Module:
     """A 2-layer, 64-wide, 4-head ViT on 1x8x8 digits with 2x2 patches (17 tokens)."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -281,7 +295,9 @@ def _int8_row(make: Any, datamodule: Any, x: Any, plan: dict[str, Any], root: Pa
                                     measure_latency=False)  # fmt: skip
     try:
         trainer("pruned_int8", [pruning, qat]).fit(model, datamodule)
-        int8 = load_int8_model(qat.export_file, compile=True)
+        with plain_forward(model):
+            like = copy.deepcopy(model).eval()
+        int8 = Int8Runner(load_int8_model(qat.export_file, compile=True), like)
     except Exception as err:  # the row is left out, and the reason recorded
         return f"left out: prune then QAT failed: {type(err).__name__}: {str(err)[:300]}"
     q = qat.report()

@@ -174,9 +174,10 @@ def sync_attention(model: nn.Module, attention: list[AttentionModule], mlp: list
     measured shapes (refused when layers differ: a config has one value for all). Returns the shapes."""
     for a in attention:
         heads = a.measured_heads()
-        setattr(a.module, a.heads_attr, heads)
-        if isinstance(getattr(a.module, "all_head_size", None), int):
-            setattr(a.module, "all_head_size", heads * a.head_size)
+        module: Any = a.module
+        setattr(module, a.heads_attr, heads)
+        if isinstance(getattr(module, "all_head_size", None), int):
+            module.all_head_size = heads * a.head_size
     shapes = model_shapes(attention, mlp)
     configs = find_configs(model)
     if configs and attention:

@@ -6,7 +6,7 @@ generated from and a test checks against real runs.
 
 Example:
     >>> sorted(PRUNING_LOGGED_KEYS)[:2]
-    ['compression/channel_ratio', 'compression/macs']
+    ['compression/channel_ratio', 'compression/distillation_loss']
     >>> QUANTIZATION_REPORT_KEYS["speedup"] == QUANTIZATION_LOGGED_KEYS["quantization/speedup"]
     True
 """
@@ -43,13 +43,13 @@ PRUNING_REPORT_KEYS: dict[str, str] = {
     "speedup": "dense latency / pruned latency",
     "accuracy_before": "validation accuracy before the first pruning step",
     "accuracy_after": "validation accuracy at the end of fit",
-    "heads_before": "attention heads per layer of the dense model (models exposing their heads)",
+    "heads_before": "attention heads per layer of the dense model (None without modules exposing their heads)",
     "heads_after": "attention heads per layer at the end",
     "hidden_before": "residual-stream width per attention layer, dense (the config's hidden_size)",
     "hidden_after": "residual-stream width per attention layer at the end",
     "mlp_width_before": "MLP width per layer, dense (the config's intermediate_size)",
     "mlp_width_after": "MLP width per layer at the end",
-    "distillation": "with `distill`: temperature, weight, distilled steps and the last distillation loss",
+    "distillation": "with `distill`: temperature, weight, distilled steps and the last distillation loss (else None)",
     "steps": "per pruning step: epoch, step, target, measured channel ratio, params, MACs and their ratios",
 }
 

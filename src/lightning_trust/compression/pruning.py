@@ -429,6 +429,5 @@ class ProgressivePruning(TrustCallback):
             self._before, self._after, self._steps, self.importance, self.schedule, self.global_pruning,
             measured, self._done, self._figures,
         )  # fmt: skip
-        if self.distill is not None:
-            report["distillation"] = self.distill.summary()
+        report["distillation"] = None if self.distill is None else self.distill.summary()
         return report

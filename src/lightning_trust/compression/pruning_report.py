@@ -199,10 +199,9 @@ def pruning_report(
         ("hidden_per_layer", "hidden"),
         ("mlp_width_per_layer", "mlp_width"),
     ):
-        if key in before.get("shapes", {}):
-            out[f"{label}_before"] = list(before["shapes"][key])
-        if key in after.get("shapes", {}):
-            out[f"{label}_after"] = list(after["shapes"][key])
+        # None for a model without attention modules exposing their heads (nothing was measured)
+        out[f"{label}_before"] = list(before["shapes"][key]) if key in before.get("shapes", {}) else None
+        out[f"{label}_after"] = list(after["shapes"][key]) if key in after.get("shapes", {}) else None
     out["steps"] = copy.deepcopy(steps)
     if figures:
         out["figures"] = dict(figures)
