@@ -46,7 +46,7 @@ def _causal_lm_loss(batch: dict) -> object:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost", "bk"])
 @pytest.mark.parametrize("name", ["bert", "gpt2_cls", "gpt2_lm"])
 def test_one_dp_step_is_the_clipped_per_sample_sum(tmp_path, name, mode):
     torch.manual_seed(0)
