@@ -15,6 +15,7 @@ from lightning_trust.compression import (
     quantize_prepare,
 )
 from lightning_trust.compression.export import QAT_ATTR, set_batchnorm_training
+from lightning_trust.compression.qat_graph import freeze_graph_batchnorm
 from lightning_trust.demo import SmallCNN, TabularMLP
 from tests.support import trainer as make_trainer
 
@@ -50,15 +51,20 @@ class _Gate(nn.Module):
         return -x
 
 
-def test_refuses_models_it_cannot_quantize_naming_the_module_and_leaves_them_untouched():
+def test_refuses_models_it_cannot_quantize_naming_the_module_and_leaves_them_untouched(tmp_path, digits):
     with pytest.raises(ValueError, match="nothing to quantize in _NoLayers"):
         quantize_prepare(_NoLayers(), torch.zeros(2, 3))
     model = _Branchy()
-    callback = QuantizationAwareTraining()
-    callback._example = torch.rand(4, 1, 8, 8)
-    with pytest.raises(RuntimeError, match=r"cannot quantize _Branchy.*'gate' \(_Gate\)"):
-        callback._prepare(None, model)
-    assert not hasattr(model, QAT_ATTR) and "forward" not in model.__dict__ and callback._prepared is None
+    batches = []
+
+    class _Batches(pl.Callback):
+        def on_train_batch_start(self, *args):
+            batches.append(1)
+
+    # refused at setup (a trial export on a copy with the first batch), not at the first batch of start_epoch
+    with pytest.raises(RuntimeError, match=r"cannot quantize _Branchy.*'gate' \(_Gate\).*Remove the branch"):
+        make_trainer(tmp_path, [QuantizationAwareTraining(start_epoch=1), _Batches()], max_epochs=2).fit(model, digits)
+    assert batches == [] and not hasattr(model, QAT_ATTR) and "forward" not in model.__dict__
 
 
 def test_qat_must_start_after_pruning_ends(tmp_path, digits):
@@ -87,16 +93,15 @@ def test_fast_dev_run_smoke_tests_a_config_whose_schedules_start_later(tmp_path,
         make_trainer(tmp_path, [QuantizationAwareTraining(start_epoch=3)], max_epochs=1).fit(SmallCNN(), digits)
 
 
-def test_batchnorm_freeze_is_reapplied_after_train_mode():
+def test_batchnorm_freeze_survives_train_mode():
     model = SmallCNN(batch_norm=True)
     prepared = quantize_prepare(model, torch.rand(4, 1, 8, 8))
-    assert set_batchnorm_training(prepared, False)
-    assert not set_batchnorm_training(prepared, False)  # idempotent
-    prepared.train()  # torchao swaps the train-mode BN pattern back in: the callback re-applies every batch
-    assert set_batchnorm_training(prepared, False)
+    assert freeze_graph_batchnorm(prepared) and not freeze_graph_batchnorm(prepared)  # idempotent
+    prepared.train()  # Lightning's .train() after validation: BatchNorm stays frozen
+    assert not set_batchnorm_training(prepared, False)
     mean = model.features[1].running_mean.clone()
     prepared(torch.rand(8, 1, 8, 8))
-    assert torch.equal(model.features[1].running_mean, mean)  # frozen: statistics no longer update
+    assert torch.equal(model.features[1].running_mean, mean)  # the module's own buffer: no longer updated
 
 
 @pytest.mark.slow

@@ -51,7 +51,13 @@ import torch
 from torch import nn
 
 from lightning_trust.compression.examples import repeat_rows
-from lightning_trust.compression.qat_graph import ForwardCall, install_modes, set_graph_mode, training_ops
+from lightning_trust.compression.qat_graph import (
+    ForwardCall,
+    install_modes,
+    restore_batchnorm_literals,
+    set_graph_mode,
+    training_ops,
+)
 from lightning_trust.core.passes import saved_modes
 from lightning_trust.core.seam import inductor_config
 from lightning_trust.core.seam_c1 import flat_outputs
@@ -64,6 +70,7 @@ __all__ = [
     "drop_unused_state",
     "export_call",
     "export_dynamic_batch",
+    "float_copy",
     "load_int8_model",
     "plain_forward",
     "program_bytes",
@@ -129,6 +136,15 @@ def _register_hf_caches() -> None:
     except ImportError:  # an older transformers: export reports the cache type itself
         return
     register_dynamic_cache_export_support()
+
+
+def float_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with its own float ``forward`` and without the fake-quant graph."""
+    with plain_forward(module):
+        clone = copy.deepcopy(module)
+    if QAT_ATTR in clone._modules:
+        del clone._modules[QAT_ATTR]
+    return clone
 
 
 def _failing_module(model: nn.Module, example: Any) -> Optional[str]:
@@ -250,6 +266,7 @@ def quantize_prepare(model: nn.Module, example: Any) -> torch.fx.GraphModule:
             f"Inductor quantizer) failed: {type(err).__name__}: {err}. Pass `example_input` matching the forward, or "
             "leave this model out of QAT."
         ) from err
+    restore_batchnorm_literals(prepared, model)
     if not any(isinstance(m, FakeQuantizeBase) for m in prepared.modules()):
         raise ValueError(
             f"QuantizationAwareTraining found nothing to quantize in {type(model).__name__}: the X86 Inductor "

@@ -17,9 +17,11 @@ Example:
     >>> class Net(torch.nn.Module):
     ...     def forward(self, x, mask=None, scale=2.0):
     ...         return x * scale
-    >>> call = ForwardCall.bind(Net(), (torch.ones(2, 3),), {"scale": 3.0})
+    >>> call = ForwardCall.bind(Net(), (torch.ones(2, 3),), {"scale": 3.0})  # mask left out: scale by name
     >>> call.names(), call.invoke(Net()).sum().item()
     (['x', 'scale'], 18.0)
+    >>> ForwardCall.bind(Net(), (), {"x": torch.ones(1), "mask": torch.ones(1)}).names()  # by keyword: the same call
+    ['x', 'mask']
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "freeze_graph_batchnorm",
     "freeze_graph_observers",
     "install_modes",
+    "restore_batchnorm_literals",
     "set_graph_mode",
     "training_ops",
 ]
@@ -64,35 +67,40 @@ BN_FROZEN, OBSERVERS_FROZEN = "lightning_trust_bn_frozen", "lightning_trust_obse
 
 @dataclass
 class ForwardCall:
-    """A call of a module's ``forward`` in one canonical form: positional-only and ``*args``
-    values positional, every other argument by name (in signature order), arguments left at their
-    default dropped. The exported graph takes exactly this form."""
+    """A call of a module's ``forward`` in one canonical form: the leading positional parameters
+    positionally (``module(x)``, ``module(input_ids, attention_mask)``), arguments after one left
+    at its default, and keyword-only ones, by name; arguments at their default dropped. The
+    exported graph (and the int8 program) takes exactly this form."""
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    arg_names: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def bind(cls, module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ForwardCall:
         """The canonical form of ``module(*args, **kwargs)`` (raises ``TypeError`` as the call would)."""
         signature = inspect.signature(type(module).forward)
         bound = signature.bind(module, *args, **kwargs)
-        params = list(signature.parameters.values())
-        has_var = any(p.kind is p.VAR_POSITIONAL and bound.arguments.get(p.name) for p in params)
         positional: list[Any] = []
+        names: list[str] = []
         named: dict[str, Any] = {}
-        for param in params[1:]:  # params[0] is self
-            if param.name not in bound.arguments:
-                continue
-            value = bound.arguments[param.name]
+        gap = False  # a positional parameter left at its default: the later ones go by name
+        for param in list(signature.parameters.values())[1:]:  # the first is self
+            present = param.name in bound.arguments
+            value = bound.arguments.get(param.name, param.default)
             if param.kind is param.VAR_POSITIONAL:
-                positional.extend(value)
+                positional.extend(value if present else ())
+                names.extend(f"*{param.name}" for _ in (value if present else ()))
             elif param.kind is param.VAR_KEYWORD:
-                named.update(value)
-            elif param.kind is param.POSITIONAL_ONLY or (has_var and param.kind is param.POSITIONAL_OR_KEYWORD):
-                positional.append(value)
-            elif value is not param.default:
+                named.update(value if present else {})
+            elif not present or value is param.default:
+                gap = True
+            elif param.kind is param.KEYWORD_ONLY or (gap and param.kind is param.POSITIONAL_OR_KEYWORD):
                 named[param.name] = value
-        return cls(tuple(positional), named)
+            else:
+                positional.append(value)
+                names.append(param.name)
+        return cls(tuple(positional), named, tuple(names))
 
     @classmethod
     def from_inputs(cls, module: Any, inputs: Any) -> ForwardCall:
@@ -107,13 +115,13 @@ class ForwardCall:
 
     def to_state(self) -> dict[str, Any]:
         """Plain containers (a checkpoint loads them with ``weights_only=True``)."""
-        return {"args": list(self.args), "kwargs": dict(self.kwargs)}
+        return {"args": list(self.args), "kwargs": dict(self.kwargs), "arg_names": list(self.arg_names)}
 
     @classmethod
     def from_state(cls, module: Any, state: Any) -> ForwardCall:
         """A call saved by :meth:`to_state` (or an older checkpoint's example tensor)."""
-        if isinstance(state, Mapping) and set(state) == {"args", "kwargs"}:
-            return cls(tuple(state["args"]), dict(state["kwargs"]))
+        if isinstance(state, Mapping) and {"args", "kwargs"} <= set(state):
+            return cls(tuple(state["args"]), dict(state["kwargs"]), tuple(state.get("arg_names", ())))
         return cls.from_inputs(module, state)
 
     def batch_size(self) -> Optional[int]:
@@ -132,10 +140,12 @@ class ForwardCall:
         return self.map(cut)
 
     def names(self) -> list[str]:
-        return [f"<positional {i}>" for i in range(len(self.args))] + list(self.kwargs)
+        positional = list(self.arg_names) if len(self.arg_names) == len(self.args) else []
+        return positional + [f"<positional {i}>" for i in range(len(positional), len(self.args))] + list(self.kwargs)
 
     def map(self, fn: Callable[[Tensor], Any]) -> ForwardCall:
-        return ForwardCall(tuple(map_tensors(a, fn) for a in self.args), map_tensors(self.kwargs, fn))
+        args = tuple(map_tensors(a, fn) for a in self.args)
+        return ForwardCall(args, map_tensors(self.kwargs, fn), self.arg_names)
 
     def invoke(self, module: Callable[..., Any]) -> Any:
         return module(*self.args, **self.kwargs)
@@ -280,6 +290,42 @@ def _in_place(node: torch.fx.Node) -> bool:
     return len(parts) == 3 and parts[0] == "aten" and parts[1].endswith("_") and bool(node.args)
 
 
+def restore_batchnorm_literals(graph: torch.fx.GraphModule, model: nn.Module) -> int:
+    """Give the QAT graph's BatchNorm nodes their modules' own ``eps`` and ``momentum``; returns
+    how many values changed.
+
+    Why: torchao's conv-BN QAT fusion (``qat_utils._fuse_conv_bn_qat``) rebuilds every conv-BN with
+    ``eps=1e-5`` and ``momentum=0.1`` ("TODO: allow setting eps"), in the batch-norm call and in
+    the ``sqrt(running_var + eps)`` that scales the conv weight; the int8 fold then reads that eps.
+    Each BatchNorm is found from the ``get_attr`` of its running statistics.
+    """
+    changed = 0
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _BN_OPS and len(node.args) > 4:
+            bn = _batchnorm_of(node.args[3], model)
+            if bn is not None:
+                changed += _set_arg(node, 6, "momentum", bn.momentum) + _set_arg(node, 7, "eps", bn.eps)
+        elif node.target is _ATEN.add.Tensor and isinstance(node.args[1], float):
+            bn = _batchnorm_of(node.args[0], model, "running_var")
+            if bn is not None:
+                changed += _set_arg(node, 1, "other", bn.eps)
+    if changed:
+        graph.recompile()
+    return changed
+
+
+def _batchnorm_of(node: Any, model: nn.Module, stat: str = "running_mean") -> Optional[nn.modules.batchnorm._BatchNorm]:
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr" or not str(node.target).endswith(f".{stat}"):
+        return None
+    try:
+        module = model.get_submodule(str(node.target).rsplit(".", 1)[0])
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+
+
 def training_ops(graph: torch.fx.GraphModule) -> list[str]:
     """The nodes that still behave as in training: active dropout or attention dropout, BatchNorm
     on batch statistics, a batch counter update, any in-place write to a parameter or buffer."""
@@ -307,6 +353,7 @@ class CallTemplate:
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    arg_names: tuple[str, ...] = ()
 
     @classmethod
     def match(cls, call: ForwardCall, batch: Any) -> Optional[CallTemplate]:
@@ -328,7 +375,7 @@ class CallTemplate:
         kwargs = {k: source(v) for k, v in call.kwargs.items()}
         if any(s is _MISSING for s in (*args, *kwargs.values())):
             return None
-        return cls(args, kwargs)
+        return cls(args, kwargs, call.arg_names)
 
     def call(self, batch: Any) -> ForwardCall:
         def value(source: Any) -> Any:
@@ -337,16 +384,18 @@ class CallTemplate:
                 return key
             return batch if key is None else batch[key]
 
-        return ForwardCall(tuple(value(s) for s in self.args), {k: value(s) for k, s in self.kwargs.items()})
+        args = tuple(value(s) for s in self.args)
+        return ForwardCall(args, {k: value(s) for k, s in self.kwargs.items()}, self.arg_names)
 
     def to_state(self) -> dict[str, Any]:
-        return {"args": list(self.args), "kwargs": dict(self.kwargs)}
+        return {"args": list(self.args), "kwargs": dict(self.kwargs), "arg_names": list(self.arg_names)}
 
     @classmethod
     def from_state(cls, state: Optional[Mapping[str, Any]]) -> Optional[CallTemplate]:
         if not state:
             return None
-        return cls(tuple(tuple(s) for s in state["args"]), {k: tuple(s) for k, s in state["kwargs"].items()})
+        args = tuple(tuple(s) for s in state["args"])
+        return cls(args, {k: tuple(s) for k, s in state["kwargs"].items()}, tuple(state.get("arg_names", ())))
 
 
 _MISSING = object()

@@ -22,7 +22,7 @@ from lightning_trust.compression.export import (
     compile_int8,
     convert_to_int8,
     export_call,
-    plain_forward,
+    float_copy,
     program_bytes,
 )
 from lightning_trust.compression.measure import collect_predictions, measure_latency, reduced_mean
@@ -41,8 +41,30 @@ QAT_EXTRA_LOGGED_KEYS: dict[str, str] = {
 QAT_EXTRA_REPORT_KEYS: dict[str, str] = {
     "int8_pays_off": "whether the int8 program is faster than fp32 on this machine (speedup > 1)",
     "int8_deterministic": "whether the int8 program gives bit-identical outputs on the same input twice",
+    "int8_weight_share": "int8 weight elements in the program / weight elements (2-D and up) of the fp32 model",
+    "float_weight_layers": "layer types with weights the quantizer left in float (embeddings, non-Linear matmuls)",
     **{key.split("/", 1)[1]: meaning for key, meaning in QAT_EXTRA_LOGGED_KEYS.items()},
 }
+
+
+#: layer types the X86 Inductor quantizer turns into int8 kernels
+_QUANTIZED_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
+
+
+def weight_share(fp32: torch.nn.Module, int8_program: Any) -> tuple[float, list[str]]:
+    """The share of the fp32 model's weight elements (tensors of 2 dims and more) held as int8 in
+    the program, and the types of the layers with such weights that are not Linear/Conv."""
+    total = sum(p.numel() for p in fp32.parameters() if p.ndim >= 2)
+    tensors = list(int8_program.state_dict.values()) + list(int8_program.constants.values())
+    int8 = sum(t.numel() for t in tensors if isinstance(t, torch.Tensor) and t.dtype == torch.int8)
+    others = sorted(
+        {
+            type(m).__name__
+            for m in fp32.modules()
+            if not isinstance(m, _QUANTIZED_TYPES) and any(p.ndim >= 2 for p in m.parameters(recurse=False))
+        }
+    )
+    return (int8 / total if total else 0.0), others
 
 
 def pays_off(speedup: float) -> bool:
@@ -115,8 +137,7 @@ def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]
     fake_quant = copy.deepcopy(cb._prepared).cpu()
     fake_quant.eval()
     converted, int8_program = convert_to_int8(cb._prepared, example)
-    with plain_forward(pl_module):
-        fp32 = copy.deepcopy(pl_module).cpu().eval()
+    fp32 = float_copy(pl_module).cpu().eval()
     with torch.no_grad():
         fp32_program = export_call(fp32, example)
     results: dict[str, Any] = {
@@ -125,6 +146,16 @@ def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]
         "size_int8_bytes": program_bytes(int8_program),
     }
     results["size_ratio"] = results["size_fp32_bytes"] / results["size_int8_bytes"]
+    results["int8_weight_share"], results["float_weight_layers"] = weight_share(fp32, int8_program)
+    if results["int8_weight_share"] < 0.5:
+        warn_once(
+            cb,
+            "few_int8",
+            f"QuantizationAwareTraining: only {results['int8_weight_share']:.0%} of {type(pl_module).__name__}'s weights "
+            f"are int8; the X86 Inductor quantizer annotates nn.Linear/nn.Conv, and these layers stay float: "
+            f"{results['float_weight_layers']}. Replace them with nn.Linear (e.g. transformers' Conv1D) to quantize "
+            "them, or keep this model in float.",
+        )
     int8_runner: Any = compile_int8(converted) if cb.compile else int8_program.module()
     with torch.no_grad():
         results["int8_deterministic"] = _outputs_equal(example.invoke(int8_runner), example.invoke(int8_runner))

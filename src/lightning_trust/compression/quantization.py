@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any, ClassVar, Optional
 
@@ -26,8 +25,8 @@ from lightning_trust.compression.examples import EXAMPLE_ROWS, example_from_spec
 from lightning_trust.compression.export import (
     QAT_ATTR,
     convert_to_int8,
+    float_copy,
     load_int8_model,
-    plain_forward,
     quantize_prepare,
     set_batchnorm_training,
 )
@@ -204,8 +203,7 @@ class QuantizationAwareTraining(TrustCallback):
                 return
             with fork_rngs():  # the loader's shuffle draws from the global generator
                 inputs = self._contract.inputs(next(iter(loaders[0])))
-        with plain_forward(pl_module):
-            model = copy.deepcopy(pl_module).cpu()
+        model = float_copy(pl_module).cpu()
         call = ForwardCall.from_inputs(model, inputs).rows(EXAMPLE_ROWS)
         prepared = quantize_prepare(model, call)
         with torch.no_grad(), fork_rngs():
