@@ -92,13 +92,19 @@ _expect(
     "Attribution",
     bert=WORKS, gpt2_cls=WORKS, gpt2_lm=WORKS, vit=WORKS, bert_lora=WORKS, boring=WORKS, demo_transformer=REFUSED,
 )  # fmt: skip
-REFUSALS[("Attribution", "demo_transformer")] = (ValueError, r"add a `validation_step` to the module, or set `run_on: fit_end`")
+REFUSALS[("Attribution", "demo_transformer")] = (
+    ValueError,
+    r"add a `validation_step` to the module, or set `run_on: fit_end`",
+)
 _expect(
     "AdversarialRobustness",
     bert=WORKS, gpt2_cls=WORKS, gpt2_lm=WORKS, vit=WORKS, bert_lora=WORKS, boring=REFUSED, demo_transformer=REFUSED,
 )  # fmt: skip
 REFUSALS[("AdversarialRobustness", "boring")] = (ValueError, r"needs class targets.*batch_keys: \{target: ")
-REFUSALS[("AdversarialRobustness", "demo_transformer")] = (ValueError, r"add a `validation_step`, or set `run_on: fit_end`")
+REFUSALS[("AdversarialRobustness", "demo_transformer")] = (
+    ValueError,
+    r"add a `validation_step`, or set `run_on: fit_end`",
+)
 _expect(
     "FairnessMetrics",
     bert=WORKS, gpt2_cls=WORKS, gpt2_lm=REFUSED, vit=WORKS, bert_lora=WORKS, boring=REFUSED, demo_transformer=REFUSED,
@@ -523,7 +529,10 @@ def check_pruning(cell: Cell) -> None:
     hf = cell.module.model
     config = hf.config  # the config follows the measured shapes: a model built from it loads the pruned weights
     assert report["heads_after"] == [config.num_attention_heads] * len(report["heads_before"]) == [1, 1], report
-    assert report["hidden_after"] == [config.hidden_size] * 2 and report["mlp_width_after"] == [config.intermediate_size] * 2
+    assert (
+        report["hidden_after"] == [config.hidden_size] * 2
+        and report["mlp_width_after"] == [config.intermediate_size] * 2
+    )
     fresh = type(hf)(config).eval()
     fresh.load_state_dict(hf.state_dict())  # strict: every shape equal
     with torch.no_grad():
