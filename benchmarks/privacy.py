@@ -14,7 +14,7 @@ LoRA against full fine-tuning), each configuration in its own process (so peak m
 The raw Opacus loop on BERT passes ``position_ids``/``token_type_ids`` at full batch shape, the workaround
 Opacus alone needs; ``ours`` trains the unmodified module.
 
-Measured (best of ``--repeats`` interleaved rounds): median step time (forward + backward + optimizer step, data loading excluded), peak extra
+Measured (best of ``--repeats`` interleaved rounds): median step time in thread CPU seconds (forward + backward + optimizer step, data loading excluded), peak extra
 resident memory during training (``ru_maxrss`` growth), final test accuracy, ε (PRV, δ = 1e-5).
 Ratios: ``ours / opacus`` (integration overhead, goal <= 1.05; it includes Lightning's own per-step
 cost, so ``ours_vs_opacus_net`` compares the time DP adds: (ours - plain) / (opacus - plain_raw);
@@ -42,6 +42,12 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "privacy.json"
 NOISE, CLIP, DELTA, SEED = 1.0, 1.0, 1e-5, 0
+
+
+def _clock() -> float:
+    """CPU seconds of this thread: every run is single-threaded (``OMP_NUM_THREADS=1``), so its step
+    times do not swing with the load other processes put on a shared machine, as wall time does."""
+    return time.thread_time()
 
 
 def _rss_mb() -> float:
@@ -140,13 +146,13 @@ def _raw(task: str, mode: str, private: bool, steps: int) -> dict[str, Any]:
                     continue
             else:
                 x, y = _xy(batch)
-            start = time.perf_counter()
+            start = _clock()
             optimizer.zero_grad()
             logits = raw_logits(wrapped, batch, full_ids=private) if text else wrapped(x)
             loss = criterion(logits, y) if private and mode == "ghost" else F.cross_entropy(logits, y)
             loss.backward()
             optimizer.step()
-            times.append(time.perf_counter() - start)
+            times.append(_clock() - start)
             done += 1
             if done >= steps:
                 break
@@ -180,10 +186,10 @@ def _lightning(task: str, mode: str, private: bool, steps: int, lora: bool = Fal
             self.rss0 = _rss_mb()
 
         def on_train_batch_start(self, *args: Any) -> None:
-            self.start = time.perf_counter()
+            self.start = _clock()
 
         def on_train_batch_end(self, *args: Any) -> None:
-            self.times.append(time.perf_counter() - self.start)
+            self.times.append(_clock() - self.start)
             self.hook_times.append(spent[0])
             spent[0] = 0.0
 
@@ -193,11 +199,11 @@ def _lightning(task: str, mode: str, private: bool, steps: int, lora: bool = Fal
 
     def timed(fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = _clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - start
+                spent[0] += _clock() - start
 
         return wrapper
 
