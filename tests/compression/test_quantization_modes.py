@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_trust.compression import QuantizationAwareTraining, load_int8_model, quantize_prepare
-from lightning_trust.compression.qat_graph import ForwardCall, GraphForward, set_graph_mode, training_ops
+from lightning_trust.compression.qat_call import ForwardCall, GraphForward
+from lightning_trust.compression.qat_graph import set_graph_mode, training_ops
 from tests.support import trainer as make_trainer
 
 

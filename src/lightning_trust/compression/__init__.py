@@ -13,6 +13,10 @@ module               concern
 ``pruning_report``   size, MACs, latency and accuracy before/after, step records, the figure, the report
 ``quantization``     the :class:`QuantizationAwareTraining` callback
 ``export``           torch.export / PT2E: prepare, convert, compile and load int8 models
+``export_refusal``   the deepest module torch.export cannot capture, and its fix
+``qat_call``         the module's own call signature: canonical calls, the routed forward, batch templates
+``qat_graph``        the fake-quant graph's train/eval switch, freezing, training-mode op check
+``qat_report``       int8 conversion, export and measurements at the end of fit
 ``measure``          CPU latency, accuracy and agreement over loaders
 ``examples``         example inputs kept to trace, export and time with
 ``checkpoints``      reading a checkpoint before Lightning loads its weights

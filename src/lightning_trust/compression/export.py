@@ -42,17 +42,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import importlib.util
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from lightning_trust.compression.examples import repeat_rows
+from lightning_trust.compression.export_refusal import export_refusal
+from lightning_trust.compression.qat_call import ForwardCall
 from lightning_trust.compression.qat_graph import (
-    ForwardCall,
     install_modes,
     restore_batchnorm_literals,
     set_graph_mode,
@@ -147,69 +150,6 @@ def float_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def _failing_module(model: nn.Module, example: Any) -> Optional[str]:
-    """The deepest module torch.export cannot capture on its own (for a refusal naming it): from
-    the root, descend into the first child (in call order) whose own export fails."""
-    captured: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    handles = []
-
-    def recorder(name: str) -> Any:
-        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            captured.setdefault(name, (tuple(args), dict(kwargs)))
-
-        return hook
-
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(recorder(name), with_kwargs=True))
-    try:
-        with torch.no_grad(), plain_forward(model):
-            ForwardCall.from_inputs(model, example).invoke(model)
-    except Exception:  # the failing forward is what is being diagnosed
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-
-    def fails(name: str) -> bool:
-        args, kwargs = captured[name]
-        try:
-            torch.export.export(model.get_submodule(name), args, kwargs)
-        except Exception:  # any export failure counts
-            return True
-        return False
-
-    culprit: Optional[str] = None
-    children = [name for name in captured if "." not in name]
-    while children:
-        failing = next((name for name in children if fails(name)), None)
-        if failing is None:
-            break
-        culprit = failing
-        children = [n for n in captured if n.startswith(failing + ".") and "." not in n[len(failing) + 1 :]]
-    return culprit
-
-
-def _export_refusal(model: nn.Module, example: Any, err: BaseException) -> RuntimeError:
-    culprit = _failing_module(model, example)
-    kind = type(model.get_submodule(culprit)).__name__ if culprit else ""
-    where = f"its module {culprit!r} ({kind})" if culprit else "its forward"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if "data-dependent" in str(err) or "GuardOnDataDependent" in type(err).__name__:
-        fix = (
-            "Remove the branch on tensor values there"
-            + (" (pass `tgt_is_causal=True`/`is_causal=True` with the attention masks: nn.Transformer compares a "
-               "mask's values with a causal mask at run time)" if kind.startswith("Transformer") else "")
-            + ", or leave this model out of QAT."
-        )  # fmt: skip
-    else:
-        fix = "Make that code exportable (no Python branches on tensor values, no unsupported outputs), or leave this model out of QAT."
-    return RuntimeError(
-        f"QuantizationAwareTraining cannot quantize {type(model).__name__}: torch.export failed in {where}: "
-        f"{type(err).__name__}: {first[:300]}. {fix}"
-    )
-
-
 def split_reused_modules(graph_module: torch.fx.GraphModule) -> int:
     """Give each call of a module called several times (``self.relu`` twice in a ResNet block) its
     own source partition; returns how many nodes were relabelled.
@@ -254,7 +194,7 @@ def quantize_prepare(model: nn.Module, example: Any) -> torch.fx.GraphModule:
         with saved_modes(model, training=True), plain_forward(model):
             exported = export_call(model, example).module()
     except Exception as err:
-        raise _export_refusal(model, example, err) from err
+        raise export_refusal(model, example, err) from err
     split_reused_modules(exported)
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=True))
@@ -393,11 +333,10 @@ def load_int8_model(path: Union[str, Path], compile: bool = False) -> Any:
 
     try:
         program = torch.export.load(str(path))
-    except Exception as err:  # a program returning a Hugging Face cache needs its pytree registered first
-        if "DynamicCache" not in str(err):
+    except RuntimeError:  # a program returning Hugging Face outputs needs their pytree nodes registered first
+        if importlib.util.find_spec("transformers") is None:
             raise
-        import transformers  # noqa: F401
-
+        importlib.import_module("transformers.modeling_outputs")  # ModelOutput classes register on import
         _register_hf_caches()
         program = torch.export.load(str(path))
     module = program.module()

@@ -6,7 +6,7 @@ Example:
     >>> pays_off(2.98), pays_off(0.46)
     (True, False)
     >>> sorted(QAT_EXTRA_REPORT_KEYS)
-    ['int8_deterministic', 'int8_pays_off', 'latency_batch_size', 'latency_threads']
+    ['float_weight_layers', 'int8_deterministic', 'int8_pays_off', 'int8_weight_share', 'latency_batch_size', 'latency_threads']
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lightning_trust.compression.export import (
     program_bytes,
 )
 from lightning_trust.compression.measure import collect_predictions, measure_latency, reduced_mean
-from lightning_trust.compression.qat_graph import ForwardCall
+from lightning_trust.compression.qat_call import ForwardCall
 from lightning_trust.core import artifact_dir, new_figure, save_figure, warn_once, write_json
 from lightning_trust.core.loaders import split_loaders
 
@@ -36,12 +36,12 @@ __all__ = ["QAT_EXTRA_LOGGED_KEYS", "QAT_EXTRA_REPORT_KEYS", "convert_and_measur
 QAT_EXTRA_LOGGED_KEYS: dict[str, str] = {
     "quantization/latency_batch_size": "batch size the latencies were measured at",
     "quantization/latency_threads": "CPU threads the latencies were measured with",
+    "quantization/int8_weight_share": "int8 weight elements in the program / weight elements (2-D and up) of the fp32 model",
 }
 #: Reported besides :data:`~lightning_trust.compression.keys.QUANTIZATION_REPORT_KEYS`.
 QAT_EXTRA_REPORT_KEYS: dict[str, str] = {
     "int8_pays_off": "whether the int8 program is faster than fp32 on this machine (speedup > 1)",
     "int8_deterministic": "whether the int8 program gives bit-identical outputs on the same input twice",
-    "int8_weight_share": "int8 weight elements in the program / weight elements (2-D and up) of the fp32 model",
     "float_weight_layers": "layer types with weights the quantizer left in float (embeddings, non-Linear matmuls)",
     **{key.split("/", 1)[1]: meaning for key, meaning in QAT_EXTRA_LOGGED_KEYS.items()},
 }

@@ -31,10 +31,8 @@ from lightning_trust.compression.export import (
     set_batchnorm_training,
 )
 from lightning_trust.compression.keys import QUANTIZATION_LOGGED_KEYS, QUANTIZATION_REPORT_KEYS
+from lightning_trust.compression.qat_call import CallTemplate, ForwardCall, GraphForward
 from lightning_trust.compression.qat_graph import (
-    CallTemplate,
-    ForwardCall,
-    GraphForward,
     freeze_graph_batchnorm,
     freeze_graph_observers,
 )
