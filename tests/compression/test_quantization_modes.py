@@ -1,5 +1,6 @@
 """QAT really switches to eval: validation, BatchNorm freezing, the exported int8 program (issue #18, item 1)."""
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -104,6 +105,9 @@ def test_the_module_forward_follows_every_recompile(fitted):
     with torch.no_grad():  # eval: running statistics, no dropout, so a row does not depend on its batch
         assert torch.equal(model(x)[:2], model(x[:2]))
         assert torch.equal(model(x), model(x))
+    clone = copy.deepcopy(model).eval()  # a deep copy drops the graph's installed train/eval: the forward syncs it
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x)) and torch.equal(clone(x)[:2], clone(x[:2]))
     model.train()
     with torch.no_grad():  # train: batch statistics and dropout are back, through the same forward
         assert not torch.equal(model(x), model(x))

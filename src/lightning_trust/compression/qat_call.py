@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_trust.compression.qat_graph import sync_graph_mode
 from lightning_trust.core.calls import PositionalInputs
 from lightning_trust.core.tensors import iter_tensors, map_tensors
 
@@ -149,6 +150,7 @@ class GraphForward:
                 f"this call passes {call.names()} (or other non-tensor values). Call the module the way "
                 "training_step calls it, or pass `example_input` with the arguments every call uses."
             )
+        sync_graph_mode(self.graph)  # a deep copy of the module lost the graph's train/eval switch
         return call.invoke(self.graph)
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "install_modes",
     "restore_batchnorm_literals",
     "set_graph_mode",
+    "sync_graph_mode",
     "training_ops",
 ]
 
@@ -43,8 +44,10 @@ _BN_OPS = {_ATEN.batch_norm.default: 5, _ATEN._native_batch_norm_legit.default: 
 _SDPA = _ATEN.scaled_dot_product_attention.default
 _SDPA_DROPOUT = 4  # position of dropout_p
 _TRAIN_VALUE = "lightning_trust_train_value"  # node meta: the value the node had in training mode
-#: graph attributes: the modes QuantizationAwareTraining has frozen
+#: ``graph.meta`` keys (``meta`` survives ``copy.deepcopy``, instance attributes do not): what is
+#: frozen, and the mode the graph's nodes are in now
 BN_FROZEN, OBSERVERS_FROZEN = "lightning_trust_bn_frozen", "lightning_trust_observers_frozen"
+APPLIED = "lightning_trust_applied_mode"
 
 
 def _set_arg(node: torch.fx.Node, index: int, name: str, value: Any) -> bool:
@@ -103,12 +106,27 @@ def set_graph_mode(graph: torch.fx.GraphModule, training: bool, bn_training: Opt
 def _apply_mode(graph: torch.fx.GraphModule, mode: bool) -> None:
     from torchao.quantization.pt2e import FakeQuantizeBase
 
-    observe = mode and not getattr(graph, OBSERVERS_FROZEN, False)
+    observe = mode and not graph.meta.get(OBSERVERS_FROZEN, False)
     for module in graph.modules():
         if isinstance(module, FakeQuantizeBase):
             module.enable_observer(observe)  # eval: ranges stay as trained (no validation data in them)
-    set_graph_mode(graph, mode, mode and not getattr(graph, BN_FROZEN, False))
+    set_graph_mode(graph, mode, mode and not graph.meta.get(BN_FROZEN, False))
     graph.__dict__["_exported_training"] = mode  # torchao's own flag (export_utils._EXPORTED_TRAINING_ATTR)
+    graph.meta[APPLIED] = _wanted(graph)
+
+
+def _wanted(graph: torch.fx.GraphModule) -> tuple[bool, bool, bool]:
+    return graph.training, bool(graph.meta.get(BN_FROZEN)), bool(graph.meta.get(OBSERVERS_FROZEN))
+
+
+def sync_graph_mode(graph: torch.fx.GraphModule) -> bool:
+    """Bring the graph's nodes to its ``training`` flag (and freezes) if they are not there yet:
+    after ``copy.deepcopy`` (which drops the installed ``train``/``eval``) a plain ``.eval()``
+    only sets the flag. True when it switched."""
+    if graph.meta.get(APPLIED) == _wanted(graph):
+        return False
+    _apply_mode(graph, graph.training)
+    return True
 
 
 def _train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
@@ -132,18 +150,18 @@ def install_modes(graph: torch.fx.GraphModule, training: bool) -> torch.fx.Graph
 
 def freeze_graph_batchnorm(graph: torch.fx.GraphModule) -> bool:
     """From now on BatchNorm uses and keeps its running statistics, in both modes; True the first time."""
-    if getattr(graph, BN_FROZEN, False):
+    if graph.meta.get(BN_FROZEN, False):
         return False
-    setattr(graph, BN_FROZEN, True)
+    graph.meta[BN_FROZEN] = True
     _apply_mode(graph, graph.training)
     return True
 
 
 def freeze_graph_observers(graph: torch.fx.GraphModule) -> bool:
     """From now on the quantization ranges stop updating, in both modes; True the first time."""
-    if getattr(graph, OBSERVERS_FROZEN, False):
+    if graph.meta.get(OBSERVERS_FROZEN, False):
         return False
-    setattr(graph, OBSERVERS_FROZEN, True)
+    graph.meta[OBSERVERS_FROZEN] = True
     _apply_mode(graph, graph.training)
     return True
 

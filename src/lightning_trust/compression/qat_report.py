@@ -27,6 +27,7 @@ from lightning_trust.compression.export import (
 )
 from lightning_trust.compression.measure import collect_predictions, measure_latency, reduced_mean
 from lightning_trust.compression.qat_call import ForwardCall
+from lightning_trust.compression.qat_graph import sync_graph_mode
 from lightning_trust.core import artifact_dir, new_figure, save_figure, warn_once, write_json
 from lightning_trust.core.loaders import split_loaders
 
@@ -135,7 +136,7 @@ def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]
     assert cb._prepared is not None and cb._example is not None
     example: ForwardCall = cb._example.map(lambda t: t.cpu())
     fake_quant = copy.deepcopy(cb._prepared).cpu()
-    fake_quant.eval()
+    sync_graph_mode(fake_quant.eval())  # a deep copy keeps the flag, not the installed switch
     converted, int8_program = convert_to_int8(cb._prepared, example)
     fp32 = float_copy(pl_module).cpu().eval()
     with torch.no_grad():
