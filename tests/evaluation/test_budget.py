@@ -24,7 +24,10 @@ def test_measured_overhead_stays_under_max_overhead_except_the_final_run(digits,
     assert history[0]["extra_passes"] == "run" and history[-1]["extra_passes"] == "run"  # first and final
     fit_seconds = account["seconds"] / account["overhead"]
     assert sum(account["pass_seconds"]) == pytest.approx(account["seconds"])
-    assert sum(account["pass_seconds"][:-1]) / fit_seconds <= 0.05
+    # the budget admits a pass when its expected cost (the mean so far) fits; the first pass (nothing measured
+    # yet) or one slower than the mean may overshoot by at most that one pass (timings vary with the load)
+    before_final = account["pass_seconds"][:-1]
+    assert sum(before_final) <= 0.05 * fit_seconds + max(before_final), (account, fit_seconds)
     # a skipped epoch reports its clean domain only, never empty corrupted ones
     skipped = next(i for i, h in enumerate(history) if h["extra_passes"] == "skipped")
     assert history[skipped]["worst_domain"] == {"accuracy": "clean"}

@@ -87,7 +87,10 @@ def test_measured_overhead_stays_under_max_overhead_except_the_final_run(digits,
     assert account["runs"] == len(cb.history) >= 2  # the first and the final pass at least
     assert cb.history[-1]["epoch"] == 7
     fit_seconds = account["seconds"] / account["overhead"]
-    assert sum(account["pass_seconds"][:-1]) / fit_seconds <= 0.05
+    # the budget admits a pass when its expected cost (the mean so far) fits; the first pass (nothing measured
+    # yet) or one slower than the mean may overshoot by at most that one pass (timings vary with the load)
+    before_final = account["pass_seconds"][:-1]
+    assert sum(before_final) <= 0.05 * fit_seconds + max(before_final), (account, fit_seconds)
 
 
 def _refused(module, dm, cb, tmp_path, match):
