@@ -254,3 +254,24 @@ def test_bert_qat_called_with_keywords_exports_a_deterministic_int8_program(tmp_
     inputs = (inputs["input_ids"], inputs["attention_mask"])  # the int8 program takes the forward's order
     assert torch.equal(_fresh_process_outputs(qat.export_file, inputs, tmp_path / "out.pt", tmp_path), first)
     assert (first.argmax(-1) == by_keyword.argmax(-1)).float().mean() >= 0.9
+
+
+def test_training_after_validation_is_training_again():
+    """Lightning restores the modes after validation by setting ``.training`` (``_ModuleMode.restore``), not
+    by calling ``.train()``: the routed forward brings the graph back to training behaviour itself."""
+    from lightning.pytorch.utilities.model_helpers import _ModuleMode
+
+    model = ConvBNDropout()
+    call = ForwardCall.from_inputs(model, torch.rand(4, 1, 8, 8))
+    graph = quantize_prepare(model, call)
+    forward = GraphForward(model, graph, call)
+    modes = _ModuleMode()
+    model.add_module("qat", graph)
+    modes.capture(model)
+    model.eval()
+    assert training_ops(graph) == []
+    modes.restore(model)  # what Lightning does after validation
+    assert graph.training and training_ops(graph) == []  # the nodes are still in eval mode...
+    mean = _bn(model).running_mean.clone()
+    forward(torch.rand(8, 1, 8, 8))  # ...until the next call
+    assert training_ops(graph) and not torch.equal(_bn(model).running_mean, mean)

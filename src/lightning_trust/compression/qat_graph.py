@@ -221,6 +221,9 @@ def training_ops(graph: torch.fx.GraphModule) -> list[str]:
             found.append(f"{node.name} (batch_norm training=True)")
         elif node.target is _SDPA and _arg(node, _SDPA_DROPOUT, "dropout_p", 0.0):
             found.append(f"{node.name} (scaled_dot_product_attention dropout_p={_arg(node, 4, 'dropout_p', 0)})")
+        elif _is_batch_counter(node):
+            if node.args[1]:
+                found.append(f"{node.name} (BatchNorm batch counter += {node.args[1]})")
         elif _in_place(node):
             target = node.args[0]
             if isinstance(target, torch.fx.Node) and target.op in ("get_attr", "placeholder"):
