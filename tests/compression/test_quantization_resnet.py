@@ -106,8 +106,7 @@ def test_resnet18_trains_through_qat_and_its_int8_reloads_in_a_fresh_process(fit
     model, qat, root = fitted
     report = qat.report()
     assert report["active"] and report["int8_deterministic"] is True and report["size_ratio"] > 3.5, report
-    # x86 int8 kernels round differently by CPU (VNNI, AVX2): a few near-tie samples may flip class
-    assert report["accuracy_int8"] > 0.8 and report["agreement"] >= 0.97, report
+    assert report["accuracy_int8"] > 0.8 and report["agreement"] >= 0.99, report  # the whole validation set
     images = torch.cat([x for x, _ in list(digits.val_dataloader())[:6]])
     model.eval()
     with torch.no_grad():
@@ -125,6 +124,7 @@ def test_resnet18_trains_through_qat_and_its_int8_reloads_in_a_fresh_process(fit
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     int8 = torch.load(root / "preds.pt")
+    # On 270 images x86 int8 kernels that round differently by CPU (VNNI, AVX2) may flip a few near ties
     assert len(int8) == len(images) and (int8 == fake_quant).float().mean() >= 0.97
     assert torch.equal(load_int8_model(qat.export_file)(images).argmax(-1), int8)  # the reload is exact
 
