@@ -107,6 +107,39 @@ class OverheadBudget:
         self.skipped += 1
         return False
 
+    def allowance(self) -> float:
+        """Seconds a pass may still take and keep the total within budget (``inf`` without a budget).
+
+        A final pass sizes itself with it (:meth:`affordable`) instead of overshooting the budget.
+        """
+        if self.max_overhead is None:
+            return float("inf")
+        return max(self.max_overhead * self.fit_seconds() - self.spent, 0.0)
+
+    def affordable(self, unit_seconds: float, units: int, minimum: int = 1) -> int:
+        """How many of ``units`` pieces of work (batches, samples) of ``unit_seconds`` each fit :meth:`allowance`.
+
+        At least ``minimum`` (a result is never empty), at most ``units``.
+
+        Example:
+            >>> now = [0.0]
+            >>> budget = OverheadBudget(max_overhead=0.05, clock=lambda: now[0])
+            >>> budget.start(); now[0] = 100.0
+            >>> budget.allowance()
+            5.0
+            >>> budget.affordable(unit_seconds=0.4, units=64), budget.affordable(2.0, 64, minimum=4)
+            (12, 4)
+        """
+        if units <= 0:
+            return 0
+        minimum = min(max(minimum, 0), units)
+        if unit_seconds <= 0:
+            return units
+        allowance = self.allowance()
+        if allowance == float("inf"):
+            return units
+        return max(minimum, min(units, int(allowance // unit_seconds)))
+
     @contextmanager
     def timed(self) -> Iterator[None]:
         """Run one pass, adding its time to the budget's account."""
