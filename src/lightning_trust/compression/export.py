@@ -63,7 +63,7 @@ from lightning_trust.compression.qat_graph import (
 )
 from lightning_trust.core.passes import saved_modes
 from lightning_trust.core.seam import inductor_config
-from lightning_trust.core.seam_c1 import flat_outputs
+from lightning_trust.core.seam import flat_outputs
 from lightning_trust.core.tensors import map_tensors, tensor_bytes
 
 __all__ = [

@@ -14,15 +14,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource, _request_dataloader
 from torch import nn
 
 __all__ = [
     "adopt_tensors",
     "fairlearn_threshold_classes",
+    "flat_outputs",
     "inductor_config",
     "loaded_checkpoint",
     "pruner_initial_channels",
@@ -227,3 +230,37 @@ def trained_epoch(trainer: Any) -> int:
     if not isinstance(started, int) or started <= 0:
         return current
     return started - 1
+
+
+# torch.fx ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def flat_outputs(
+    graph_module: torch.fx.GraphModule,
+) -> Iterator[Callable[[torch.fx.GraphModule], torch.fx.GraphModule]]:
+    """Inside, ``graph_module`` takes its flattened inputs and returns its flat outputs (no pytree
+    rebuilding); on exit its own code generator (pytree in/out specs) is back. Yields a function
+    that gives that code generator to another graph module built meanwhile (a pass's result).
+
+    Why private: torchao's ``convert_pt2e`` constant-folds the graph with an ``fx.Interpreter``
+    that feeds placeholder sentinels and then rebuilds the outputs with the graph's pytree spec; a
+    Hugging Face ``DynamicCache`` in the outputs (GPT-2's ``past_key_values``) cannot be rebuilt
+    from sentinels and the conversion crashes. ``Graph.set_codegen`` is public, but reading the
+    graph's current code generator to put it back is only possible through ``Graph._codegen``.
+    """
+    graph = graph_module.graph
+    original = graph._codegen
+    graph.set_codegen(torch.fx.graph.CodeGen())
+    graph_module.recompile()
+
+    def restore(other: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        other.graph.set_codegen(original)
+        other.recompile()
+        return other
+
+    try:
+        yield restore
+    finally:
+        graph.set_codegen(original)
+        graph_module.recompile()

@@ -1,6 +1,6 @@
 import torch
 
-from lightning_trust.core.seam_c1 import flat_outputs
+from lightning_trust.core.seam import flat_outputs
 
 
 class _TwoOutputs(torch.nn.Module):
