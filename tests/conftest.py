@@ -4,6 +4,12 @@ import warnings
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n auto` runs one worker per core: one intra-op thread each, or the workers oversubscribe the cores
+    # (a test that measures threads sets its own, as the QAT latency does).
+    import torch
+
+    torch.set_num_threads(1)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
