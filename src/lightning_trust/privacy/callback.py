@@ -48,6 +48,7 @@ from lightning_trust.privacy.plan import (
     resolve_training_set,
     resume_plan,
 )
+from lightning_trust.privacy.token_loss import TokenLossCheck
 
 __all__ = ["DifferentialPrivacy"]
 
@@ -94,6 +95,10 @@ class DifferentialPrivacy(TrustCallback):
         epsilon_tolerance: precision of the noise-multiplier search (Opacus's ``epsilon_tolerance``).
         dataset_size: the training set size N, for datasets without ``len`` (``IterableDataset``).
         log_every_n_steps: compute and log ε every this many noisy steps (default: the Trainer's).
+        per_sample_loss: declare that the training loss is a mean of per-sample losses. Without it, token-level
+            targets (``labels`` of shape ``(batch, tokens)``, where Hugging Face's own loss averages over every
+            token of the batch) warn once and the report lists ``per_sample_loss`` under ``unmet_assumptions``
+            (:mod:`~lightning_trust.privacy.token_loss`).
         name: the report section (default ``"privacy"``), for standards such as ``privacy.epsilon``.
 
     Policy (override in a subclass):
@@ -160,6 +165,7 @@ class DifferentialPrivacy(TrustCallback):
         epsilon_tolerance: float = 0.01,
         dataset_size: Optional[int] = None,
         log_every_n_steps: Optional[int] = None,
+        per_sample_loss: bool = False,
         name: Optional[str] = None,
     ) -> None:
         super().__init__(name=name)
@@ -179,6 +185,7 @@ class DifferentialPrivacy(TrustCallback):
             dataset_size,
             log_every_n_steps,
             fix_module=fix_module,
+            per_sample_loss=per_sample_loss,
         )
 
         self.target_epsilon = target_epsilon
@@ -197,6 +204,7 @@ class DifferentialPrivacy(TrustCallback):
         self.epsilon_tolerance = epsilon_tolerance
         self.dataset_size = dataset_size
         self.log_every_n_steps = log_every_n_steps
+        self.per_sample_loss = per_sample_loss
 
         # resolved when the private loader is built
         self.noise_multiplier: Optional[float] = noise_multiplier
@@ -217,6 +225,7 @@ class DifferentialPrivacy(TrustCallback):
         self._noise_planned = False
         norm = self.max_grad_norm if isinstance(self.max_grad_norm, float) else 1.0
         self._opacus = OpacusAttachment(grad_sample_mode, max_grad_norm=norm)
+        self._token_loss = TokenLossCheck(per_sample_loss)
         self._empty = EmptyBatchStep()  # an empty Poisson draw: the user's step skipped, the noisy step kept
         self._max_total_steps: Optional[int] = None
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
@@ -329,6 +338,7 @@ class DifferentialPrivacy(TrustCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._token_loss.check(self, batch)
         if self._budget_spent():
             raise RuntimeError(
                 f"Another noisy step would exceed stop_at_epsilon={self.stop_at_epsilon}, but the Trainer keeps training "

@@ -62,6 +62,7 @@ def check_arguments(
     dataset_size: Optional[int] = None,
     log_every_n_steps: Optional[int] = None,
     fix_module: bool = False,
+    per_sample_loss: bool = False,
 ) -> None:
     """Raise ``ValueError`` naming the fix for arguments of ``DifferentialPrivacy`` that cannot work
     (a wrong type, a value out of range, NaN or infinity where a finite number is needed)."""
@@ -71,7 +72,8 @@ def check_arguments(
             f"`noise_multiplier` (fixed noise); got target_epsilon={target_epsilon}, "
             f"noise_multiplier={noise_multiplier}."
         )
-    for flag, value in (("poisson_sampling", poisson_sampling), ("secure_rng", secure_rng), ("fix_module", fix_module)):
+    flags = (("poisson_sampling", poisson_sampling), ("secure_rng", secure_rng), ("fix_module", fix_module))
+    for flag, value in (*flags, ("per_sample_loss", per_sample_loss)):
         if not isinstance(value, bool):
             raise ValueError(f"`{flag}` must be True or False, got {value!r} ({type(value).__name__}).")
     if target_epsilon is not None:

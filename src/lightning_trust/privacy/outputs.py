@@ -58,7 +58,8 @@ REPORT_KEYS: dict[str, str] = {
     "sample_rate": "Poisson sample rate q of a logical batch",
     "sampling": "poisson, or shuffle when Poisson sampling was switched off",
     "unmet_assumptions": "assumptions of the ε computation that did not hold (poisson_sampling: batches were not "
-    "Poisson sampled, so ε is what Poisson sampling would give, not a proven bound); empty when all held",
+    "Poisson sampled, so ε is what Poisson sampling would give, not a proven bound; per_sample_loss: token-level "
+    "targets without `per_sample_loss=True`, so the loss may couple the batch's samples); empty when all held",
     "target_epsilon": "the ε the noise was planned for (null with a fixed noise multiplier)",
     "stop_at_epsilon": "the budget training stops before exceeding (null: none)",
     "stopped_at_budget": "whether training stopped at the budget",
@@ -75,13 +76,18 @@ REPORT_KEYS: dict[str, str] = {
 }
 
 
-def guarantee(epsilon: float, delta: Optional[float], poisson_sampling: bool) -> str:
-    """The guarantee in words, with the assumption that does not hold without Poisson sampling."""
+def guarantee(epsilon: float, delta: Optional[float], poisson_sampling: bool, per_sample_loss: bool = True) -> str:
+    """The guarantee in words, with the assumptions that do not hold (no Poisson sampling, a batch-coupled loss)."""
     text = f"({epsilon:.4g}, {delta:.3g})-DP for the training examples" if delta is not None else "not trained yet"
     if not poisson_sampling:
         text += (
             " assuming Poisson sampling; batches came from the train loader's own sampler instead, so the bound "
             "is not proven"
+        )
+    if not per_sample_loss:
+        text += (
+            "; it assumes a mean of per-sample losses, while the token-level targets suggest a loss averaged over "
+            "the batch's tokens (see unmet_assumptions)"
         )
     return text
 
@@ -98,6 +104,12 @@ def total_clip(dp: DifferentialPrivacy) -> float:
     return float(math.sqrt(sum(c * c for c in norms)))
 
 
+def unmet_assumptions(dp: DifferentialPrivacy) -> list[str]:
+    """The assumptions of the ε computation that this run did not meet (empty: none known)."""
+    unmet = [] if dp.poisson_sampling else ["poisson_sampling"]
+    return unmet + (["per_sample_loss"] if dp._token_loss.unmet else [])
+
+
 def privacy_report(dp: DifferentialPrivacy) -> dict[str, Any]:
     """Plain-JSON summary for the standards report (keys: :data:`REPORT_KEYS`, and ``figures``)."""
     return {
@@ -110,7 +122,7 @@ def privacy_report(dp: DifferentialPrivacy) -> dict[str, Any]:
         "steps": dp.steps,
         "sample_rate": dp.sample_rate,
         "sampling": "poisson" if dp.poisson_sampling else "shuffle",
-        "unmet_assumptions": [] if dp.poisson_sampling else ["poisson_sampling"],
+        "unmet_assumptions": unmet_assumptions(dp),
         "target_epsilon": dp.target_epsilon,
         "stop_at_epsilon": dp.stop_at_epsilon,
         "stopped_at_budget": dp.stopped_at_budget,
@@ -122,7 +134,7 @@ def privacy_report(dp: DifferentialPrivacy) -> dict[str, Any]:
         "world_size": dp.world_size,
         "planned_steps": dp.planned_steps,
         "secure_rng": dp.secure_rng,
-        "guarantee": guarantee(dp.epsilon_spent, dp.delta, dp.poisson_sampling),
+        "guarantee": guarantee(dp.epsilon_spent, dp.delta, dp.poisson_sampling, not dp._token_loss.unmet),
         "epsilon_curve": [[s, e] for s, e in dp.epsilon_curve],
         "figures": dict(dp.figures),
     }
