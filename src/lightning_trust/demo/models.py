@@ -20,26 +20,25 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
-class _Classifier(pl.LightningModule):
-    """Cross-entropy classification with accuracy logged through torchmetrics."""
+class ClassifierSteps:
+    """The steps of a cross-entropy classifier (loss and accuracy logged through torchmetrics), shared by the
+    demo modules; a module defines ``train_acc``/``val_acc``/``test_acc`` and may override how it reads a
+    batch (:meth:`split_batch`) and turns inputs into logits (:meth:`logits_for`)."""
 
-    def __init__(self, num_classes: int, lr: float, optimizer: str, weight_decay: float) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}.")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be positive, got {lr}.")
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"`optimizer` must be 'adam' or 'sgd', got {optimizer!r}.")
-        if weight_decay < 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}.")
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+    train_acc: MulticlassAccuracy
+    val_acc: MulticlassAccuracy
+    test_acc: MulticlassAccuracy
+    log: Any
+
+    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        return _unpack(batch)
+
+    def logits_for(self, inputs: Tensor) -> Tensor:
+        return self(inputs)  # type: ignore[operator]
 
     def _step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
-        x, y = _unpack(batch)
-        logits = self(x)
+        x, y = self.split_batch(batch)
+        logits = self.logits_for(x)
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
         on_step = stage == "train"
@@ -65,8 +64,26 @@ class _Classifier(pl.LightningModule):
         self._step(batch, "test", self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        x, _ = _unpack(batch)
-        return self(x).softmax(dim=-1)
+        x, _ = self.split_batch(batch)
+        return self.logits_for(x).softmax(dim=-1)
+
+
+class _Classifier(ClassifierSteps, pl.LightningModule):
+    """Cross-entropy classification with accuracy logged through torchmetrics."""
+
+    def __init__(self, num_classes: int, lr: float, optimizer: str, weight_decay: float) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}.")
+        if lr <= 0:
+            raise ValueError(f"`lr` must be positive, got {lr}.")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"`optimizer` must be 'adam' or 'sgd', got {optimizer!r}.")
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}.")
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp: Any = self.hparams

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_trust.demo.models import ClassifierSteps
 
 if TYPE_CHECKING:
     from transformers.utils import ModelOutput
@@ -28,7 +29,7 @@ def _images_and_labels(batch: Any) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
-class TinyViT(pl.LightningModule):
+class TinyViT(ClassifierSteps, pl.LightningModule):
     """A small Hugging Face ViT (random init, no download) for the bundled 8x8 digits.
 
     Reads ``(images, labels)`` batches (as :class:`~lightning_trust.demo.data.DigitsDataModule`
@@ -112,36 +113,11 @@ class TinyViT(pl.LightningModule):
         """The Hugging Face model's own output (``.logits`` of shape ``(B, num_labels)``)."""
         return self.model(pixel_values=pixel_values)
 
-    def _step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
-        images, labels = _images_and_labels(batch)
-        logits = self(images).logits
-        loss = F.cross_entropy(logits, labels)
-        metric(logits, labels)
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=stage != "train",
-            batch_size=len(labels),
-            sync_dist=not on_step,
-        )
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        return loss
+    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        return _images_and_labels(batch)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        images, _ = _images_and_labels(batch)
-        return self(images).logits.softmax(dim=-1)
+    def logits_for(self, inputs: Tensor) -> Tensor:
+        return self(inputs).logits
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self._hp.lr, weight_decay=self._hp.weight_decay)
