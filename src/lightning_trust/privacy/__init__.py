@@ -40,6 +40,8 @@ module          concern
 ``loader``      the Poisson-sampled train loader, installed through the seam
 ``optimizer``   the user's optimizer in Opacus's ``DPOptimizer``; per-sample gradient adjustments
 ``samplers``    batch samplers in front of the dataset (distributed Poisson, virtual batches)
+``audit``       the :class:`PrivacyAudit` callback: one-run audit, ε lower bound beside the accountant's
+``audit_*``     its canaries (``_canaries`` input, ``_gradients`` white-box), ``_bound``, ``_outputs``
 ==============  ================================================================================
 
 Example:
@@ -49,6 +51,7 @@ Example:
     'privacy'
 """
 
+from lightning_trust.privacy.audit import PrivacyAudit
 from lightning_trust.privacy.callback import DifferentialPrivacy
 
-__all__ = ["DifferentialPrivacy"]
+__all__ = ["DifferentialPrivacy", "PrivacyAudit"]

@@ -34,6 +34,7 @@ from lightning_trust.privacy import loader as private_loader
 from lightning_trust.privacy.broadcast import BatchAlignment
 from lightning_trust.privacy.hooks import PerSampleGradients
 from lightning_trust.privacy.optimizer import (
+    add_before_noise,
     check_holds_parameters,
     scale_grad_samples,
     set_ddp_grad_sync,
@@ -60,10 +61,16 @@ class OpacusAttachment:
         self.accumulate = 1
         self.physical_parts = 1
         self.active = False  # attached to a fit now
+        #: hooks of other callbacks run between the clipped sum and the noise, by owner (PrivacyAudit)
+        self.before_noise: dict[int, Callable[[DPOptimizer], None]] = {}
         self._loader_ids: set[int] = set()
 
     def _recording(self) -> bool:
         return self.grads.recording  # Opacus's hooks enabled, or the bk mode's recording (not paused)
+
+    def _run_before_noise(self, optimizer: DPOptimizer) -> None:
+        for hook in list(self.before_noise.values()):
+            hook(optimizer)
 
     def dp_params(self) -> list[nn.Parameter]:
         """The DP optimizer's parameters (none before it is built)."""
@@ -107,6 +114,8 @@ class OpacusAttachment:
             secure_rng=secure_rng,
             step_hook=step_hook,
         )
+        if self.before_noise:
+            add_before_noise(self.optimizer, self._run_before_noise)
         if isinstance(clip_norms, (int, float)):
             self.grads.set_max_grad_norm(float(clip_norms))
         trainer.strategy.optimizers = [self.optimizer]

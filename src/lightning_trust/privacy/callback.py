@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -228,6 +228,7 @@ class DifferentialPrivacy(TrustCallback):
         self._token_loss = TokenLossCheck(per_sample_loss)
         self._empty = EmptyBatchStep()  # an empty Poisson draw: the user's step skipped, the noisy step kept
         self._max_total_steps: Optional[int] = None
+        self._loader_transforms: dict[int, Callable[[Any], Any]] = {}  # by owner, see extend_training
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
         self._last_seen_steps = 0
 
@@ -248,6 +249,31 @@ class DifferentialPrivacy(TrustCallback):
     def report(self) -> dict[str, Any]:
         """Plain-JSON summary for the standards report (keys: :attr:`report_keys`)."""
         return privacy_report(self)
+
+    def extend_training(
+        self,
+        owner: object,
+        train_loader: Optional[Callable[[Any], Any]] = None,
+        before_noise: Optional[Callable[[DPOptimizer], None]] = None,
+    ) -> None:
+        """Let another callback (:class:`~lightning_trust.privacy.PrivacyAudit`) add to what DP trains on,
+        whatever the callback order; call it from ``setup``. Both hooks stay inside the guarantee:
+
+        * ``train_loader(user's loader) -> loader``: runs before the Poisson loader is built, which then
+          samples the returned loader's dataset (N and q count its samples);
+        * ``before_noise(dp_optimizer)``: runs at every noisy step after the clipped per-sample gradients
+          are summed into ``p.summed_grad`` and before noise is added, on every rank (under DDP only
+          rank 0's sum is noised); what it adds must itself be a clipped per-sample gradient.
+
+        Called again by the same ``owner`` it replaces that owner's hooks; with neither, removes them.
+        """
+        key = id(owner)
+        self._loader_transforms.pop(key, None)
+        self._opacus.before_noise.pop(key, None)
+        if train_loader is not None:
+            self._loader_transforms[key] = train_loader
+        if before_noise is not None:
+            self._opacus.before_noise[key] = before_noise
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -402,6 +428,8 @@ class DifferentialPrivacy(TrustCallback):
     def _private_loader(self, trainer: pl.Trainer, loader: Any) -> Any:
         """``wrap`` of the seam: the Poisson-sampled loader for ``loader`` and, the first time in a
         fit, the plan and the DP optimizer (:mod:`~lightning_trust.privacy.plan`)."""
+        for transform in list(self._loader_transforms.values()):  # extend_training: canaries join the data
+            loader = transform(loader)
         _, size, batch_size = private_loader.training_set(
             loader, self.dataset_size, self.poisson_sampling, delta_known=self.delta is not None
         )

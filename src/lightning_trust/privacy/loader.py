@@ -31,7 +31,15 @@ from lightning_trust.privacy.samplers import (
     non_uniform_sampling,
 )
 
-__all__ = ["install", "noise_generator", "poisson_loader", "sampling_generator", "training_set", "uninstall"]
+__all__ = [
+    "install",
+    "loader_options",
+    "noise_generator",
+    "poisson_loader",
+    "sampling_generator",
+    "training_set",
+    "uninstall",
+]
 
 
 def training_set(
@@ -111,6 +119,22 @@ def sampling_generator(global_rank: int, secure_rng: bool) -> torch.Generator:
     return secure if secure is not None else generator
 
 
+def loader_options(loader: DataLoader[Any]) -> dict[str, Any]:
+    """The worker settings of ``loader`` (workers, pinning, timeout, worker init, context), for a loader
+    that samples differently over the same or an extended dataset."""
+    options: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "persistent_workers": loader.persistent_workers,
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+    return options
+
+
 def poisson_loader(
     loader: DataLoader[Any],
     sample_rate: float,
@@ -131,16 +155,7 @@ def poisson_loader(
     ``len(dataset)``.
     """
     dataset = loader.dataset
-    options: dict[str, Any] = {
-        "num_workers": loader.num_workers,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "persistent_workers": loader.persistent_workers,
-    }
-    if loader.num_workers > 0:
-        options["prefetch_factor"] = loader.prefetch_factor
+    options = loader_options(loader)
     dp_loader: DataLoader[Any] = DPDataLoader(
         dataset,
         sample_rate=sample_rate,

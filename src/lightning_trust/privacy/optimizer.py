@@ -35,6 +35,7 @@ __all__ = [
     "CLIPPINGS",
     "ClippedSumOptimizer",
     "DistributedClippedSumOptimizer",
+    "add_before_noise",
     "check_holds_parameters",
     "default_clip",
     "scale_grad_samples",
@@ -132,6 +133,22 @@ def wrap_optimizer(
     if step_hook is not None:
         dp_optimizer.attach_step_hook(step_hook)
     return dp_optimizer
+
+
+def add_before_noise(optimizer: DPOptimizer, hook: Callable[[DPOptimizer], None]) -> None:
+    """Run ``hook(optimizer)`` at every noisy step after the clipped per-sample gradients are summed
+    into ``p.summed_grad`` and before noise is added (white-box audit canaries join the sum there).
+
+    Every optimizer :func:`wrap_optimizer` builds adds noise in ``add_noise``, which Opacus's
+    ``pre_step`` calls once per logical step (not on skipped virtual steps), on every DDP rank.
+    """
+    add_noise = optimizer.add_noise
+
+    def add_noise_after_hook() -> None:
+        hook(optimizer)
+        add_noise()
+
+    optimizer.add_noise = add_noise_after_hook  # this instance only
 
 
 def check_holds_parameters(optimizer: DPOptimizer, module: nn.Module) -> None:

@@ -78,12 +78,14 @@ def model_facts(module: nn.Module, trainer: Any, example_input: Any) -> dict[str
 
 
 def _dataset(datamodule: Any, trainer: Any, split: str) -> Optional[Dataset]:
-    """The datamodule's ``<split>_dataset``, else the dataset of the split's first loader."""
+    """The datamodule's ``<split>_dataset``, else the dataset of the split's first loader (the user's
+    own under a wrapper that adds training samples, such as a privacy audit's canaries)."""
     dataset = getattr(datamodule, f"{split}_dataset", None)
     if dataset is not None:
         return dataset
     loader = first_loader(split_loaders(trainer, split))
-    return getattr(loader, "dataset", None)
+    dataset = getattr(loader, "dataset", None)
+    return getattr(dataset, "original_dataset", dataset)
 
 
 def _whole(dataset: Dataset, limit: int) -> tuple[Any, int]:
