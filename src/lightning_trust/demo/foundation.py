@@ -26,6 +26,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_trust.demo.encoder_state import VOCAB_KEY, load_encoder_state, read_state
+from lightning_trust.demo.models import check_transformer_arguments
 from lightning_trust.demo.text import CLS_TOKEN_ID, MASK_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
 
 if TYPE_CHECKING:
@@ -146,16 +147,7 @@ class TinyTextTransformer(pl.LightningModule):
         sizes = {"vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
                  "num_attention_heads": num_attention_heads, "intermediate_size": intermediate_size,
                  "max_position_embeddings": max_position_embeddings}  # fmt: skip
-        if any(v < 1 for v in sizes.values()):
-            raise ValueError(f"The sizes must be positive integers, got {sizes}.")
-        if hidden_size % num_attention_heads:
-            raise ValueError(
-                f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})."
-            )
-        if num_labels < 2:
-            raise ValueError(f"`num_labels` must be >= 2, got {num_labels}.")
-        if lr <= 0 or weight_decay < 0:
-            raise ValueError(f"`lr` must be positive and `weight_decay` >= 0, got {lr} and {weight_decay}.")
+        check_transformer_arguments(sizes, hidden_size, num_attention_heads, num_labels, lr, weight_decay)
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"`mlm_probability` must be in (0, 1), got {mlm_probability}.")
         if not (0 <= mask_token_id < vocab_size and 0 <= pad_token_id < vocab_size) or mask_token_id == pad_token_id:

@@ -20,6 +20,22 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
+def check_transformer_arguments(
+    sizes: dict[str, int], hidden_size: int, num_attention_heads: int, num_labels: int, lr: float, weight_decay: float
+) -> None:
+    """Raise ``ValueError`` for the sizes and optimizer settings a tiny demo transformer cannot be built with."""
+    if any(v < 1 for v in sizes.values()):
+        raise ValueError(f"The sizes must be positive integers, got {sizes}.")
+    if hidden_size % num_attention_heads:
+        raise ValueError(
+            f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})."
+        )
+    if num_labels < 2:
+        raise ValueError(f"`num_labels` must be >= 2, got {num_labels}.")
+    if lr <= 0 or weight_decay < 0:
+        raise ValueError(f"`lr` must be positive and `weight_decay` >= 0, got {lr} and {weight_decay}.")
+
+
 class ClassifierSteps:
     """The steps of a cross-entropy classifier (loss and accuracy logged through torchmetrics), shared by the
     demo modules; a module defines ``train_acc``/``val_acc``/``test_acc`` and may override how it reads a

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_trust.demo.models import ClassifierSteps
+from lightning_trust.demo.models import ClassifierSteps, check_transformer_arguments
 
 if TYPE_CHECKING:
     from transformers.utils import ModelOutput
@@ -68,29 +68,12 @@ class TinyViT(ClassifierSteps, pl.LightningModule):
         weight_decay: float = 0.01,
     ) -> None:
         super().__init__()
-        if (
-            min(
-                image_size,
-                patch_size,
-                num_channels,
-                hidden_size,
-                num_hidden_layers,
-                num_attention_heads,
-                intermediate_size,
-            )
-            < 1
-        ):
-            raise ValueError("All sizes of TinyViT must be positive integers.")
+        sizes = {"image_size": image_size, "patch_size": patch_size, "num_channels": num_channels,
+                 "hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
+                 "num_attention_heads": num_attention_heads, "intermediate_size": intermediate_size}  # fmt: skip
+        check_transformer_arguments(sizes, hidden_size, num_attention_heads, num_labels, lr, weight_decay)
         if image_size % patch_size:
             raise ValueError(f"`patch_size` ({patch_size}) must divide `image_size` ({image_size}).")
-        if hidden_size % num_attention_heads:
-            raise ValueError(
-                f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})."
-            )
-        if num_labels < 2:
-            raise ValueError(f"`num_labels` must be >= 2, got {num_labels}.")
-        if lr <= 0 or weight_decay < 0:
-            raise ValueError(f"`lr` must be positive and `weight_decay` >= 0, got {lr} and {weight_decay}.")
         self.save_hyperparameters()
         from transformers import ViTConfig, ViTForImageClassification
 
