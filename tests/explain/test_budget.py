@@ -18,18 +18,27 @@ def test_a_tiny_budget_runs_the_first_and_the_final_pass_and_reports_the_skipped
     cb = Attribution(num_samples=8, infidelity_samples=0, sensitivity_samples=0, max_overhead=1e-9, progress=False)
     trainer(max_epochs=4, callbacks=[cb]).fit(TabularMLP(input_dim=8, hidden_dims=[8]), Synthetic(n=512))
     budget = cb.report()["budget"]
-    # every epoch's pass is skipped (epoch 0 by the estimate made at fit start), the fit-end pass (the
-    # report's) always runs
-    assert [h["stage"] for h in cb.history] == ["fit_end"]
-    assert [s["epoch"] for s in budget["skipped_passes"]] == [0, 1, 2, 3] and budget["skipped"] == 4
+    # every epoch's pass is skipped (epoch 0 by the estimate made at fit start); the last epoch's (the
+    # report's: nothing is deferred to fit end, the figures are drawn at report time) always runs
+    assert [(h["stage"], h["epoch"]) for h in cb.history] == [("validation_end", 3)]
+    assert [s["epoch"] for s in budget["skipped_passes"]] == [0, 1, 2] and budget["skipped"] == 3
+    assert {s["what"] for s in budget["skipped_passes"]} == {"pass"}
+    assert all(
+        "over the overhead budget" in s["reason"] and s["would_cost_seconds"] > 0 for s in budget["skipped_passes"]
+    )
     assert budget["runs"] == 1 and len(budget["pass_seconds"]) == 1
+    # the minimum (the attributions of the 8 samples) was over what was left: recorded, not hidden
+    final = budget["final_pass"]
+    assert final["stage"] == "validation_end" and not final["within_budget"]
+    assert final["minimum_seconds"] > final["allowance_seconds"] and final["sensitivity"] is None
     assert budget["first_pass_estimate"] > 0 and budget["estimate_seconds"] > 0
     assert budget["seconds"] == pytest.approx(sum(budget["pass_seconds"]))
     assert budget["max_overhead"] == 1e-9 and budget["overhead"] > 0
     assert cb.state_dict()["budget"]["runs"] == 1 and cb.state_dict()["skipped"] == budget["skipped_passes"]
     restored = Attribution()
     restored.load_state_dict(cb.state_dict())
-    assert restored.budget.runs == 1 and restored.budget.skipped == 4
+    assert restored.budget.runs == 1 and restored.budget.skipped == 3
+    assert restored.report()["budget"]["skipped_passes"] == budget["skipped_passes"]
 
 
 def test_allows_pass_budgets_the_first_pass_by_its_estimate_and_keeps_room_for_the_final_one():

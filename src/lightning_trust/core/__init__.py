@@ -52,6 +52,7 @@ from lightning_trust.core.compat import (
 )
 from lightning_trust.core.loaders import all_loaders, find_loader, first_loader, split_loaders
 from lightning_trust.core.output import (
+    DeferredFigures,
     artifact_dir,
     log_metrics,
     new_figure,
@@ -81,6 +82,7 @@ __all__ = [
     "BatchContract",
     "BatchKeyError",
     "Capability",
+    "DeferredFigures",
     "DuplicateSectionError",
     "ForwardCapture",
     "IncompatibleCallbacksError",

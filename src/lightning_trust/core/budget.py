@@ -107,17 +107,21 @@ class OverheadBudget:
         self.skipped += 1
         return False
 
-    def allowance(self) -> float:
+    def allowance(self, running: float = 0.0) -> float:
         """Seconds a pass may still take and keep the total within budget (``inf`` without a budget).
 
-        A final pass sizes itself with it (:meth:`affordable`) instead of overshooting the budget.
+        ``running``: seconds the pass asking has run so far (not yet in the account: they count as its
+        cost, not as fit time). A final pass sizes itself with it (:meth:`affordable`) instead of
+        overshooting the budget.
         """
         if self.max_overhead is None:
             return float("inf")
-        return max(self.max_overhead * self.fit_seconds() - self.spent, 0.0)
+        fit = max(self.fit_seconds() - running, 0.0)
+        return max(self.max_overhead * fit - self.spent - running, 0.0)
 
-    def affordable(self, unit_seconds: float, units: int, minimum: int = 1) -> int:
-        """How many of ``units`` pieces of work (batches, samples) of ``unit_seconds`` each fit :meth:`allowance`.
+    def affordable(self, unit_seconds: float, units: int, minimum: int = 1, running: float = 0.0) -> int:
+        """How many of ``units`` pieces of work (batches, samples) of ``unit_seconds`` each fit :meth:`allowance`
+        (of a pass that has run ``running`` seconds).
 
         At least ``minimum`` (a result is never empty), at most ``units``.
 
@@ -135,7 +139,7 @@ class OverheadBudget:
         minimum = min(max(minimum, 0), units)
         if unit_seconds <= 0:
             return units
-        allowance = self.allowance()
+        allowance = self.allowance(running)
         if allowance == float("inf"):
             return units
         return max(minimum, min(units, int(allowance // unit_seconds)))

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +28,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_trust.core.tensors import to_jsonable
 
-__all__ = ["artifact_dir", "log_metrics", "new_figure", "reset_warnings", "save_figure", "warn_once", "write_json"]
+__all__ = [
+    "DeferredFigures",
+    "artifact_dir",
+    "log_metrics",
+    "new_figure",
+    "reset_warnings",
+    "save_figure",
+    "warn_once",
+    "write_json",
+]
 
 
 def artifact_dir(trainer: Any, area: str) -> Path:
@@ -79,6 +90,47 @@ def save_figure(trainer: Any, figure: Any, path: Path, tag: Optional[str] = None
                 logger.log_image(key=tag, images=[str(path)], step=step)
             elif isinstance(logger, MLFlowLogger):
                 logger.experiment.log_figure(logger.run_id, figure, f"{tag}.png")
+
+
+class DeferredFigures:
+    """Figures owed to the report: a drawing kept per key during fit (the latest replaces the one before)
+    and run once when the report is read, so matplotlib (often more than the metric itself) costs the
+    fit nothing.
+
+    Example:
+        >>> figures, drawn = DeferredFigures(), []
+        >>> figures.defer("validation", lambda: drawn.append("validation"))
+        >>> len(figures), drawn
+        (1, [])
+        >>> figures.draw(); figures.draw()  # once
+        >>> drawn, len(figures)
+        (['validation'], 0)
+    """
+
+    def __init__(self) -> None:
+        self._owed: dict[str, Callable[[], Any]] = {}
+        self.seconds = 0.0  # time spent drawing (when the report was read, outside any fit)
+
+    def defer(self, key: str, draw: Callable[[], Any]) -> None:
+        """Owe ``draw()`` under ``key``, replacing a drawing still owed under it."""
+        self._owed[key] = draw
+
+    def draw(self) -> None:
+        """Run the drawings owed, once each, and time them."""
+        owed, self._owed = self._owed, {}
+        started = time.perf_counter()
+        try:
+            for draw in owed.values():
+                draw()
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def clear(self) -> None:
+        """Forget the drawings owed (figures turned off)."""
+        self._owed.clear()
+
+    def __len__(self) -> int:
+        return len(self._owed)
 
 
 def log_metrics(trainer: Any, pl_module: Any, metrics: dict[str, Any], hook_allows_log: bool) -> None:

@@ -37,7 +37,7 @@ def check_attribution_arguments(
     num_heatmaps: int = 16,
     blur_sigma: float = 1.0,
     num_baselines: int = 16,
-    figures: str = "end",
+    figures: str = "report",
     sensitivity_at: str = "end",
     input: Optional[str] = None,
     max_overhead: Optional[float] = 0.05,
@@ -87,8 +87,8 @@ def check_attribution_arguments(
         raise ValueError("`top_k`, `num_heatmaps` and `num_baselines` must be positive integers.")
     if modality not in ("auto", "tabular", "image", "text"):
         raise ValueError(f"`modality` must be 'auto', 'tabular', 'image' or 'text', got {modality!r}.")
-    if figures not in ("every", "end", "never"):
-        raise ValueError(f"`figures` must be 'every', 'end' or 'never', got {figures!r}.")
+    if figures not in ("report", "every", "end", "never"):
+        raise ValueError(f"`figures` must be 'report', 'every', 'end' or 'never', got {figures!r}.")
     if sensitivity_at not in ("every", "end"):
         raise ValueError(f"`sensitivity_at` must be 'every' or 'end', got {sensitivity_at!r}.")
     if input is not None and (not isinstance(input, str) or not input):

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import torch
@@ -23,19 +24,19 @@ from typing_extensions import override
 
 from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
-from lightning_trust.core.loaders import find_loader
-from lightning_trust.core.output import log_metrics
+from lightning_trust.core.output import DeferredFigures, log_metrics
 from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain import plots
+from lightning_trust.explain.account import PassAccount
 from lightning_trust.explain.arguments import check_attribution_arguments
-from lightning_trust.explain.budgeting import allows_pass, fits_budget, is_final_pass
+from lightning_trust.explain.budgeting import allows_pass, is_final_pass
 from lightning_trust.explain.compute import compute_explanation
 from lightning_trust.explain.explanation import Explanation, rank_correlation, sample_captions, write_files
 from lightning_trust.explain.keys import ATTRIBUTION_LOGGED_KEYS, ATTRIBUTION_REPORT_KEYS
 from lightning_trust.explain.methods import BASELINES, METHODS
 from lightning_trust.explain.plan import Plan, check_runs_at_validation, make_plan
 from lightning_trust.explain.resolution import Modality, resolve_modality
-from lightning_trust.explain.sample import FixedSample, draw_sample
+from lightning_trust.explain.sample import FixedSample, draw_fixed_sample, draw_reference
 from lightning_trust.explain.schedule import ScheduledPass
 
 __all__ = ["Attribution"]
@@ -87,7 +88,10 @@ class Attribution(ScheduledPass):
         num_heatmaps: images drawn in the heatmap grid.
         blur_sigma: Gaussian std (pixels) of the ``"blur"`` baseline.
         num_baselines: training inputs drawn for ``baseline="train"``.
-        figures: draw pictures at ``"every"`` pass, only at the ``"end"`` (fit/test end), or ``"never"``.
+        figures: when the pictures are drawn: ``"report"`` (default: when :meth:`report` is first read
+            after a pass, e.g. by ``TrustReport`` making the card; the last pass's, from the attributions
+            kept: matplotlib costs the fit nothing), at ``"every"`` pass, at the final pass (``"end"``,
+            inside the fit and its budget), or ``"never"``.
         sensitivity_at: compute ``sensitivity_max`` (``sensitivity_samples`` extra attributions: the
             costly metric) at ``"every"`` pass or only at the ``"end"``.
         progress: show progress (in the Trainer's progress bar style) for multi-step passes.
@@ -98,8 +102,12 @@ class Attribution(ScheduledPass):
             are passed to Captum as ``additional_forward_args``.
         max_overhead: the passes' time as a share of the fit's own time (default 0.05): a due pass
             runs only when it keeps the total within it (:class:`~lightning_trust.core.OverheadBudget`);
-            the final pass (fit or test end, a standalone validation) always runs. ``None``: every
-            due pass runs. Skipped passes are reported under ``budget``.
+            the final pass (fit or test end, a standalone validation) always runs its minimum (the
+            attributions of the fixed samples, with the configured ``n_steps``, their delta and
+            infidelity) and only the ``sensitivity_max`` perturbations that fit what is left. ``None``:
+            every due pass runs in full. What was dropped (what, why, the seconds it would have cost)
+            is reported under ``budget``; a number it affects is null there, its partial value kept
+            in the record (see :mod:`~lightning_trust.explain.account`).
         max_new_tokens: tokens a causal LM generates (greedily) as the target attributed to its prompt.
 
     Token models: ``integrated_gradients`` (and ``layer_integrated_gradients`` without ``layer``) runs
@@ -145,7 +153,7 @@ class Attribution(ScheduledPass):
         num_heatmaps: int = 16,
         blur_sigma: float = 1.0,
         num_baselines: int = 16,
-        figures: Literal["every", "end", "never"] = "end",
+        figures: Literal["report", "every", "end", "never"] = "report",
         sensitivity_at: Literal["every", "end"] = "end",
         progress: bool = True,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
@@ -189,12 +197,9 @@ class Attribution(ScheduledPass):
         self.input = input
         self.max_new_tokens = max_new_tokens
         self.budget = OverheadBudget(max_overhead)
+        self.account = PassAccount(self.budget)  # passes run, work dropped, the final pass's allowance
         # state
         self._plan: Optional[Plan] = None
-        self.skipped: list[dict[str, Any]] = []  # passes the overhead budget skipped
-        self.pass_seconds: list[float] = []  # each pass's time in this fit, files and figures included
-        self._pass_started = 0.0
-        self._in_fit = False
         self.sample: Optional[FixedSample] = None
         self.reference: Optional[Tensor] = None  # training inputs for "mean"/"train" baselines
         self.previous: Optional[Tensor] = None  # the last pass's global importance
@@ -202,6 +207,7 @@ class Attribution(ScheduledPass):
         self.history: list[dict[str, Any]] = []
         self.last: Optional[Explanation] = None
         self._figures: dict[str, str] = {}
+        self._owed = DeferredFigures()  # figures="report": drawn when the report is read
         self.total_seconds = 0.0  # time spent in this callback's passes (explaining, files, figures)
 
     # setup: the checks before training --------------------------------------------------------
@@ -236,17 +242,28 @@ class Attribution(ScheduledPass):
         return super().runs_at(stage) or (stage == "fit_end" and deferred and "validation_end" in self.stages)
 
     # the pass ---------------------------------------------------------------------------------
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """The work the budget dropped: whole passes and ``sensitivity_max`` perturbations."""
+        return self.account.skipped
+
+    @property
+    def pass_seconds(self) -> list[float]:
+        """Each pass's time in this fit."""
+        return self.account.pass_seconds
+
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         if not self._budget_allows(trainer, stage):
-            self.skipped.append({
-                "stage": stage, "epoch": int(trainer.current_epoch), "step": int(trainer.global_step), "what": "pass",
-            })  # fmt: skip
+            estimate = getattr(self._plan, "pass_estimate", None)
+            expected = self.budget.expected_cost() if self.budget.runs else estimate
+            self.account.skip_pass(stage, int(trainer.current_epoch), int(trainer.global_step), expected)
             return
-        before, self._pass_started = self.budget.spent, time.perf_counter()
-        self._in_fit = getattr(getattr(trainer, "state", None), "fn", None) == TrainerFn.FITTING
+        before = self.budget.spent
+        in_fit = getattr(getattr(trainer, "state", None), "fn", None) == TrainerFn.FITTING
+        self.account.begin(final=self._is_final(trainer, stage), in_fit=in_fit)
         with self.budget.timed():
             self._pass(trainer, pl_module, stage, hook_allows_log)
-        self.pass_seconds.append(self.budget.spent - before)
+        self.account.end(self, stage, self.budget.spent - before, self.num_samples)
 
     def _budget_allows(self, trainer: Any, stage: str) -> bool:
         final, estimate = self._is_final(trainer, stage), getattr(self._plan, "pass_estimate", None)
@@ -265,8 +282,12 @@ class Attribution(ScheduledPass):
     def _is_final(self, trainer: Any, stage: str) -> bool:
         return is_final_pass(trainer, stage, self.runs_at("fit_end"))
 
-    def _allows(self, expected: float) -> bool:
-        return not self._in_fit or fits_budget(self.budget, time.perf_counter() - self._pass_started, expected)
+    def sensitivity_count(self, unit_seconds: float, configured: int) -> int:
+        """Policy: how many of the ``configured`` ``sensitivity_max`` perturbations a pass runs, one
+        attribution of the sample costing ``unit_seconds``: those that fit the budget in fit (see
+        :func:`~lightning_trust.explain.budgeting.sensitivity_perturbations`), all otherwise. Override
+        for another rule; fewer than ``configured`` is reported under ``budget``."""
+        return self.account.sensitivity_count(unit_seconds, configured)
 
     def _pass(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         start = time.perf_counter()
@@ -290,6 +311,8 @@ class Attribution(ScheduledPass):
         self._write(trainer, result)
         if self.figures == "every" or (self.figures == "end" and final):
             self._draw(trainer, result)
+        elif self.figures == "report":  # the last pass's figures, drawn once when the report is read
+            self._owed.defer("explanation", partial(self._draw, trainer, result))
         self.total_seconds += time.perf_counter() - start
 
     def explain(
@@ -304,43 +327,24 @@ class Attribution(ScheduledPass):
         if replace_last and self.history:
             self.history.pop()
             self.previous = self._previous_before
-        contract = BatchContract.resolve(self.batch_keys, trainer)
         if self._plan is None:
             self._plan = make_plan(self, pl_module, trainer)
+        contract = BatchContract.resolve(self.batch_keys, trainer)
         if self.sample is None:
-            loader, kind = find_loader(trainer, ("val", "test"))
-            if loader is None:
-                raise RuntimeError(
-                    "Attribution found no validation (or test) DataLoader to draw its samples from; give the "
-                    "Trainer validation data or a datamodule with `val_dataloader`."
-                )
-            self.sample = draw_sample(
-                loader,
-                contract,
-                self.num_samples,
-                self.seed,
-                self.stratify,
-                source=kind,
-                keyword=True,
-                choose=self.input,
-            )
+            self.sample = draw_fixed_sample(trainer, contract, self.num_samples, self.seed, self.stratify, self.input)
         if self.baseline in ("mean", "train") and self.reference is None:
-            loader, kind = find_loader(trainer, ("train",))
-            if loader is None:
-                raise RuntimeError(f"baseline={self.baseline!r} needs training data; none is attached to the Trainer.")
             size = 2048 if self.baseline == "mean" else self.num_baselines
-            self.reference = draw_sample(
-                loader, contract, size, self.seed + 1, stratify=False, source=kind, keyword=True, choose=self.input
-            ).inputs
+            self.reference = draw_reference(trainer, contract, size, self.seed + 1, self.input, str(self.baseline))
         # validate/test hooks run under torch.inference_mode, which enable_grad alone does not lift
         with torch.inference_mode(False):
             return self._explain(pl_module, trainer, stage, final)
 
     def _explain(self, pl_module: Any, trainer: Any, stage: str, final: bool) -> Explanation:
         assert self.sample is not None and self._plan is not None  # drawn and planned by `explain`
-        result = compute_explanation(self, pl_module, trainer, self._plan, self.sample, stage, final, self._allows)
-        if result.sensitivity_skipped:
-            self.skipped.append({"stage": stage, "epoch": result.epoch, "step": result.step, "what": "sensitivity_max"})
+        result = compute_explanation(
+            self, pl_module, trainer, self._plan, self.sample, stage, final, self.sensitivity_count
+        )
+        self.account.record_sensitivity(result)
         result.drift = rank_correlation(result.importance, self.previous) if self.previous is not None else None
         self._previous_before = self.previous
         self.previous = result.importance
@@ -367,7 +371,9 @@ class Attribution(ScheduledPass):
 
     # report and checkpoint ------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        """The last pass as plain JSON (see :attr:`report_keys`), figures under ``"figures"``."""
+        """The last pass as plain JSON (see :attr:`report_keys`), figures under ``"figures"`` (drawn now,
+        once, when ``figures="report"``)."""
+        self._owed.draw()
         last, plan = self.last, self._plan
         return to_jsonable({
             "method": self.method,
@@ -387,11 +393,7 @@ class Attribution(ScheduledPass):
             "tokens": None if last is None else last.token_scores(),
             "generated": None if last is None else last.generated,
             "patch_size": None if plan is None else plan.patch_size,
-            "budget": {
-                **self.budget.summary(), "skipped_passes": list(self.skipped), "pass_seconds": self.pass_seconds,
-                "first_pass_estimate": None if plan is None else plan.pass_estimate,
-                "estimate_seconds": None if plan is None else plan.estimate_seconds,
-            },
+            "budget": self.account.summary(plan, self._owed.seconds),
             "figures": dict(self._figures),
             "files": {} if last is None else dict(last.files),
         })  # fmt: skip
@@ -417,4 +419,4 @@ class Attribution(ScheduledPass):
         self._previous_before = state_dict.get("previous_before")
         self.history = list(state_dict.get("history", []))
         self.budget.load_state_dict(state_dict.get("budget", {}))
-        self.skipped = list(state_dict.get("skipped", []))
+        self.account.skipped[:] = list(state_dict.get("skipped", []))

@@ -1,21 +1,27 @@
 """How :class:`~lightning_trust.explain.Attribution` spends its overhead budget
-(:class:`~lightning_trust.core.OverheadBudget`): which pass is final (always run), and whether the
-costly part of a pass (``sensitivity_max``) still fits, and whether a pass that is not final may run:
-its expected cost (the first pass's estimated before it runs, see
-:func:`~lightning_trust.explain.plan.estimate_pass`), plus as much again kept for the final pass,
-must fit the budget.
+(:class:`~lightning_trust.core.OverheadBudget`): which pass is final (always run), whether a pass that
+is not final may run, and how much of the optional work of a pass that runs still fits.
+
+A pass that is not final runs when its expected cost (the first pass's estimated before it runs, see
+:func:`~lightning_trust.explain.plan.estimate_pass`), plus the final pass's kept for it, fits the
+budget. A pass that runs always computes its minimum: the attributions of the fixed samples (with
+the method's own ``n_steps``: fewer would change the method's result), their convergence delta and
+``infidelity`` (a forward per perturbation: cheap). Its ``sensitivity_max`` (an attribution per
+perturbation, the costly metric) runs only with the perturbations that fit what is left
+(:func:`sensitivity_perturbations`); what it drops is recorded (:func:`dropped_entry`).
 
 Example:
     >>> from lightning_trust.core import OverheadBudget
     >>> now = [0.0]
     >>> budget = OverheadBudget(0.05, clock=lambda: now[0])
     >>> budget.start(); now[0] = 100.0
-    >>> fits_budget(budget, running=1.0, expected=3.0), fits_budget(budget, running=1.0, expected=6.0)
-    (True, False)
     >>> allows_pass(budget, estimate=2.0), allows_pass(budget, estimate=6.0), budget.skipped  # 5% of 100 s
     (True, False, 1)
     >>> allows_pass(budget, estimate=2.0, reserve=1.0, fraction_done=0.5)  # 2 + 2 kept <= 5% of 200 s
     True
+    >>> now[0] = 101.0  # a final pass that has run 1 s: 4 s are left, an attribution costs 1.2 s
+    >>> sensitivity_perturbations(budget, running=1.0, unit_seconds=1.2, configured=5)  # 1 + 2 attributions
+    2
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_trust.core.budget import OverheadBudget
 
-__all__ = ["allows_pass", "fits_budget", "is_final_pass"]
+__all__ = ["allows_pass", "dropped_entry", "is_final_pass", "sensitivity_perturbations"]
 
 
 def is_final_pass(trainer: Any, stage: str, runs_at_fit_end: bool) -> bool:
@@ -37,14 +43,6 @@ def is_final_pass(trainer: Any, stage: str, runs_at_fit_end: bool) -> bool:
     max_epochs = getattr(trainer, "max_epochs", None)
     last = max_epochs is not None and max_epochs > 0 and trainer.current_epoch >= max_epochs - 1
     return last and not runs_at_fit_end
-
-
-def fits_budget(budget: OverheadBudget, running: float, expected: float) -> bool:
-    """Whether ``expected`` more seconds in the pass running for ``running`` seconds keep the passes
-    within ``max_overhead`` of the fit's own time (always, without a budget)."""
-    if budget.max_overhead is None:
-        return True
-    return budget.spent + running + expected <= budget.max_overhead * (budget.fit_seconds() - running)
 
 
 def allows_pass(
@@ -78,3 +76,31 @@ def allows_pass(
     if not allowed:
         budget.skipped += 1
     return allowed
+
+
+def sensitivity_perturbations(budget: OverheadBudget, running: float, unit_seconds: float, configured: int) -> int:
+    """How many of ``configured`` ``sensitivity_max`` perturbations fit what the budget has left for a
+    pass that has run ``running`` seconds (all of them without a budget; 0: none fits).
+
+    Captum's ``sensitivity_max`` attributes the inputs once more and then once per perturbation, each
+    costing ``unit_seconds`` (the pass's measured attribution time).
+    """
+    if budget.max_overhead is None or configured <= 0:
+        return max(configured, 0)
+    return max(budget.affordable(unit_seconds, configured + 1, minimum=0, running=running) - 1, 0)
+
+
+def dropped_entry(
+    stage: str, epoch: int, step: int, what: str, reason: str, would_cost: Optional[float], **extra: Any
+) -> dict[str, Any]:
+    """One record of work the budget dropped: where (stage, epoch, step), ``what`` (a whole ``pass``
+    or its ``sensitivity_max``), why, and the seconds it would have cost (``None``: not estimated)."""
+    return {
+        "stage": stage,
+        "epoch": int(epoch),
+        "step": int(step),
+        "what": what,
+        "reason": reason,
+        "would_cost_seconds": would_cost,
+        **extra,
+    }

@@ -40,10 +40,11 @@ def compute_explanation(
     sample: FixedSample,
     stage: str,
     final: bool,
-    allowed: Callable[[float], bool] = lambda expected: True,
+    sensitivity_count: Callable[[float, int], int] = lambda unit_seconds, count: count,
 ) -> Explanation:
     """Explain ``sample`` with ``cb``'s settings (``final``: with the work deferred to the end;
-    ``allowed(expected_seconds)``: whether the budget takes ``sensitivity_max`` at that cost)."""
+    ``sensitivity_count(unit_seconds, configured)``: how many ``sensitivity_max`` perturbations the
+    budget takes, one attribution of the sample costing ``unit_seconds``)."""
     start = time.perf_counter()
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     inputs = sample.inputs.to(device).clone()  # a normal tensor even if drawn under inference mode
@@ -58,7 +59,7 @@ def compute_explanation(
         if plan.kind == "llm":
             found = _llm(cb, inner, trainer, plan, inputs, mask)
         else:
-            found = _model(cb, inner, trainer, plan, modality, inputs, others, mask, final, allowed)
+            found = _model(cb, inner, trainer, plan, modality, inputs, others, mask, final, sensitivity_count)
     attributions, targets, baselines, delta, infid, sens, extra = found
     input_attr = to_input_space(attributions, inputs, modality, plan.method, mask)
     importance = input_attr.detach().abs().float().mean(dim=0).flatten().cpu()
@@ -92,7 +93,7 @@ def compute_explanation(
         patches=patches,
         generated=extra.get("generated"),
         token_attr=extra.get("token_attr"),
-        sensitivity_skipped=bool(extra.get("sensitivity_skipped", False)),
+        sensitivity_perturbations=int(extra.get("sensitivity_perturbations", 0)),
     )
 
 
@@ -106,7 +107,7 @@ def _model(
     others: tuple[Tensor, ...],
     mask: Optional[Tensor],
     final: bool,
-    allowed: Callable[[float], bool],
+    sensitivity_count: Callable[[float, int], int],
 ) -> tuple[Any, ...]:
     assert cb.sample is not None
     forward = plan.forward(module)
@@ -124,9 +125,9 @@ def _model(
             baselines=baselines, targets=targets, others=others, zero_embedding=plan.zero_embedding,
             infidelity_samples=cb.infidelity_samples if quality else 0, infidelity_noise=cb.infidelity_noise,
             sensitivity_samples=cb.sensitivity_samples if with_sensitivity else 0,
-            sensitivity_radius=cb.sensitivity_radius, sensitivity_allowed=allowed,
+            sensitivity_radius=cb.sensitivity_radius, sensitivity_count=sensitivity_count,
         )  # fmt: skip
-    extra = {"sensitivity_skipped": found.sensitivity_skipped}
+    extra = {"sensitivity_perturbations": found.sensitivity_perturbations}
     return found.attributions, targets, baselines, found.delta, found.infidelity, found.sensitivity_max, extra
 
 

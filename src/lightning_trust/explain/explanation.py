@@ -59,7 +59,7 @@ class Explanation:
     patches: Optional[Tensor] = None  # vision transformers: attribution summed per patch (N, H/p, W/p)
     generated: Optional[list[list[str]]] = None  # causal LMs: each sample's generated target tokens
     token_attr: Optional[list[Tensor]] = None  # causal LMs: per sample (generated x prompt tokens)
-    sensitivity_skipped: bool = False  # sensitivity_max was due but over the overhead budget
+    sensitivity_perturbations: int = 0  # perturbations sensitivity_max ran (fewer than configured: budget)
 
     def token_scores(self) -> Optional[list[list[dict[str, Any]]]]:
         """Each sample's ``[{"token", "score"}]`` over its unpadded tokens (``None`` unless token inputs)."""

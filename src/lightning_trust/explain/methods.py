@@ -238,7 +238,7 @@ class Attributions(NamedTuple):
     delta: Optional[Tensor]
     infidelity: Optional[float]
     sensitivity_max: Optional[float]
-    sensitivity_skipped: bool = False  # refused by ``sensitivity_allowed`` (its cost over a budget)
+    sensitivity_perturbations: int = 0  # perturbations ``sensitivity_max`` ran (``sensitivity_count`` sizes them)
 
 
 def _explanation_func(explainer: Any, fixed_base: Optional[Tensor]) -> Callable[..., Tensor]:
@@ -276,7 +276,7 @@ def attribute(
     infidelity_noise: float = 0.1,
     sensitivity_samples: int = 0,
     sensitivity_radius: float = 0.02,
-    sensitivity_allowed: Callable[[float], bool] = lambda expected: True,
+    sensitivity_count: Callable[[float, int], int] = lambda unit_seconds, count: count,
 ) -> Attributions:
     """``method``'s attributions of ``inputs`` chunk by chunk, with Captum's ``infidelity`` (Gaussian
     perturbations of std ``infidelity_noise``) and ``sensitivity_max`` (L-inf radius
@@ -286,8 +286,9 @@ def attribute(
     ``others``: the module's other inputs (row-aligned with ``inputs``), passed to Captum as
     ``additional_forward_args``. ``zero_embedding``: a layer method's baseline is an all-zero output
     of ``layer`` (integrated gradients over that output; ``baselines`` is ignored).
-    ``sensitivity_allowed(expected_seconds)``: asked before ``sensitivity_max`` (expected: its
-    perturbations times the chunk's attribution time); a refusal skips it (``sensitivity_max=None``).
+    ``sensitivity_count(unit_seconds, sensitivity_samples)``: asked once, after every chunk's
+    attributions, with the seconds of one ``sensitivity_max`` perturbation (one attribution of every
+    chunk); returns the perturbations to run (0 skips it: ``sensitivity_max=None``).
     """
     from captum.metrics import infidelity, sensitivity_max
 
@@ -308,8 +309,8 @@ def attribute(
         explainer = build_explainer(method, module, layer, dict(options or {}))
     _, call = split_options(method, dict(options or {}))
     per_sample_base = baselines is not None and spec.baseline == "single"
-    attrs, deltas, infids, sens = [], [], [], []
-    skipped = False
+    attrs, deltas, infids, sens, calls = [], [], [], [], []
+    attribution_seconds = 0.0
     for part in chunks:
         started = time.perf_counter()
         kwargs: dict[str, Any] = dict(call)
@@ -325,7 +326,8 @@ def attribute(
         else:
             attr = explainer.attribute(inputs[part], **kwargs)
         attrs.append(attr.detach())
-        seconds = time.perf_counter() - started
+        attribution_seconds += time.perf_counter() - started
+        calls.append(kwargs)
         advance()
         if infidelity_samples > 0:
 
@@ -340,19 +342,21 @@ def attribute(
             )  # fmt: skip
             infids.append(value.detach().reshape(-1))
             advance()
-        skipped = skipped or (sensitivity_samples > 0 and not sensitivity_allowed(sensitivity_samples * seconds))
-        if sensitivity_samples > 0 and not skipped:
-            fixed_base = kwargs.pop("baselines", None) if spec.baseline == "distribution" else None
-            value = sensitivity_max(
-                _explanation_func(explainer, fixed_base), inputs[part], perturb_radius=sensitivity_radius,
-                n_perturb_samples=sensitivity_samples, **kwargs,
-            )  # fmt: skip
-            sens.append(value.detach().reshape(-1))
-            advance()
+    count = 0  # sensitivity_max: after every attribution, sized to what is left
+    if sensitivity_samples > 0:
+        count = min(max(int(sensitivity_count(attribution_seconds, sensitivity_samples)), 0), sensitivity_samples)
+    for part, kwargs in list(zip(chunks, calls)) if count else []:
+        fixed_base = kwargs.pop("baselines", None) if spec.baseline == "distribution" else None
+        value = sensitivity_max(
+            _explanation_func(explainer, fixed_base), inputs[part], perturb_radius=sensitivity_radius,
+            n_perturb_samples=count, **kwargs,
+        )  # fmt: skip
+        sens.append(value.detach().reshape(-1))
+        advance()
     return Attributions(
         attributions=torch.cat(attrs),
         delta=torch.cat(deltas) if deltas else None,
         infidelity=float(torch.cat(infids).float().mean()) if infids else None,
-        sensitivity_max=float(torch.cat(sens).float().mean()) if sens and not skipped else None,
-        sensitivity_skipped=skipped,
+        sensitivity_max=float(torch.cat(sens).float().mean()) if sens else None,
+        sensitivity_perturbations=count if sens else 0,
     )

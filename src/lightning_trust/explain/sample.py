@@ -25,10 +25,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_trust.core.batch import BatchContract
+from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.passes import fork_rngs
 from lightning_trust.explain.inputs import Key, split_inputs
 
-__all__ = ["FixedSample", "draw_sample", "stratified_indices"]
+__all__ = ["FixedSample", "draw_fixed_sample", "draw_reference", "draw_sample", "stratified_indices"]
 
 
 @dataclass
@@ -145,21 +146,23 @@ def draw_sample(
     num_samples: int,
     seed: int,
     stratify: bool = True,
-    pool_size: int = 4096,
+    pool_size: Optional[int] = None,
     source: str = "val",
     keyword: bool = False,
     choose: Optional[str] = None,
 ) -> FixedSample:
     """Draw ``num_samples`` fixed samples from ``loader``'s dataset through the batch contract.
 
-    A map-style dataset is read at a seeded pool of at most ``pool_size`` positions (the loader's own
-    sampler, shuffling or DDP sharding play no part, so every rank and every run draws the same);
+    A map-style dataset is read at a seeded pool of at most ``pool_size`` positions (default: 16 per
+    sample, at least 512, at most 4096; reading the pool can cost more than explaining it) (the
+    loader's own sampler, shuffling or DDP sharding play no part, so every rank and every run draws the same);
     an iterable dataset gives its first ``pool_size`` samples. Within the pool the sample is
     stratified by class when the batch has integer class targets. ``keyword``: the inputs may be
     several (keyword or positional); ``choose`` names the attributed one (see :func:`split_inputs`).
     """
     generator = np.random.default_rng(seed)
     dataset = loader.dataset
+    pool_size = pool_size if pool_size is not None else min(4096, max(512, 16 * num_samples))
     # iterating a DataLoader draws its base seed from torch's global RNG: fork it, so that drawing the
     # sample leaves no trace on training (DP noise, dropout, shuffling)
     with fork_rngs(devices=[]):
@@ -182,3 +185,26 @@ def draw_sample(
         key=key,
         others={name: value[index].contiguous() for name, value in rest.items()},
     )
+
+
+def draw_fixed_sample(
+    trainer: Any, contract: BatchContract, num_samples: int, seed: int, stratify: bool, choose: Optional[str]
+) -> FixedSample:
+    """The fixed sample of the Trainer's validation data (else its test data), keyword inputs allowed."""
+    loader, kind = find_loader(trainer, ("val", "test"))
+    if loader is None:
+        raise RuntimeError(
+            "Attribution found no validation (or test) DataLoader to draw its samples from; give the "
+            "Trainer validation data or a datamodule with `val_dataloader`."
+        )
+    return draw_sample(loader, contract, num_samples, seed, stratify, source=kind, keyword=True, choose=choose)
+
+
+def draw_reference(
+    trainer: Any, contract: BatchContract, size: int, seed: int, choose: Optional[str], baseline: str
+) -> Tensor:
+    """``size`` training inputs (unstratified) for a ``baseline`` drawn from training data."""
+    loader, kind = find_loader(trainer, ("train",))
+    if loader is None:
+        raise RuntimeError(f"baseline={baseline!r} needs training data; none is attached to the Trainer.")
+    return draw_sample(loader, contract, size, seed, stratify=False, source=kind, keyword=True, choose=choose).inputs

@@ -45,7 +45,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
@@ -56,7 +55,7 @@ from typing_extensions import override
 
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.compat import Capability
-from lightning_trust.core.output import artifact_dir
+from lightning_trust.core.output import DeferredFigures, artifact_dir
 from lightning_trust.core.seam import trained_epoch
 from lightning_trust.fairness.breaches import (
     FairnessBreachError,
@@ -210,7 +209,7 @@ class FairnessMetrics(TrustCallback):
         self.files: dict[str, str] = {}
         self.figures: dict[str, str] = {}
         self.figures_when = check_figures(figures)
-        self._pending_figures: dict[str, Callable[[], None]] = {}
+        self._pending_figures = DeferredFigures()
 
     @property
     def state_key(self) -> str:
@@ -367,15 +366,14 @@ class FairnessMetrics(TrustCallback):
             results, prefix = self.results[stage], self.prefix(stage)
             write_artifacts(trainer, folder, stage, results, self.metrics)
             draw = partial(write_figures, trainer, folder, stage, results, self.metrics, self.min_group_size, prefix)
-            self._pending_figures[stage] = draw
+            self._pending_figures.defer(stage, draw)
             if self.figures_when == "stage_end":
                 self._draw_figures()
 
     def _draw_figures(self) -> None:
         """Draw the bar charts still owed (once: when the report is first read, or at the stage end)."""
         if self.figures_when != "never":
-            for draw in self._pending_figures.values():
-                draw()
+            self._pending_figures.draw()
         self._pending_figures.clear()
 
     # report / checkpoint ----------------------------------------------------------------------
