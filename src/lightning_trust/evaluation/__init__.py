@@ -10,6 +10,7 @@ from lightning_trust.evaluation.callback import CrossDomainEvaluation
 from lightning_trust.evaluation.corruptions import CORRUPTIONS, corrupt, corruption_errors
 from lightning_trust.evaluation.data import DomainSubset, HoldOutDomain
 from lightning_trust.evaluation.metrics import BrierScore, NegativeLogLikelihood
+from lightning_trust.evaluation.uncertainty import UncertaintyEvaluation
 
 __all__ = [
     "CORRUPTIONS",
@@ -18,6 +19,7 @@ __all__ = [
     "DomainSubset",
     "HoldOutDomain",
     "NegativeLogLikelihood",
+    "UncertaintyEvaluation",
     "corrupt",
     "corruption_errors",
 ]
