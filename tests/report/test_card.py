@@ -29,7 +29,8 @@ def test_writes_three_files_and_json_validates_against_the_shipped_schema(run):
     jsonschema.Draft202012Validator.check_schema(card_schema())
     jsonschema.validate(card, card_schema(), cls=jsonschema.Draft202012Validator)
     jsonschema.validate(run["fit"], card_schema(), cls=jsonschema.Draft202012Validator)
-    assert card["schema_version"] == "1.1"
+    assert card["schema_version"] == "1.2"
+    assert "privacy.epsilon" in {t["topic"]: t for t in card["evidence_map"]["topics"]}["privacy"]["numbers"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**card, "summary": {"met": 1}}, card_schema())
 

@@ -139,7 +139,9 @@ def test_a_number_has_the_same_text_in_every_table_and_rendering(adult, tmp_path
             s["value"] = 2.5
     diff = render_diff_markdown(diff_cards(before, card))
     assert format_number(epsilon) == "2.99966"
-    assert md.count("2.99966") == 2 and html.count("2.99966") >= 2  # the standards table and the privacy table
+    # the standards table, the regulatory mapping's privacy row and the privacy table
+    assert md.count("2.99966") == 3 and html.count("2.99966") >= 3
+    assert "privacy.epsilon = 2.99966" in md.split("## Regulatory mapping", 1)[1].split("\n## ", 1)[0]
     assert "| `privacy.epsilon` | <= 3 | 2.99966 | ✅ met |" in md and "| `privacy.epsilon` | 2.99966 |" in md
     assert "| `privacy.epsilon` | 2.5 | 2.99966 | +0.499661 |" in diff and "2.99966 (met)" in diff
     for entry in card["standards"]:  # each standard's number is written once, the same way, in its fact table

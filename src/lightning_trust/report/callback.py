@@ -18,6 +18,7 @@ from lightning_trust.core.protocol import collect_reports, section_names
 from lightning_trust.core.tensors import first_tensor, map_tensors
 from lightning_trust.report import facts
 from lightning_trust.report.card import CARD_STEM, assemble_card, embed_figures, split_figures, write_card
+from lightning_trust.report.hf_card import check_license
 from lightning_trust.report.rows import standards_summary
 from lightning_trust.report.standards import (
     FACT_SECTIONS,
@@ -68,6 +69,9 @@ class TrustReport(TrustCallback):
         domain_key: side column holding the domain (shown as domains).
         batch_keys: how to read batches (see :class:`~lightning_trust.core.batch.BatchContract`).
         max_data_samples: samples read per split for class balance when a dataset holds no tensors.
+        license: the model's license, a Hugging Face Hub license id (``apache-2.0``...), kept in the card
+            for ``lightning-trust report --format hf``.
+        datasets: Hub ids of the data sets the model was trained and evaluated on (the card's ``data.datasets``).
         verbose: print the card's path and the standards summary.
 
     Example:
@@ -100,6 +104,8 @@ class TrustReport(TrustCallback):
         domain_key: Optional[str] = None,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
         max_data_samples: int = 200_000,
+        license: Optional[str] = None,
+        datasets: Optional[list[str]] = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -114,6 +120,13 @@ class TrustReport(TrustCallback):
             raise TypeError(f"`domain_key` must be a side-column name, got {domain_key!r}.")
         if max_data_samples < 1:
             raise ValueError(f"`max_data_samples` must be a positive integer, got {max_data_samples}.")
+        check_license(license)
+        if datasets is not None and (isinstance(datasets, str) or not all(isinstance(d, str) and d for d in datasets)):
+            raise TypeError(
+                f"`datasets` must be a list of Hub data set ids, e.g. ['scikit-learn/adult-census-income'], got {datasets!r}."
+            )
+        self.license = license
+        self.datasets = list(datasets) if datasets is not None else None
         self.fail_on_breach = fail_on_breach
         self.title = title
         self.output_dir = output_dir
@@ -265,19 +278,23 @@ class TrustReport(TrustCallback):
             if datamodule is not None
             else type(pl_module).__name__
         )
+        data = facts.data_facts(
+            datamodule, trainer, contract, self.sensitive_features, self.domain_key, self.max_data_samples
+        )
+        if self.datasets:
+            data["datasets"] = list(self.datasets)
         return assemble_card(
             title=title,
             stage=stage,
             model=model,
-            data=facts.data_facts(
-                datamodule, trainer, contract, self.sensitive_features, self.domain_key, self.max_data_samples
-            ),
+            data=data,
             training=facts.training_facts(trainer, self._duration_s, facts.run_config(trainer, pl_module, datamodule)),
             metrics=self._metrics,
             sections=sections,
             figures=embed_figures(figure_paths),
             standards=self.standards,
             ran_stages=self._ran | {_STAGE_OF.get(stage, stage)},
+            license=self.license,
         )
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from importlib import resources
@@ -13,7 +14,9 @@ from typing import Any, Optional, Union
 
 from lightning_trust.core.protocol import FIGURES_KEY
 from lightning_trust.core.tensors import to_jsonable
+from lightning_trust.report.evidence import evidence_map
 from lightning_trust.report.figures import caption, expand_figures, media_type, pixel_size
+from lightning_trust.report.migrate import CURRENT, upgrade_card
 from lightning_trust.report.render_html import render_html
 from lightning_trust.report.render_markdown import render_markdown
 from lightning_trust.report.standards import (
@@ -26,7 +29,8 @@ from lightning_trust.report.standards import (
     summarize,
 )
 
-SCHEMA_VERSION = "1.1"
+#: The schema this version writes; :func:`load_card` upgrades cards of earlier 1.x versions in memory.
+SCHEMA_VERSION = CURRENT
 SCHEMA_FILE = "model_card.schema.json"
 CARD_STEM = "model_card"
 FIGURES_DIR = "model_card_figures"
@@ -92,6 +96,7 @@ def assemble_card(
     standards: list[Standard],
     created: Optional[str] = None,
     ran_stages: Iterable[str] = ("train", "validation"),
+    license: Optional[str] = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The card dict (JSON round-tripped, as a reader of the file sees it) and the unknown standard names.
 
@@ -99,6 +104,8 @@ def assemble_card(
     name the card does not hold is ``not_measured`` when it is a metric that can still be logged (a
     ``metrics.test/...`` standard after ``fit``: :func:`~lightning_trust.report.standards.missing_metric_status`
     with the stages that ran, ``ran_stages``); every other absent name is ``unknown`` and returned.
+    The ``evidence_map`` (:func:`~lightning_trust.report.evidence.evidence_map`) is built last, from
+    the card's numbers and verdicts; ``license`` (a Hub license id) is kept when given.
     """
     from lightning_trust import __version__
 
@@ -127,6 +134,9 @@ def assemble_card(
         entries.append(judge(s, numbers, missing))
     card["standards"] = entries
     card["summary"] = summarize(entries)
+    if license is not None:
+        card["license"] = license
+    card["evidence_map"] = evidence_map(card)
     return json.loads(json.dumps(card)), [e["name"] for e in entries if e["status"] == "unknown"]
 
 
@@ -147,12 +157,7 @@ def write_card(card: Mapping[str, Any], directory: Union[str, Path]) -> dict[str
 def write_renders(card: Mapping[str, Any], directory: Union[str, Path]) -> dict[str, Path]:
     """(Re)write the Markdown, the HTML and the figure files of ``card`` into ``directory``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for figure in card["figures"]:
-        if figure["data"]:
-            target = directory / figure["file"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(base64.b64decode(figure["data"]))
+    write_figures(card, directory)
     md = directory / f"{CARD_STEM}.md"
     html_path = directory / f"{CARD_STEM}.html"
     md.write_bytes(render_markdown(card).encode("utf-8"))
@@ -160,8 +165,22 @@ def write_renders(card: Mapping[str, Any], directory: Union[str, Path]) -> dict[
     return {"md": md, "html": html_path}
 
 
+def write_figures(card: Mapping[str, Any], directory: Union[str, Path]) -> None:
+    """Write the copies of the card's figures (the files its Markdown links to) under ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for figure in card["figures"]:
+        if figure["data"]:
+            target = directory / figure["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(figure["data"]))
+
+
 def load_card(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a card from ``model_card.json`` or from a folder holding one (the newest under it)."""
+    """Read a card from ``model_card.json`` or from a folder holding one (the newest under it).
+
+    A card of an earlier 1.x schema is upgraded in memory (:func:`~lightning_trust.report.migrate.upgrade_card`:
+    ``migrated_from`` names its version); a card of another major version is refused."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.rglob(f"{CARD_STEM}.json"), key=lambda p: p.stat().st_mtime)
@@ -172,8 +191,9 @@ def load_card(path: Union[str, Path]) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} does not exist; pass a {CARD_STEM}.json written by TrustReport.")
     card = json.loads(path.read_text(encoding="utf-8"))
     version = str(card.get("schema_version", ""))
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+    if not re.fullmatch(r"[0-9]+\.[0-9]+", version) or version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise ValueError(
-            f"{path} has model card schema {version or '(none)'}; this lightning-trust reads schema {SCHEMA_VERSION}."
+            f"{path} has model card schema {version or '(none)'}; this lightning-trust reads schema "
+            f"{SCHEMA_VERSION.split('.')[0]}.x (writes {SCHEMA_VERSION})."
         )
-    return card
+    return upgrade_card(card)

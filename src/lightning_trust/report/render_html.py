@@ -9,6 +9,7 @@ import html
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from lightning_trust.report.evidence import NO_EVIDENCE, evidence_rows, heading_rows, mapping_note
 from lightning_trust.report.figures import pixel_size
 from lightning_trust.report.rows import (
     VERDICT,
@@ -19,6 +20,7 @@ from lightning_trust.report.rows import (
     figures_by_section,
     groups_text,
     requirement_text,
+    schema_text,
     section_rows,
     section_title,
     split_metrics,
@@ -72,6 +74,7 @@ details summary{cursor:pointer;font-weight:600}
 .evidence .headline{min-width:0}.evidence .headline td:first-child{white-space:normal;overflow-wrap:anywhere;width:62%}
 .evidence .figures{margin-top:0}
 .evidence .headline td{font-size:12.5px}
+tr.absent td{color:var(--muted)}
 """
 
 
@@ -116,7 +119,7 @@ def render_html(card: Mapping[str, Any]) -> str:
         f"<title>{_e(card['title'])}</title>",
         f"<style>{_CSS}</style></head><body><main>",
         f'<header><div><h1>{_e(card["title"])}</h1><div class="meta">Written by lightning-trust '
-        f"{_e(card['generator']['version'])} (model card schema {_e(card['schema_version'])}) at "
+        f"{_e(card['generator']['version'])} ({_e(schema_text(card))}) at "
         f"{_e(card['created'])}, after <code>{_e(card['stage'])}</code>.</div></div>{badge}</header>",
     ]
     # standards
@@ -133,6 +136,7 @@ def render_html(card: Mapping[str, Any]) -> str:
     else:
         parts.append("<p>No standards declared.</p>")
     parts.append("</section>")
+    parts.append(_html_mapping(card))
     # facts
     facts = fact_rows(card)
     own, others = split_metrics(card["metrics"])
@@ -201,6 +205,18 @@ def render_html(card: Mapping[str, Any]) -> str:
         )
     parts.append("</section></main></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _html_mapping(card: Mapping[str, Any]) -> str:
+    """The regulatory mapping section: evidence kinds, their headings, and what this run reports."""
+    rows = evidence_rows(card)
+    table = _html_table(["Evidence", "EU AI Act Annex IV", "NIST AI RMF MEASURE", "In this run"], rows,
+                        row_classes=["absent" if NO_EVIDENCE in r[3] else "" for r in rows])  # fmt: skip
+    headings = _html_table(["Framework", "Item", "Heading"], heading_rows(card))
+    return (
+        f'<section id="regulation"><h2>Regulatory mapping</h2><p class=meta>{_e(mapping_note(card))}</p>{table}'
+        f"<details><summary>The headings</summary>{headings}</details></section>"
+    )
 
 
 #: A picture wider than this (pixels) takes a whole row, and its section puts the numbers below it.

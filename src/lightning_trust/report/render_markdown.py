@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lightning_trust.report.evidence import evidence_rows, heading_rows, mapping_note
 from lightning_trust.report.rows import (
     VERDICT,
     balance_text,
@@ -19,6 +20,7 @@ from lightning_trust.report.rows import (
     figures_by_section,
     groups_text,
     requirement_text,
+    schema_text,
     section_rows,
     section_title,
     split_metrics,
@@ -45,7 +47,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     """The card as GitHub-flavoured Markdown; figures link to the copies next to the card."""
     out = [f"# {card['title']}", ""]
     out += [
-        f"Written by lightning-trust {card['generator']['version']} (model card schema {card['schema_version']}) "
+        f"Written by lightning-trust {card['generator']['version']} ({schema_text(card)}) "
         f"at {card['created']}, after `{card['stage']}`.",
         "",
         "## Standards",
@@ -63,6 +65,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     else:
         out.append("No standards declared.")
     out.append("")
+    out += _md_mapping(card)
     facts = fact_rows(card)
     out += ["## Model", ""] + md_table(["", ""], [list(r) for r in facts["Model"]]) + [""]
     out += ["## Data", ""] + _md_data(card["data"])
@@ -94,6 +97,15 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     if card["training"].get("config"):
         out += ["## Configuration", "", "```yaml", config_text(card["training"]["config"]), "```", ""]
     return "\n".join(out)
+
+
+def _md_mapping(card: Mapping[str, Any]) -> list[str]:
+    """The regulatory mapping: each kind of evidence, the headings it serves, what this run reports."""
+    out = ["## Regulatory mapping", "", mapping_note(card), ""]
+    out += md_table(["Evidence", "EU AI Act Annex IV", "NIST AI RMF MEASURE", "In this run"], evidence_rows(card))
+    out += ["", "<details><summary>The headings</summary>", ""]
+    out += md_table(["Framework", "Item", "Heading"], heading_rows(card))
+    return out + ["", "</details>", ""]
 
 
 def _md_figure(figure: Mapping[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ __all__ = [
     "figures_by_section",
     "groups_text",
     "requirement_text",
+    "schema_text",
     "section_rows",
     "section_title",
     "split_metrics",
@@ -37,6 +38,12 @@ __all__ = [
 VERDICT = {"met": "met", "not_met": "NOT MET", "not_measured": "not measured", "unknown": "unknown name"}
 _TABLE_ROWS = 25  # rows of a list-of-records sub-table before "... more in the JSON"
 _INLINE_LIST = 12  # scalars of a list written inline
+
+
+def schema_text(card: Mapping[str, Any]) -> str:
+    """``model card schema 1.2``, and the version it was read from when :func:`~lightning_trust.report.load_card` upgraded it."""
+    text = f"model card schema {card['schema_version']}"
+    return text + (f", read from a {card['migrated_from']} card" if card.get("migrated_from") else "")
 
 
 def section_title(name: str) -> str:
