@@ -316,7 +316,7 @@ class PrivacyAudit(TrustCallback):
             self._inputs.load_state_dict(state_dict["input"])
         else:
             self._gradients.load_state_dict(state_dict["gradient"])
-        self.num_canaries = len(self.included)
+        self.num_canaries, self.seed = len(self.included), int(state_dict["seed"])  # the run's draw, not this seed
         self._restored = True
 
     # ------------------------------------------------------------------ the audit

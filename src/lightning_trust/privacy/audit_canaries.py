@@ -165,6 +165,7 @@ class InputCanaries:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "seed": self.seed,
             "coin": self.coin.tolist(),
             "sources": self.sources.tolist(),
             "labels": self.labels.tolist(),
@@ -172,6 +173,7 @@ class InputCanaries:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.seed = int(state["seed"])
         self.coin = np.asarray(state["coin"], dtype=bool)
         self.sources = np.asarray(state["sources"], dtype=np.int64)
         self.labels = np.asarray(state["labels"], dtype=np.int64)

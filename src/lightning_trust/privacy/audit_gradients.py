@@ -149,6 +149,7 @@ class GradientCanaries:
     def state_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "seed": self.seed,
             "coin": self.coin.tolist(),
             "layout": [list(entry) for entry in self.layout],
             "coordinates": self.coordinates.tolist(),
@@ -157,7 +158,7 @@ class GradientCanaries:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.kind = str(state["kind"])
+        self.kind, self.seed = str(state["kind"]), int(state["seed"])
         self.coin = np.asarray(state["coin"], dtype=bool)
         self.num_canaries = len(self.coin)
         self.layout = [(str(name), int(size)) for name, size in state["layout"]]
