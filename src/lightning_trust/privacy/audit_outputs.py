@@ -121,7 +121,9 @@ def scores_figure(
     if k_plus:
         ax.axvline(order[-k_plus], color="tab:red", linestyle="--", linewidth=1, label=f"guess in: top {k_plus}")
     if k_minus:
-        ax.axvline(order[k_minus - 1], color="tab:blue", linestyle="--", linewidth=1, label=f"guess out: {k_minus}")
+        ax.axvline(
+            order[k_minus - 1], color="tab:blue", linestyle="--", linewidth=1, label=f"guess out: bottom {k_minus}"
+        )
     what = {"loss": "-loss", "margin": "margin", "update_projection": "-<update, canary>"}.get(score, score)
     ax.set_xlabel(f"canary score ({what}; higher: guessed in)")
     ax.set_ylabel("canaries")
