@@ -12,6 +12,11 @@ Transformers (issue #18; ``--transformers`` runs only these and keeps the other 
 tiny BERT on the text demo and a tiny Hugging Face ViT on the digits (8x8, patch 2): dense, pruned
 (whole heads + MLP width, plain fine-tuning), pruned with distillation from the dense teacher, and
 pruned + int8 (QAT export) where the export succeeds. Goal: pruning >= 1.5x faster at <= 1 point.
+
+``--torchao`` (keeps every other row): dense, pruned and pruned + int8 through torchao's ``quantize_``
+(``QuantizationAwareTraining(backend="torchao")``, int8 dynamic activations and weights), with the
+callback's own compiled fp32-vs-int8 measurement, and a kernel probe (one BERT-base-sized Linear, fp32
+against torchao int8) that says whether this CPU has fast int8 matmuls at all. Goal: int8 >= 2x.
 """
 
 from __future__ import annotations
@@ -225,7 +230,7 @@ def _transformer_accuracy(model: nn.Module, loader: Any) -> float:
 
 
 def run_transformer_case(
-    name: str, make: Any, datamodule: Any, x: Any, plan: dict[str, Any], root: Path
+    name: str, make: Any, datamodule: Any, x: Any, plan: dict[str, Any], root: Path, torchao_only: bool = False
 ) -> dict[str, Any]:
     """Dense, pruned (plain fine-tuning), pruned + distillation and pruned + int8 of one transformer."""
     rows: dict[str, dict[str, Any]] = {}
@@ -253,7 +258,8 @@ def run_transformer_case(
     trainer("dense", []).fit(dense, datamodule)
     rows["dense"] = {**describe(dense.eval()), "train_s": time.perf_counter() - t0}
     runners["dense"] = dense
-    for key, distill in (("pruned", None), ("pruned_distilled", {"temperature": 2.0, "weight": 0.5})):
+    variants = (("pruned", None), ("pruned_distilled", {"temperature": 2.0, "weight": 0.5}))
+    for key, distill in variants[:1] if torchao_only else variants:
         pl.seed_everything(0)
         model = make()
         cb = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=plan["prune_at"],
@@ -262,7 +268,9 @@ def run_transformer_case(
         trainer(key, [cb]).fit(model, datamodule)
         rows[key] = {**describe(model.eval()), "train_s": time.perf_counter() - t0}
         runners[key] = model
-    int8_note = _int8_row(make, datamodule, x, plan, root, trainer, rows, runners, name)
+    int8_note = "not run (--torchao)" if torchao_only else _int8_row(make, datamodule, x, plan, root, trainer, rows,
+                                                                     runners, name)  # fmt: skip
+    torchao_note = _torchao_row(make, datamodule, plan, root, trainer, rows, runners, name)
     best = {key: float("inf") for key in runners}
     for _ in range(5):  # back to back, alternating, best median kept (the CPU is shared)
         for key, runner in runners.items():
@@ -274,30 +282,85 @@ def run_transformer_case(
         row["speedup_vs_dense"] = d["latency_ms_batch32"] / row["latency_ms_batch32"]
         row["macs_ratio_vs_dense"] = row["macs_per_sample"] / d["macs_per_sample"]
         row["accuracy_change_points"] = 100 * (row["accuracy"] - d["accuracy"])
-    p, k = rows["pruned"], rows["pruned_distilled"]
+    p, k = rows["pruned"], rows.get("pruned_distilled", rows["pruned"])
     goals = {"pruning_speedup_ge_1_5x": p["speedup_vs_dense"] >= 1.5,
              "pruning_accuracy_loss_le_1pt": max(p["accuracy_change_points"], k["accuracy_change_points"]) >= -1.0}  # fmt: skip
-    if "pruned_int8" in rows:
-        i = rows["pruned_int8"]
-        goals["int8_speedup_vs_fp32_pruned_ge_2x"] = p["latency_ms_batch32"] / i["latency_ms_batch32"] >= 2.0
-    return {"rows": rows, "distillation_recovers_points": k["accuracy_change_points"] - p["accuracy_change_points"],
-            "int8": int8_note, "goals_met": goals, "plan": plan}  # fmt: skip
+    for key in ("pruned_int8", "pruned_int8_torchao"):
+        if key in rows:
+            ratio = p["latency_ms_batch32"] / rows[key]["latency_ms_batch32"]
+            goals[f"{key}_speedup_vs_fp32_pruned_ge_2x"] = ratio >= 2.0
+    out = {"rows": rows, "int8": int8_note, "int8_torchao": torchao_note, "goals_met": goals, "plan": plan}
+    if "pruned_distilled" in rows:
+        out["distillation_recovers_points"] = k["accuracy_change_points"] - p["accuracy_change_points"]
+    return out
+
+
+def _prune_then_qat(make: Any, datamodule: Any, plan: dict[str, Any], trainer: Any, key: str, qat: Any) -> Any:
+    """One-shot pruning then ``qat`` in one fit; the int8 program as a user loads it (compiled)."""
+    pl.seed_everything(0)
+    model = make()
+    pruning = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=plan["prune_at"],
+                                 measure_latency=False, evaluate=False)  # fmt: skip
+    trainer(key, [pruning, qat]).fit(model, datamodule)
+    with plain_forward(model):
+        like = copy.deepcopy(model).eval()
+    return Int8Runner(load_int8_model(qat.export_file, compile=True), like)
+
+
+def _torchao_row(make: Any, datamodule: Any, plan: dict[str, Any], root: Path, trainer: Any,
+                 rows: dict[str, Any], runners: dict[str, Any], name: str) -> str:  # fmt: skip
+    """Prune, then QAT through torchao's quantize_ (int8 dynamic activations and weights) in one fit."""
+    qat = QuantizationAwareTraining(start_epoch=plan["qat_at"], backend="torchao", torchao_scheme="int8",
+                                    export_path=str(root / f"{name}_int8_torchao.pt2"), latency_batch_size=32)  # fmt: skip
+    try:
+        int8 = _prune_then_qat(make, datamodule, plan, trainer, "pruned_int8_torchao", qat)
+    except Exception as err:  # the row is left out, and the reason recorded
+        return f"left out: prune then torchao QAT failed: {type(err).__name__}: {str(err)[:300]}"
+    q = qat.report()
+    rows["pruned_int8_torchao"] = {
+        "params": rows["pruned"]["params"], "macs_per_sample": rows["pruned"]["macs_per_sample"],
+        "accuracy": _transformer_accuracy(int8, datamodule.test_dataloader()),
+        "weight_bytes_int8": q.get("size_int8_bytes"), "weight_bytes_fp32": q.get("size_fp32_bytes"),
+        "file_bytes": os.path.getsize(qat.export_file), "agreement_with_fake_quant": q.get("agreement"),
+        "callback_speedup_compiled_fp32_vs_int8": q.get("speedup"), "int8_pays_off": q.get("int8_pays_off"),
+        "cpu_capability": q.get("cpu_capability"),
+    }  # fmt: skip
+    runners["pruned_int8_torchao"] = int8
+    return "measured: ProgressivePruning then QuantizationAwareTraining(backend='torchao') in one fit, from the .pt2"
+
+
+def int8_kernel_probe() -> dict[str, Any]:
+    """One BERT-base-sized Linear (768 -> 768, 32 x 32 tokens) on one thread: fp32 against torchao's
+    int8 dynamic activations and weights, eager and compiled: whether this CPU has fast int8 matmuls."""
+    from torchao.quantization import quantize_
+
+    from lightning_trust.compression.export import compile_int8
+    from lightning_trust.compression.qat_torchao import cpu_capability, torchao_configs
+
+    torch.manual_seed(0)
+    fp32 = nn.Sequential(nn.Linear(768, 768)).eval()
+    int8 = copy.deepcopy(fp32)
+    quantize_(int8, torchao_configs("int8")[0])
+    quantize_(int8, torchao_configs("int8")[1])
+    x = torch.randn(1024, 768)
+    runners = {"fp32_eager": fp32, "int8_eager": int8, "fp32_compiled": compile_int8(fp32),
+               "int8_compiled": compile_int8(int8)}  # fmt: skip
+    best = {key: float("inf") for key in runners}
+    for _ in range(3):
+        for key, runner in runners.items():
+            best[key] = min(best[key], measure_latency(runner, x, min_run_time=0.3) * 1e3)
+    return {"cpu_capability": cpu_capability(), "shape": "1024x768 @ 768x768", "latency_ms": best,
+            "int8_speedup_eager": best["fp32_eager"] / best["int8_eager"],
+            "int8_speedup_compiled": best["fp32_compiled"] / best["int8_compiled"]}  # fmt: skip
 
 
 def _int8_row(make: Any, datamodule: Any, x: Any, plan: dict[str, Any], root: Path, trainer: Any,
               rows: dict[str, Any], runners: dict[str, Any], name: str) -> str:  # fmt: skip
     """Prune, then QAT and the int8 export, chained in one fit; the row is left out (and why said) if it fails."""
-    pl.seed_everything(0)
-    model = make()
-    pruning = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=plan["prune_at"],
-                                 measure_latency=False, evaluate=False)  # fmt: skip
     qat = QuantizationAwareTraining(start_epoch=plan["qat_at"], export_path=str(root / f"{name}_int8.pt2"),
                                     measure_latency=False)  # fmt: skip
     try:
-        trainer("pruned_int8", [pruning, qat]).fit(model, datamodule)
-        with plain_forward(model):
-            like = copy.deepcopy(model).eval()
-        int8 = Int8Runner(load_int8_model(qat.export_file, compile=True), like)
+        int8 = _prune_then_qat(make, datamodule, plan, trainer, "pruned_int8", qat)
     except Exception as err:  # the row is left out, and the reason recorded
         return f"left out: prune then QAT failed: {type(err).__name__}: {str(err)[:300]}"
     q = qat.report()
@@ -309,7 +372,7 @@ def _int8_row(make: Any, datamodule: Any, x: Any, plan: dict[str, Any], root: Pa
     return "measured: ProgressivePruning then QuantizationAwareTraining in one fit, int8 loaded from the .pt2"
 
 
-def transformer_cases(quick: bool, root: Path) -> dict[str, Any]:
+def transformer_cases(quick: bool, root: Path, torchao_only: bool = False) -> dict[str, Any]:
     """The tiny BERT on the text demo and the tiny ViT on the digits, at batch 32 and one thread."""
     from lightning_trust.demo import AdultTextDataModule
 
@@ -327,9 +390,10 @@ def transformer_cases(quick: bool, root: Path) -> dict[str, Any]:
     }
     vit_plan = {"epochs": 8 if quick else 30, "prune_at": 3 if quick else 12, "qat_at": 6 if quick else 26}
     return {
-        "text_tiny_bert": run_transformer_case("bert", lambda: TextTransformer(tiny_bert()), text, text_x, text_plan, root),
+        "text_tiny_bert": run_transformer_case("bert", lambda: TextTransformer(tiny_bert()), text, text_x, text_plan, root,
+                                               torchao_only),
         "digits_tiny_vit": run_transformer_case("vit", lambda: ImageTransformer(tiny_vit()), digits,
-                                                digits.val_dataset.tensors[0][:32].clone(), vit_plan, root),
+                                                digits.val_dataset.tensors[0][:32].clone(), vit_plan, root, torchao_only),
     }  # fmt: skip
 
 
@@ -337,11 +401,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--transformers", action="store_true", help="only the transformer rows (others kept)")
+    parser.add_argument("--torchao", action="store_true", help="only dense, pruned, torchao int8 rows (others kept)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     root = RESULTS / "compression_runs"
     root.mkdir(parents=True, exist_ok=True)
+    if args.torchao:
+        path = RESULTS / "compression.json"
+        result = json.loads(path.read_text()) if path.exists() else {"torch_threads": 1}
+        started = time.perf_counter()
+        result["transformers_torchao"] = {"int8_kernel_probe": int8_kernel_probe(),
+                                          **transformer_cases(args.quick, root, torchao_only=True)}  # fmt: skip
+        result["transformers_torchao"]["wall_s"] = time.perf_counter() - started
+        path.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["transformers_torchao"], indent=2))
+        return
     if args.transformers:
         path = RESULTS / "compression.json"
         result = json.loads(path.read_text()) if path.exists() else {"torch_threads": 1}

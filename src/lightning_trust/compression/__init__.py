@@ -17,6 +17,8 @@ module               concern
 ``qat_call``         the module's own call signature: canonical calls, the routed forward, batch templates
 ``qat_graph``        the fake-quant graph's train/eval switch, freezing, training-mode op check
 ``qat_report``       int8 conversion, export and measurements at the end of fit
+``qat_torchao``      the torchao backend: ``quantize_`` with ``QATConfig`` for Linear-heavy models
+``qat_args``         QuantizationAwareTraining's arguments and backends, checked before training
 ``measure``          CPU latency, accuracy and agreement over loaders
 ``examples``         example inputs kept to trace, export and time with
 ``checkpoints``      reading a checkpoint before Lightning loads its weights

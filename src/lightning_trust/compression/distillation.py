@@ -6,7 +6,8 @@ user's ``training_step`` returns becomes ``(1 - weight) * loss + weight * T^2 * 
 The user's module is not changed: its ``training_step`` is wrapped by an instance attribute (removed
 in ``teardown``), as :class:`~lightning_trust.fairness.FairnessPenalty` adds its term. The student's
 logits are those of the forward the step ran (a forward hook), else one extra forward; the teacher
-runs under ``no_grad`` in eval mode on the same inputs.
+runs under ``no_grad`` in eval mode on the same inputs. The teacher's weights travel in the
+pruning callback's checkpoint state, so a killed and resumed recovery distills from the same teacher.
 
 Example:
     >>> import torch
@@ -76,6 +77,32 @@ class Distillation:
         teacher = copy.deepcopy(module)
         teacher.requires_grad_(False)
         self.teacher = teacher.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the teacher's weights (its structure is the dense model's), the
+        distilled steps and the last loss, so a resumed recovery distills from the same teacher."""
+        teacher = self.teacher
+        weights = None if teacher is None else {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+        return {"teacher": weights, "steps": self.steps, "last_loss": self._last}
+
+    def restore(self, state: Optional[Mapping[str, Any]], dense: Optional[nn.Module]) -> None:
+        """Rebuild the teacher of a checkpoint's :meth:`state_dict` on a copy of ``dense`` (the module
+        before pruning: a freshly built model), before the module is brought to the pruned structure."""
+        if not state:
+            return
+        self.steps, self._last = int(state.get("steps", 0)), state.get("last_loss")
+        if state.get("teacher") is None:
+            self.teacher = None
+            return
+        if dense is None:
+            raise RuntimeError(
+                "ProgressivePruning(distill=...) cannot rebuild the dense teacher of this checkpoint: the module is "
+                "already pruned and its dense structure is unknown. Resume with a freshly built model."
+            )
+        self.teacher = None
+        self.keep_teacher(dense)
+        assert self.teacher is not None
+        self.teacher.load_state_dict(state["teacher"])  # strict: the dense shapes
 
     def patch(self, module: Any, contract: Optional[BatchContract]) -> None:
         """Wrap ``module.training_step`` so its loss gets the distillation term once a teacher is kept."""

@@ -25,7 +25,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
-from lightning_trust.compression.checkpoints import on_checkpoint_load
+from lightning_trust.compression.checkpoints import callback_state, on_checkpoint_load
 from lightning_trust.compression.distillation import Distillation
 from lightning_trust.compression.examples import example_batch_size, example_from, example_from_spec, on_device
 from lightning_trust.compression.export import plain_forward
@@ -283,6 +283,9 @@ class ProgressivePruning(TrustCallback):
 
     def _rebuild_for(self, pl_module: pl.LightningModule, checkpoint: Mapping[str, Any]) -> None:
         """Bring the module to the checkpoint's structure before Lightning loads its weights."""
+        if self.distill is not None:  # the teacher is the dense model: copied before the module is pruned
+            state = callback_state(checkpoint, type(self).__name__, self.state_key) or {}
+            self.distill.restore(state.get("distillation"), self._skeleton if self._history else pl_module)
         saved = rebuild_for_checkpoint(pl_module, checkpoint, self._history, self._skeleton, self.customized_pruners)
         if saved is not None:
             self._history = saved
@@ -335,6 +338,7 @@ class ProgressivePruning(TrustCallback):
             **self._dense.state_dict(),
             "steps": copy.deepcopy(self._steps),
             "before": dict(self._before),
+            "distillation": None if self.distill is None else self.distill.state_dict(),
         }
 
     @override

@@ -5,8 +5,8 @@ off on this machine).
 Example:
     >>> pays_off(2.98), pays_off(0.46)
     (True, False)
-    >>> sorted(QAT_EXTRA_REPORT_KEYS)
-    ['float_weight_layers', 'int8_deterministic', 'int8_pays_off', 'int8_weight_share', 'latency_batch_size', 'latency_threads']
+    >>> sorted(QAT_EXTRA_REPORT_KEYS)[:4]
+    ['cpu_capability', 'float_weight_layers', 'int8_deterministic', 'int8_pays_off']
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lightning_trust.compression.export import (
 from lightning_trust.compression.measure import collect_predictions, measure_latency, reduced_mean
 from lightning_trust.compression.qat_call import ForwardCall
 from lightning_trust.compression.qat_graph import sync_graph_mode
+from lightning_trust.compression.qat_torchao import SCHEMES, cpu_capability, float_reference, torchao_convert
 from lightning_trust.core import artifact_dir, new_figure, save_figure, warn_once, write_json
 from lightning_trust.core.loaders import split_loaders
 
@@ -38,12 +39,15 @@ QAT_EXTRA_LOGGED_KEYS: dict[str, str] = {
     "quantization/latency_batch_size": "batch size the latencies were measured at",
     "quantization/latency_threads": "CPU threads the latencies were measured with",
     "quantization/int8_weight_share": "int8 weight elements in the program / weight elements (2-D and up) of the fp32 model",
+    "quantization/linear_mac_share": "with backend='auto': share of the first batch's MACs in nn.Linear (chose the backend)",
 }
 #: Reported besides :data:`~lightning_trust.compression.keys.QUANTIZATION_REPORT_KEYS`.
 QAT_EXTRA_REPORT_KEYS: dict[str, str] = {
     "int8_pays_off": "whether the int8 program is faster than fp32 on this machine (speedup > 1)",
     "int8_deterministic": "whether the int8 program gives bit-identical outputs on the same input twice",
     "float_weight_layers": "layer types with weights the quantizer left in float (embeddings, non-Linear matmuls)",
+    "torchao_scheme": "with backend='torchao': the quantize_ scheme (int8, int8_int4), else None",
+    "cpu_capability": "the CPU's vector ISA PyTorch uses (int8 matmuls need AVX512-VNNI or AMX to beat fp32)",
     **{key.split("/", 1)[1]: meaning for key, meaning in QAT_EXTRA_LOGGED_KEYS.items()},
 }
 
@@ -131,18 +135,44 @@ def _accuracies(cb: Any, trainer: Any, models: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]:
-    """Convert ``cb``'s QAT graph to int8, export it next to an fp32 reference, and measure both."""
-    assert cb._prepared is not None and cb._example is not None
-    example: ForwardCall = cb._example.map(lambda t: t.cpu())
+#: what each backend quantizes, for the refusal of a model left mostly in float
+_QUANTIZES = {
+    "pt2e": "the X86 Inductor quantizer annotates nn.Linear/nn.Conv",
+    "torchao": "torchao's quantize_ swaps nn.Linear layers",
+}
+
+
+def _pt2e_models(cb: Any, pl_module: Any, example: ForwardCall) -> tuple[Any, Any, Any, Any]:
+    """The fake-quant graph (eval), the converted int8 graph and its program, and the fp32 model."""
     fake_quant = copy.deepcopy(cb._prepared).cpu()
     sync_graph_mode(fake_quant.eval())  # a deep copy keeps the flag, not the installed switch
     converted, int8_program = convert_to_int8(cb._prepared, example)
-    fp32 = float_copy(pl_module).cpu().eval()
+    return fake_quant, converted, int8_program, float_copy(pl_module).cpu().eval()
+
+
+def _torchao_models(cb: Any, pl_module: Any, example: ForwardCall) -> tuple[Any, Any, Any, Any]:
+    """The fake-quantized module (an eval copy), its int8 conversion and program, and the fp32 model."""
+    from lightning_trust.compression.export import plain_forward
+
+    with plain_forward(pl_module):
+        fake_quant = copy.deepcopy(pl_module).cpu().eval()
+    converted, int8_program = torchao_convert(pl_module, cb.torchao_scheme, example, cb.group_size)
+    return fake_quant, converted, int8_program, float_reference(pl_module)
+
+
+def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]:
+    """Convert ``cb``'s QAT model to int8, export it next to an fp32 reference, and measure both."""
+    assert cb.active and cb._example is not None
+    example: ForwardCall = cb._example.map(lambda t: t.cpu())
+    torchao = cb.backend_used == "torchao"
+    fake_quant, converted, int8_program, fp32 = (_torchao_models if torchao else _pt2e_models)(cb, pl_module, example)
     with torch.no_grad():
         fp32_program = export_call(fp32, example)
     results: dict[str, Any] = {
-        "backend": "x86_inductor (torchao PT2E)",
+        "backend": SCHEMES[cb.torchao_scheme] if torchao else "x86_inductor (torchao PT2E)",
+        "torchao_scheme": cb.torchao_scheme if torchao else None,
+        "linear_mac_share": cb.linear_mac_share,
+        "cpu_capability": cpu_capability(),
         "size_fp32_bytes": program_bytes(fp32_program),
         "size_int8_bytes": program_bytes(int8_program),
     }
@@ -153,7 +183,7 @@ def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]
             cb,
             "few_int8",
             f"QuantizationAwareTraining: only {results['int8_weight_share']:.0%} of {type(pl_module).__name__}'s weights "
-            f"are int8; the X86 Inductor quantizer annotates nn.Linear/nn.Conv, and these layers stay float: "
+            f"are int8; {_QUANTIZES['torchao' if torchao else 'pt2e']}, and these layers stay float: "
             f"{results['float_weight_layers']}. Replace them with nn.Linear (e.g. transformers' Conv1D) to quantize "
             "them, or keep this model in float.",
         )
@@ -182,7 +212,9 @@ def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]
                 "int8_slower",
                 f"QuantizationAwareTraining: the int8 program is slower than fp32 on this machine "
                 f"({results['speedup']:.2f}x at batch {cb.latency_batch_size}, {cb.latency_threads} thread(s), "
-                f"{'both compiled' if cb.compile else 'eager'}); `int8_pays_off` is False in the report. Keep fp32 "
+                f"{'both compiled' if cb.compile else 'eager'}, CPU {results['cpu_capability']}: int8 matmul kernels "
+                "beat fp32 with AVX512-VNNI or AMX, and on small layers the quantize/dequantize steps dominate); "
+                "`int8_pays_off` is False in the report. Keep fp32 "
                 "for CPU speed here"
                 + ("" if cb.compile else ", or set `compile=True` (int8 kernels need Inductor)")
                 + ".",
@@ -190,7 +222,7 @@ def convert_and_measure(cb: Any, trainer: Any, pl_module: Any) -> dict[str, Any]
     numbers = {
         f"quantization/{k}": float(v)
         for k, v in results.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
     }
     for logger in trainer.loggers:
         logger.log_metrics(numbers, step=trainer.global_step)

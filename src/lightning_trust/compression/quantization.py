@@ -31,12 +31,14 @@ from lightning_trust.compression.export import (
     set_batchnorm_training,
 )
 from lightning_trust.compression.keys import QUANTIZATION_LOGGED_KEYS, QUANTIZATION_REPORT_KEYS
+from lightning_trust.compression.qat_args import check_arguments, check_torchao_freezes
 from lightning_trust.compression.qat_call import CallTemplate, ForwardCall, GraphForward
 from lightning_trust.compression.qat_graph import (
     freeze_graph_batchnorm,
     freeze_graph_observers,
 )
 from lightning_trust.compression.qat_report import QAT_EXTRA_LOGGED_KEYS, QAT_EXTRA_REPORT_KEYS, convert_and_measure
+from lightning_trust.compression.qat_torchao import choose_backend, torchao_prepare, torchao_trial
 from lightning_trust.core import find_callback
 from lightning_trust.core.batch import BatchContract, Key
 from lightning_trust.core.callback import TrustCallback
@@ -78,6 +80,11 @@ class QuantizationAwareTraining(TrustCallback):
         measure_latency: measure fp32 vs int8 CPU latency for the report.
         example_input: a tensor or a shape list; default: the first training batch's inputs.
         batch_keys: where inputs/targets are in a batch (see :class:`~lightning_trust.core.batch.BatchContract`).
+        backend: ``"pt2e"`` (torch.export + PT2E: conv nets), ``"torchao"`` (torchao's ``quantize_`` with
+            ``QATConfig``: Linear-heavy models, :mod:`~lightning_trust.compression.qat_torchao`) or
+            ``"auto"`` (torchao when most MACs of the first batch are in ``nn.Linear``, else PT2E).
+        torchao_scheme: with torchao: ``"int8"`` (int8 dynamic activations and weights) or ``"int8_int4"``.
+        group_size: with ``torchao_scheme="int8_int4"``: weights per int4 scale.
         name: the report section (default ``"quantization"``).
 
     Example:
@@ -111,11 +118,20 @@ class QuantizationAwareTraining(TrustCallback):
         latency_threads: int = 1,
         example_input: Any = None,
         batch_keys: Optional[dict[str, Key]] = None,
+        backend: str = "pt2e",
+        torchao_scheme: str = "int8",
+        group_size: int = 32,
         name: Optional[str] = None,
     ) -> None:
         super().__init__(name=name)
         check_arguments(start_epoch, freeze_observers_epoch, freeze_bn_epoch, export_path, latency_batch_size,
-                        latency_threads)  # fmt: skip
+                        latency_threads, backend, torchao_scheme, group_size)  # fmt: skip
+        self.backend = backend
+        self.torchao_scheme = torchao_scheme
+        self.group_size = group_size
+        self.backend_used: Optional[str] = None if backend == "auto" else backend
+        self.linear_mac_share: Optional[float] = None
+        self._torchao_layers: list[str] = []
         self.start_epoch = start_epoch
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
@@ -146,11 +162,11 @@ class QuantizationAwareTraining(TrustCallback):
     @property
     def active(self) -> bool:
         """Whether fake quantization is in the module's forward."""
-        return self._prepared is not None
+        return self._prepared is not None or bool(self._torchao_layers)
 
     def _should_skip(self, trainer: pl.Trainer) -> bool:
         """Nothing to do in a training batch: not quantizing yet and not the start epoch."""
-        return self._prepared is None and trainer.current_epoch < self.start_epoch
+        return not self.active and trainer.current_epoch < self.start_epoch
 
     # lifecycle -------------------------------------------------------------------------------
     @override
@@ -166,7 +182,7 @@ class QuantizationAwareTraining(TrustCallback):
             raise ValueError(
                 f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never starts with max_epochs={trainer.max_epochs}."
             )
-        elif fitting and self._prepared is None and find_callback(trainer, _pruning_class()) is None:
+        elif fitting and not self.active and find_callback(trainer, _pruning_class()) is None:
             self._trial(trainer, pl_module)  # pruning changes the shapes first: its own checks come first
         if self._load_hook is not None:
             self._load_hook.remove()
@@ -203,15 +219,30 @@ class QuantizationAwareTraining(TrustCallback):
                 inputs = self._contract.inputs(next(iter(loaders[0])))
         model = float_copy(pl_module).cpu()
         call = ForwardCall.from_inputs(model, inputs).rows(EXAMPLE_ROWS)
+        if self._resolve_backend(model, call) == "torchao":
+            return torchao_trial(model, call, self.torchao_scheme, self.group_size)
         prepared = quantize_prepare(model, call)
         with torch.no_grad(), fork_rngs():
             call.invoke(prepared)  # observers see one batch: the conversion needs ranges
         convert_to_int8(prepared, call)
 
+    def _resolve_backend(self, model: Any, call: ForwardCall) -> str:
+        """``backend="auto"``: decided once, on the first call, by the share of MACs in ``nn.Linear``."""
+        if self.backend_used is None:
+            self.backend_used, self.linear_mac_share = choose_backend(model, call)
+            if self.backend_used == "torchao":
+                check_torchao_freezes(self.freeze_observers_epoch, self.freeze_bn_epoch)
+            rank_zero_info(
+                f"QuantizationAwareTraining(backend='auto'): {self.linear_mac_share:.0%} of "
+                f"{type(model).__name__}'s MACs are in nn.Linear: backend {self.backend_used!r}."
+            )
+        return self.backend_used
+
     def _restore_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
         """Insert the fake-quant graph before a QAT checkpoint's weights (and observers) load into the module."""
         state = callback_state(checkpoint, type(self).__name__, self.state_key)
-        if self._prepared is None and state and state.get("prepared"):
+        if not self.active and state and state.get("prepared"):
+            self.backend_used = state.get("backend", "pt2e")
             self._template = CallTemplate.from_state(state.get("template"))
             self._prepare(pl_module, ForwardCall.from_state(pl_module, state["example_input"]))
             self._apply_freezes(int(state.get("epoch", 0)))
@@ -228,9 +259,9 @@ class QuantizationAwareTraining(TrustCallback):
     ) -> None:
         if self._should_skip(trainer):
             return
-        if self._prepared is None and self.example_input is not None:
+        if not self.active and self.example_input is not None:
             self._start(trainer, pl_module, ForwardCall.from_inputs(pl_module, self.example_input), batch)
-        elif self._prepared is None:  # traced from the training step's own call of the module
+        elif not self.active:  # traced from the training step's own call of the module
             self._pending_batch = batch
             pl_module.__dict__["forward"] = _FirstCall(self, trainer, pl_module)
         self._apply_freezes(trainer.current_epoch)
@@ -243,7 +274,7 @@ class QuantizationAwareTraining(TrustCallback):
             return
         self._pending_batch = None
         graph_forward = pl_module.__dict__.get("forward")
-        if self._prepared is None or (isinstance(graph_forward, GraphForward) and graph_forward.calls == 0):
+        if not self.active or (isinstance(graph_forward, GraphForward) and graph_forward.calls == 0):
             pl_module.__dict__.pop("forward", None)
             raise RuntimeError(
                 f"QuantizationAwareTraining routes {type(pl_module).__name__}'s forward through the fake-quantized "
@@ -252,7 +283,8 @@ class QuantizationAwareTraining(TrustCallback):
             )
         from lightning_trust.core.seam import rewrap_ddp
 
-        rewrap_ddp(trainer)  # the observers are new buffers DDP must know (not inside the step's forward)
+        if self._prepared is not None:  # torchao's swap keeps every parameter and adds no buffer
+            rewrap_ddp(trainer)  # the observers are new buffers DDP must know (not inside the step's forward)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, call: ForwardCall, batch: Any) -> None:
         self._template = CallTemplate.match(call, batch)
@@ -263,6 +295,12 @@ class QuantizationAwareTraining(TrustCallback):
         rank_zero_info(f"QuantizationAwareTraining: fake quantization inserted at epoch {trainer.current_epoch}.")
 
     def _prepare(self, pl_module: pl.LightningModule, call: ForwardCall) -> None:
+        self._float_module = pl_module
+        self._example = call.rows(EXAMPLE_ROWS)
+        if self._resolve_backend(pl_module, call) == "torchao":
+            self._torchao_layers = torchao_prepare(pl_module, self.torchao_scheme, self.group_size)
+            pl_module.__dict__.pop("forward", None)  # the user's own forward, through the swapped layers
+            return
         prepared = quantize_prepare(
             pl_module, call.map(lambda t: on_device(t, pl_module))
         )  # raises before anything is attached
@@ -270,8 +308,6 @@ class QuantizationAwareTraining(TrustCallback):
         pl_module.add_module(QAT_ATTR, prepared)
         pl_module.__dict__["forward"] = GraphForward(pl_module, prepared, call)  # the user's class is unchanged
         self._prepared = prepared
-        self._float_module = pl_module
-        self._example = call.rows(EXAMPLE_ROWS)
 
     def _apply_freezes(self, epoch: int) -> None:
         if self._prepared is None:
@@ -290,7 +326,8 @@ class QuantizationAwareTraining(TrustCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "prepared": self._prepared is not None,
+            "prepared": self.active,
+            "backend": self.backend_used,
             "example_input": self._example.to_state() if self._example is not None else None,
             "template": self._template.to_state() if self._template is not None else None,
             "prepared_epoch": self._prepared_epoch,
@@ -303,7 +340,7 @@ class QuantizationAwareTraining(TrustCallback):
     # conversion ------------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._prepared is None:
+        if not self.active:
             return
         self._results = convert_and_measure(self, trainer, pl_module)
         rank_zero_info(
@@ -328,33 +365,13 @@ class _FirstCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = ForwardCall.bind(self.module, args, kwargs)
         self.callback._start(self.trainer, self.module, call, self.callback._pending_batch)
-        return self.module.__dict__["forward"](*args, **kwargs)
+        forward = self.module.__dict__.get("forward")
+        if forward is None:  # torchao: the module's own forward runs the fake-quantized layers
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return forward(*args, **kwargs)
 
 
 def _pruning_class() -> type:
     from lightning_trust.compression.pruning import ProgressivePruning
 
     return ProgressivePruning
-
-
-def check_arguments(
-    start_epoch: int,
-    freeze_observers_epoch: Optional[int],
-    freeze_bn_epoch: Optional[int],
-    export_path: Optional[str],
-    latency_batch_size: int,
-    latency_threads: int,
-) -> None:
-    """Every argument of :class:`QuantizationAwareTraining` checked before training."""
-    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
-        raise ValueError(f"`start_epoch` must be an integer >= 0, got {start_epoch!r}.")
-    for arg, value in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
-        if value is not None and value < start_epoch:
-            raise ValueError(
-                f"`{arg}` ({value}) must be >= `start_epoch` ({start_epoch}): nothing is quantized before."
-            )
-    if export_path is not None and not str(export_path).endswith(".pt2"):
-        raise ValueError(f"`export_path` must end with '.pt2' (a torch.export program), got {export_path!r}.")
-    for arg, value in (("latency_batch_size", latency_batch_size), ("latency_threads", latency_threads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{arg}` must be a positive integer, got {value!r}. Set it to e.g. 32 / 1.")
