@@ -41,7 +41,8 @@ module          concern
 ``optimizer``   the user's optimizer in Opacus's ``DPOptimizer``; per-sample gradient adjustments
 ``samplers``    batch samplers in front of the dataset (distributed Poisson, virtual batches)
 ``audit``       the :class:`PrivacyAudit` callback: one-run audit, ε lower bound beside the accountant's
-``audit_*``     its canaries (``_canaries`` input, ``_gradients`` white-box), ``_bound``, ``_outputs``
+``audit_*``     its canaries (``_canaries`` input, ``_gradients`` white-box), ``_bound``, ``_outputs``,
+                ``_checks``
 ==============  ================================================================================
 
 Example:
