@@ -82,7 +82,7 @@ def test_a_partial_sensitivity_max_equals_captum_over_its_perturbations_and_is_k
     torch.manual_seed(0)
     cnn = SmallCNN(channels=[8, 16]).eval()
     cb = Sized(method="saliency", num_samples=8, infidelity_samples=0, sensitivity_samples=5, seed=5, progress=False)
-    budget, now = _clock(80.0)  # 4 s left: 1 + 3 attributions of 1 s fit, 3 of 5 perturbations
+    budget, _ = _clock(80.0)  # 4 s left: 1 + 3 attributions of 1 s fit, 3 of 5 perturbations
     cb.budget = cb.account.budget = budget
     cb.account.begin(final=True, in_fit=True)
     result = cb.explain(cnn, StubTrainer(DigitsSubset(digits)), stage="fit_end")
