@@ -38,7 +38,7 @@ ATTRIBUTION_REPORT_KEYS: dict[str, str] = {
     "convergence_delta": "mean |convergence delta| of the last pass (null for methods without one)",
     "drift": "rank correlation of the last pass's importance with the pass before",
     "drift_history": "drift of every pass, in order",
-    "seconds": "time spent in this callback's passes (explaining, files, figures)",
+    "seconds": "time spent in this callback's passes (explaining, files, figures drawn in fit)",
     "files": "paths of importance.csv/.json, history.json and attributions.pt",
     "input": "the attributed keyword input ('input_ids', 'pixel_values'...; null for a single tensor)",
     "layer": "dotted path of the layer attributed to (the input embeddings for token models; null for input methods)",
@@ -46,7 +46,10 @@ ATTRIBUTION_REPORT_KEYS: dict[str, str] = {
     "generated": "causal LMs: each sample's generated target tokens, attributed to its prompt (else null)",
     "patch_size": "vision transformers: the patch size of the patch heatmaps (else null)",
     "budget": "the overhead budget: max_overhead, measured overhead, runs, skipped, seconds, skipped_passes "
-    "(stage, epoch, step and what: a whole 'pass' or its 'sensitivity_max'), pass_seconds (each pass run)",
+    "(what it dropped: stage, epoch, step, what: a whole 'pass' or 'sensitivity_max' perturbations, reason, "
+    "would_cost_seconds; ran, configured and lower_bound for a partial sensitivity_max), pass_seconds (each pass "
+    "run), final_pass (seconds, allowance_seconds, minimum_seconds, within_budget), figure_seconds (drawing at "
+    "report time, outside the fit)",
 }
 
 #: What :class:`~lightning_trust.explain.AdversarialRobustness` logs, once per pass.
