@@ -15,6 +15,7 @@ from lightning_trust.evaluation.conformal import (
     SetCounts,
     min_calibration_samples,
 )
+from lightning_trust.evaluation.sample_keys import calibrates, sample_keys
 from lightning_trust.evaluation.uncertainty import UncertaintyEvaluation
 from tests.support import AdultSubset, trainer
 
@@ -89,7 +90,7 @@ def test_bad_configuration_is_refused_at_construction(kwargs, match):
 def _validation_logits(model, loader):
     model.eval()
     with torch.no_grad():
-        return [(model(b["x"]), b["y"], b["sex"], b["native_region"]) for b in loader]
+        return [(model(b["x"]), b["y"], b["sex"], b["native_region"], b["x"]) for b in loader]
 
 
 @pytest.mark.slow
@@ -102,10 +103,10 @@ def test_adult_callback_equals_mapie_on_the_same_split_and_resumes_from_its_stat
     tr = trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=4)
     tr.fit(model, dm)
     report = cb.report()
-    # the same split by hand: the seeded coin of each validation batch, then MAPIE per sex group
+    # the same split by hand: each sample's seeded content coin, then MAPIE per sex group
     cal, ev = [], []
-    for i, (logits, y, sex, region) in enumerate(_validation_logits(model, dm.val_dataloader())):
-        coin = torch.rand(len(y), generator=torch.Generator().manual_seed(5 * 1_000_003 + i)) < 0.5
+    for logits, y, sex, region, x in _validation_logits(model, dm.val_dataloader()):
+        coin = calibrates(sample_keys(x, y, seed=5), 0.5)
         cal.append((logits[coin], y[coin], sex[coin]))
         ev.append((logits[~coin], y[~coin], sex[~coin], region[~coin]))
     cl, cy, cs = (torch.cat(t) for t in zip(*cal))
@@ -184,9 +185,11 @@ def test_digits_tuple_batches_aps_raps_equal_mapie(digits, tmp_path):
     model.eval()
     with torch.no_grad():
         batches = [(model(x), y) for x, y in digits.val_dataloader()]
-    coins = [torch.rand(len(y), generator=torch.Generator().manual_seed(i)) < 0.5 for i, (_, y) in enumerate(batches)]
-    cl = torch.cat([b[0][c] for b, c in zip(batches, coins)]).softmax(1).double().numpy()
-    cy = torch.cat([b[1][c] for b, c in zip(batches, coins)]).numpy()
+    keys = [sample_keys(x, y, seed=0) for x, y in digits.val_dataloader()]
+    coins = [calibrates(k, 0.5) for k in keys]
+    order = torch.cat([k[c] for k, c in zip(keys, coins)]).argsort(stable=True)  # calibration rows by key
+    cl = torch.cat([b[0][c] for b, c in zip(batches, coins)])[order].softmax(1).double().numpy()
+    cy = torch.cat([b[1][c] for b, c in zip(batches, coins)])[order].numpy()
     el = torch.cat([b[0][~c] for b, c in zip(batches, coins)]).softmax(1).double().numpy()
     ey = torch.cat([b[1][~c] for b, c in zip(batches, coins)]).numpy()
     for score in ("lac", "aps", "raps"):

@@ -1,4 +1,4 @@
-"""The one seam to private internals of Lightning, torch, torch-pruning and fairlearn.
+"""The one seam to private internals of Lightning, torch, torch-pruning, fairlearn and MAPIE.
 
 Every use of a private attribute in the pack goes through one small function here, with the
 reason no public API serves. ``tests/core/test_seam.py`` exercises each against the installed
@@ -28,6 +28,7 @@ __all__ = [
     "flat_outputs",
     "inductor_config",
     "loaded_checkpoint",
+    "mapie_quantile",
     "pruner_initial_channels",
     "pruning_graph_names",
     "restore_train_loader",
@@ -210,6 +211,24 @@ def thresholder_positive_probability(thresholder: Any, scores: Any, groups: Any)
     import numpy as np
 
     return thresholder._pmf_predict(np.asarray(scores, dtype=float).reshape(-1, 1), sensitive_features=groups)[:, 1]
+
+
+# MAPIE ----------------------------------------------------------------------------------------
+
+
+def mapie_quantile(classifier: Any) -> float:
+    """The conformal quantile a conformalized MAPIE ``SplitConformalClassifier`` thresholds its
+    sets at (its first confidence level), once it has predicted a set.
+
+    Why private: MAPIE 1.6's public classifier exposes the calibration ``conformity_scores`` but not
+    the quantile of them it predicts with; for RAPS that is a quantile of the regularized scores
+    (with the ``k_star`` and ``lambda_star`` it tunes on its own split), which no public value gives.
+    MAPIE keeps it on ``_mapie_classifier.conformity_score_function_.quantiles_``.
+    """
+    import numpy as np
+
+    function = classifier._mapie_classifier.conformity_score_function_
+    return float(np.asarray(function.quantiles_).reshape(-1)[0])
 
 
 def trained_epoch(trainer: Any) -> int:

@@ -30,6 +30,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_trust.core.seam import mapie_quantile
+
 __all__ = ["SCORES", "ConformalPredictor", "GivenProbabilities", "SetCounts", "min_calibration_samples"]
 
 #: The conformity scores (MAPIE's names): LAC (a.k.a. THR, Sadinle et al.), APS (Romano et al.),
@@ -116,12 +118,8 @@ class ConformalPredictor:
         return self
 
     def quantiles(self) -> dict[int, float]:
-        """Each fitted group's conformal quantile (MAPIE's ``quantiles_``)."""
-        out = {}
-        for g, model in self.models.items():
-            function = model._mapie_classifier.conformity_score_function_  # MAPIE keeps it there, no getter
-            out[g] = float(np.asarray(function.quantiles_).reshape(-1)[0])
-        return out
+        """Each fitted group's conformal quantile (MAPIE's, through the seam)."""
+        return {g: mapie_quantile(model) for g, model in self.models.items()}
 
     def predict_sets(self, probs: np.ndarray, groups: Optional[np.ndarray] = None) -> np.ndarray:
         """Boolean prediction sets ``(n, C)``; a group without a fitted classifier gets the full set."""

@@ -89,25 +89,34 @@ class InputCapture:
 
 def reference_embeddings(
     trainer: Any, pl_module: nn.Module, head: nn.Module, contract: BatchContract, count: int, seed: int
-) -> Optional[Tensor]:
-    """Embeddings of up to ``count`` training samples (a seeded subset; this process's share under
-    DDP), in eval mode; ``None`` without a map-style training dataset."""
+) -> Optional[tuple[Tensor, Tensor]]:
+    """``(embeddings, positions)`` of up to ``count`` training samples, in eval mode: the first
+    ``count`` of a seeded permutation of the training dataset, this process's share under DDP
+    (every ``world_size``-th), with each sample's position in the permutation (sorting the gathered
+    shares by it gives the order one process embeds them in); ``None`` without a map-style dataset."""
     loader = first_loader(split_loaders(trainer, "train"))
     dataset = getattr(loader, "dataset", None)
     if loader is None or dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return None
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    share = order[trainer.global_rank :: trainer.world_size][: max(1, count // trainer.world_size)]
+    positions = list(range(min(count, len(dataset))))[trainer.global_rank :: trainer.world_size]
+    share = [order[p] for p in positions]
     subset = DataLoader(Subset(dataset, share), batch_size=loader.batch_size or 64, collate_fn=loader.collate_fn)
     capture = InputCapture(head)
     out: list[Tensor] = []
+    kept: list[int] = []
+    start = 0
     with isolated_eval(pl_module, trainer) as module:
         for batch in subset:
             batch = trainer.strategy.batch_to_device(batch)
-            inputs = contract.inputs(batch)
-            capture.arm(len(contract.target(batch)))
-            call_module(module, inputs)
+            size = len(contract.target(batch))
+            capture.arm(size)
+            call_module(module, contract.inputs(batch))
             value = capture.take()
             if value is not None:
                 out.append(value)
-    return torch.cat(out) if out else None
+                kept.extend(positions[start : start + size])
+            start += size
+    if not out:
+        return None
+    return torch.cat(out), torch.tensor(kept, dtype=torch.long)

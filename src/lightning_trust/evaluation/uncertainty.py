@@ -3,7 +3,9 @@
 Its parts: :mod:`~lightning_trust.evaluation.conformal` (MAPIE's LAC/APS/RAPS, Mondrian),
 :mod:`~lightning_trust.evaluation.calibration` (temperature scaling, ECE, adaptive ECE, NLL, Brier),
 :mod:`~lightning_trust.evaluation.shift` (MMD and KS tests), :mod:`~lightning_trust.evaluation.embeddings`
-(the penultimate layer), :mod:`~lightning_trust.evaluation.reservoir` (bounded samples),
+(the penultimate layer), :mod:`~lightning_trust.evaluation.reservoir` (bounded samples), :mod:`~lightning_trust.evaluation.sample_keys`
+(the calibration split and canonical order), :mod:`~lightning_trust.evaluation.uncertainty_rows` (the kept samples),
+:mod:`~lightning_trust.evaluation.uncertainty_fit` (the calibration),
 :mod:`~lightning_trust.evaluation.uncertainty_results` and :mod:`~lightning_trust.evaluation.uncertainty_figures`.
 """
 
@@ -14,7 +16,6 @@ from functools import partial
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 from typing_extensions import override
@@ -25,14 +26,13 @@ from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.output import DeferredFigures, artifact_dir, log_metrics, warn_once, write_json
 from lightning_trust.core.seam import trained_epoch
-from lightning_trust.evaluation.calibration import fit_temperature
-from lightning_trust.evaluation.conformal import SCORES, ConformalPredictor, min_calibration_samples
+from lightning_trust.evaluation.conformal import SCORES, ConformalPredictor
 from lightning_trust.evaluation.domains import DomainIndex, side_domains
 from lightning_trust.evaluation.embeddings import InputCapture, find_head, reference_embeddings
-from lightning_trust.evaluation.reservoir import SampleReservoir
 from lightning_trust.evaluation.schedule import evaluates
 from lightning_trust.evaluation.uncertainty_args import check_uncertainty_arguments, scores_for
 from lightning_trust.evaluation.uncertainty_figures import draw_uncertainty_figures, uncertainty_figure_paths
+from lightning_trust.evaluation.uncertainty_fit import conformal_probabilities, fit_calibration, fit_predictors
 from lightning_trust.evaluation.uncertainty_results import (
     CellLayout,
     calibration_results,
@@ -42,7 +42,7 @@ from lightning_trust.evaluation.uncertainty_results import (
     shift_pass,
     summary_of,
 )
-from lightning_trust.fairness.groups import read_codes
+from lightning_trust.evaluation.uncertainty_rows import PassSamples, batch_rows, row_columns
 
 __all__ = ["UncertaintyEvaluation"]
 
@@ -50,9 +50,10 @@ __all__ = ["UncertaintyEvaluation"]
 class UncertaintyEvaluation(TrustCallback):
     """Split-conformal prediction sets, temperature-scaled calibration and embedding shift tests.
 
-    Each validation pass splits its samples by a seeded coin: a ``calibration_fraction`` share
-    calibrates (the conformal quantiles with MAPIE; the temperature by LBFGS on the NLL), the rest
-    is evaluated; every test pass is evaluated with the latest calibration. Coverage and mean set
+    Each validation pass splits its samples by a seeded coin of their content (a sample's inputs and
+    label, :mod:`~lightning_trust.evaluation.sample_keys`: the same split under any batching or
+    sharding): a ``calibration_fraction`` share calibrates (the conformal quantiles with MAPIE; the
+    temperature by LBFGS on the NLL), the rest is evaluated; every test pass is evaluated with the latest calibration. Coverage and mean set
     size, ECE/adaptive ECE/NLL/Brier before and after scaling are reported overall, per group of
     each ``sensitive_features`` column and per ``domain_key`` domain; the shift tests compare each
     domain's penultimate-layer embeddings with a seeded sample of the training data's.
@@ -75,6 +76,10 @@ class UncertaintyEvaluation(TrustCallback):
         include_last_label: APS/RAPS: keep the label crossing the quantile (``True``, conservative),
             drop it (``False``) or keep it at random (``"randomized"``, exact average coverage).
         temperature_scaling: fit the temperature and report the metrics after it.
+        conformal_on: the probabilities the sets are built from: ``"raw"`` (the default: the softmax
+            of the logits; the score does not depend on the calibration samples, so the coverage
+            guarantee is exact) or ``"calibrated"`` (``softmax(logits / T)``, ``T`` fitted on the same
+            calibration samples as in the RAPS authors' code: the fitted scalar makes it approximate).
         n_bins: bins of ECE, adaptive ECE and the reliability curves.
         shift_tests: ``"mmd"`` and/or ``"ks"`` (``[]``: none).
         ks_correction: ``"bonferroni"`` or ``"fdr_bh"`` (Benjamini-Hochberg).
@@ -123,6 +128,7 @@ class UncertaintyEvaluation(TrustCallback):
         calibration_fraction: float = 0.5,
         include_last_label: Union[bool, Literal["randomized"]] = True,
         temperature_scaling: bool = True,
+        conformal_on: Literal["raw", "calibrated"] = "raw",
         n_bins: int = 15,
         shift_tests: list[str] = ["mmd"],  # noqa: B006
         ks_correction: Literal["bonferroni", "fdr_bh"] = "bonferroni",
@@ -145,21 +151,16 @@ class UncertaintyEvaluation(TrustCallback):
             mondrian=mondrian, sensitive_features=sensitive_features, domain_key=domain_key, shift_tests=shift_tests,
             ks_correction=ks_correction, shift_samples=shift_samples, n_permutations=n_permutations,
             max_samples=max_samples, n_bins=n_bins, every_n_epochs=every_n_epochs, min_cell_samples=min_cell_samples,
+            include_last_label=include_last_label, figures=figures, conformal_on=conformal_on,
+            temperature_scaling=temperature_scaling,
         )  # fmt: skip
-        if include_last_label not in (True, False, "randomized"):
-            raise ValueError(f"`include_last_label` must be true, false or 'randomized', got {include_last_label!r}.")
-        self.include_last_label = include_last_label
-        if figures not in ("report", "never"):
-            raise ValueError(f"`figures` must be 'report' or 'never', got {figures!r}.")
+        self.include_last_label, self.conformal_on = include_last_label, conformal_on
         self.sensitive_features, self.domain_key = list(sensitive_features), domain_key
         self.confidence_level, self.mondrian = confidence_level, mondrian
         self.scores_arg = list(scores) if scores is not None else None
         self.scores = list(scores) if scores is not None else list(SCORES)
-        self.calibration_fraction, self.temperature_scaling, self.n_bins = (
-            calibration_fraction,
-            temperature_scaling,
-            n_bins,
-        )
+        self.calibration_fraction, self.temperature_scaling = calibration_fraction, temperature_scaling
+        self.n_bins = n_bins
         self.shift_tests, self.ks_correction = list(shift_tests), ks_correction
         self.shift_samples, self.n_permutations, self.embedding_layer = shift_samples, n_permutations, embedding_layer
         self.max_samples, self.min_cell_samples, self.every_n_epochs = max_samples, min_cell_samples, every_n_epochs
@@ -174,8 +175,7 @@ class UncertaintyEvaluation(TrustCallback):
         self._capture = ForwardCapture()
         self._embedding: Optional[InputCapture] = None
         self._head: Any = None
-        self._cal = SampleReservoir(max_samples, seed)
-        self._eval = SampleReservoir(max_samples, seed + 1)
+        self._samples = PassSamples(max_samples, seed, calibration_fraction)
         self._predictors: dict[str, ConformalPredictor] = {}
         self._active = False
         self._pending = DeferredFigures()
@@ -204,7 +204,7 @@ class UncertaintyEvaluation(TrustCallback):
             _, self._head = find_head(pl_module, classes if isinstance(classes, int) else None, self.embedding_layer)
             self._embedding = InputCapture(self._head)
         if self.calibration is not None and not self._predictors:
-            self._fit_predictors(self.calibration["rows"])  # restored from a checkpoint
+            self._fit_predictors()  # restored from a checkpoint
 
     # hooks ------------------------------------------------------------------------------------
     @override
@@ -262,9 +262,7 @@ class UncertaintyEvaluation(TrustCallback):
                 "UncertaintyEvaluation has no calibration for this test pass: it calibrates on a validation pass. Run "
                 "`trainer.fit` or `trainer.validate` first with the same callback (or load its checkpoint)."
             )
-        epoch = trained_epoch(trainer)
-        self._cal.reset(self.seed + 7919 * epoch)
-        self._eval.reset(self.seed + 7919 * epoch + 1)
+        self._samples.reset(trained_epoch(trainer))
 
     def _arm(self, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
         if not self._active or dataloader_idx != 0:
@@ -283,8 +281,7 @@ class UncertaintyEvaluation(TrustCallback):
             self._capture.disarm()
             return
         logits = per_sample_logits(step_predictions(self._capture, self.contract, pl_module, batch, outputs, trainer))
-        rows = {"logits": logits.float(), "target": torch.as_tensor(self.contract.target(batch), device=logits.device)}
-        rows["codes"] = self._codes(batch, logits.device, len(logits))
+        rows = batch_rows(self.contract, batch, logits, self.seed, self.columns, self._indexes)
         if self._embedding is not None:
             embedding = self._embedding.take()
             if embedding is None:
@@ -293,58 +290,17 @@ class UncertaintyEvaluation(TrustCallback):
                     "called on the batch in the step's forward; set `embedding_layer` to the classifier head."
                 )
             rows["embedding"] = embedding
-        if not calibrating:
-            self._eval.add(rows)
-            return
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_rank * 100_003 + batch_idx)
-        to_cal = (torch.rand(len(logits), generator=generator) < self.calibration_fraction).to(logits.device)
-        self._cal.add({k: v[to_cal] for k, v in rows.items()})
-        self._eval.add({k: v[~to_cal] for k, v in rows.items()})
-
-    def _codes(self, batch: Any, device: torch.device, n: int) -> Tensor:
-        if not self.columns:
-            return torch.zeros(n, 0, dtype=torch.long, device=device)
-        try:
-            raw = read_codes(self.contract, batch, self.columns, device)
-        except BatchKeyError as err:
-            raise BatchKeyError(f"UncertaintyEvaluation(columns={self.columns}): {err}") from None
-        return torch.stack([index(raw[:, j], device) for j, index in enumerate(self._indexes)], dim=1)
+        self._samples.add(rows, calibrating)
 
     # calibration ------------------------------------------------------------------------------
-    def _columns(self, num_classes: int, hidden: Optional[int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        columns = {"logits": ((num_classes,), torch.float32), "target": ((), torch.long),
-                   "codes": ((len(self.columns),), torch.long)}  # fmt: skip
-        if hidden is not None:
-            columns["embedding"] = ((hidden,), torch.float32)
-        return columns
-
-    def _shapes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, Optional[int]]:
-        """The class count and embedding width, agreed across processes (one may have no rows)."""
-        rows = self._cal.rows() or self._eval.rows()
-        local = torch.tensor([rows["logits"].shape[1] if rows else 0,
-                              rows["embedding"].shape[1] if "embedding" in rows else 0], device=pl_module.device)  # fmt: skip
-        if trainer.world_size > 1:
-            local = trainer.strategy.reduce(local, reduce_op="max")
-        classes, hidden = (int(v) for v in local.tolist())
-        if classes < 2:
-            raise RuntimeError("UncertaintyEvaluation saw no predictions; is the validation dataloader empty?")
-        return classes, (hidden if self._embedding is not None else None)
-
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        classes, _ = self._shapes(trainer, pl_module)
-        columns = self._columns(classes, None)
-        rows = self._cal.gathered(trainer.strategy, trainer.world_size, columns, pl_module.device)
-        rows = {k: v.cpu() for k, v in rows.items()}
-        need = min_calibration_samples(self.confidence_level)
-        if len(rows["target"]) < need:
-            raise RuntimeError(
-                f"UncertaintyEvaluation: {len(rows['target'])} calibration samples, fewer than the {need} a conformal "
-                f"set at confidence_level={self.confidence_level} needs; raise `calibration_fraction` or validate on more data."
-            )
-        temperature = fit_temperature(rows["logits"], rows["target"]) if self.temperature_scaling else None
-        self.calibration = {"rows": rows, "temperature": temperature, "epoch": trained_epoch(trainer),
-                            "seen": self._cal.seen}  # fmt: skip
-        self._fit_predictors(rows)
+        classes, _ = self._samples.shapes(trainer, pl_module.device)
+        rows = self._samples.gathered_calibration(trainer, row_columns(classes, len(self.columns), None),
+                                                  pl_module.device)  # fmt: skip
+        self.calibration = fit_calibration(rows, confidence_level=self.confidence_level,
+                                           temperature_scaling=self.temperature_scaling, epoch=trained_epoch(trainer),
+                                           seen=self._samples.calibration.seen)  # fmt: skip
+        self._fit_predictors()
 
     def _resolve_scores(self, num_classes: int) -> None:
         self.scores = scores_for(num_classes, self.scores_arg)
@@ -352,38 +308,32 @@ class UncertaintyEvaluation(TrustCallback):
     def _mondrian_groups(self, codes: Tensor) -> Optional[Tensor]:
         return None if self.mondrian is None else codes[:, self.columns.index(self.mondrian)]
 
-    def _fit_predictors(self, rows: dict[str, Tensor]) -> None:
-        probs = rows["logits"].float().softmax(dim=1).double().numpy()
-        self._resolve_scores(probs.shape[1])
-        labels, groups = rows["target"].numpy(), self._mondrian_groups(rows["codes"])
-        self._predictors = {
-            s: ConformalPredictor(s, self.confidence_level, probs.shape[1], self.seed, self.include_last_label).fit(
-                probs, labels, None if groups is None else groups.numpy()
-            )
-            for s in self.scores
-        }
+    def _fit_predictors(self) -> None:
+        assert self.calibration is not None
+        self._resolve_scores(int(self.calibration["rows"]["logits"].shape[1]))
+        self._predictors = fit_predictors(
+            self.calibration, self.scores, confidence_level=self.confidence_level, seed=self.seed,
+            include_last_label=self.include_last_label, conformal_on=self.conformal_on,
+            mondrian_column=None if self.mondrian is None else self.columns.index(self.mondrian),
+        )  # fmt: skip
 
     # evaluation -------------------------------------------------------------------------------
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> None:
         assert self.calibration is not None
-        classes, hidden = self._shapes(trainer, pl_module)
-        device = pl_module.device
-        local = self._eval.rows() or {k: torch.empty((0, *s), dtype=d, device=device)
-                                      for k, (s, d) in self._columns(classes, hidden).items()}  # fmt: skip
-        local = {k: v.to(device) for k, v in local.items()}
+        classes, width = self._samples.shapes(trainer, pl_module.device)
+        hidden = width if self._embedding is not None else None
+        local = self._samples.local_evaluation(row_columns(classes, len(self.columns), hidden), pl_module.device)
         membership = self._layout.membership(local["codes"])
-        seen = torch.tensor([self._eval.seen, len(self._eval)], device=device)
-        if trainer.world_size > 1:
-            seen = trainer.strategy.reduce(seen, reduce_op="sum")
-        seen_n, kept_n = (int(v) for v in seen.tolist())
+        seen_n, kept_n = self._samples.evaluation_counts(trainer, pl_module.device)
         if kept_n < seen_n:
             warn_once(self, f"subsampled {stage.value}", (
                 f"UncertaintyEvaluation: the {stage.value} pass evaluated a uniform sample of {kept_n} of its {seen_n} "
                 f"samples (`max_samples={self.max_samples}` per process); raise `max_samples` to evaluate all."
             ))  # fmt: skip
         temperature = self.calibration["temperature"]
+        probs = conformal_probabilities(local["logits"], temperature, self.conformal_on)
         conformal = conformal_results(
-            self._predictors, local["logits"], local["target"], membership, self._mondrian_groups(local["codes"]),
+            self._predictors, probs, local["target"], membership, self._mondrian_groups(local["codes"]),
             self._layout, self.confidence_level, self.min_cell_samples,
         )  # fmt: skip
         calibration, bins = calibration_results(local["logits"], local["target"], membership, self._layout,
@@ -393,7 +343,7 @@ class UncertaintyEvaluation(TrustCallback):
             "stage": stage.value, "epoch": trained_epoch(trainer), "step": int(trainer.global_step),
             "seen_samples": seen_n, "evaluation_samples": kept_n,
             "conformal": {
-                "confidence_level": self.confidence_level, "mondrian": self.mondrian,
+                "confidence_level": self.confidence_level, "mondrian": self.mondrian, "conformal_on": self.conformal_on,
                 "calibration_samples": len(self.calibration["rows"]["target"]),
                 "calibration_epoch": self.calibration["epoch"],
                 "coverage_gap": max(gaps)[0] if gaps else None, "worst_score": max(gaps)[1] if gaps else None,
@@ -452,4 +402,4 @@ class UncertaintyEvaluation(TrustCallback):
         self.figure_files = dict(state_dict.get("figures", {}))
         self._predictors = {}
         if self.calibration is not None:
-            self._fit_predictors(self.calibration["rows"])
+            self._fit_predictors()

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 from lightning_trust.evaluation.conformal import SCORES
 from lightning_trust.evaluation.shift import SHIFT_TESTS
@@ -44,8 +44,23 @@ def check_uncertainty_arguments(
     n_bins: int,
     every_n_epochs: int,
     min_cell_samples: int,
+    include_last_label: Union[bool, str] = True,
+    figures: str = "report",
+    conformal_on: str = "raw",
+    temperature_scaling: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming the value, the problem and the fix."""
+    if include_last_label not in (True, False, "randomized"):
+        raise ValueError(f"`include_last_label` must be true, false or 'randomized', got {include_last_label!r}.")
+    if figures not in ("report", "never"):
+        raise ValueError(f"`figures` must be 'report' or 'never', got {figures!r}.")
+    if conformal_on not in ("raw", "calibrated"):
+        raise ValueError(f"`conformal_on` must be 'raw' or 'calibrated', got {conformal_on!r}.")
+    if conformal_on == "calibrated" and not temperature_scaling:
+        raise ValueError(
+            "`conformal_on='calibrated'` builds the sets from the temperature-scaled probabilities, and "
+            "`temperature_scaling=False` fits no temperature; set `temperature_scaling=True` or `conformal_on='raw'`."
+        )
     if not isinstance(confidence_level, float) or not 0.0 < confidence_level < 1.0:
         raise ValueError(
             f"`confidence_level` must be a float in (0, 1) (the target coverage), got {confidence_level!r}."

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,6 +27,7 @@ from lightning_trust.evaluation.calibration import CalibrationCells
 from lightning_trust.evaluation.conformal import ConformalPredictor, SetCounts, coverage_rows
 from lightning_trust.evaluation.reservoir import gather_rows
 from lightning_trust.evaluation.shift import ks_test, mmd_test
+from lightning_trust.evaluation.uncertainty_fit import canonical_order
 
 __all__ = [
     "CellLayout",
@@ -71,16 +73,16 @@ def worst_gap(cells: Mapping[str, Mapping[str, Any]], min_samples: int) -> tuple
 
 
 def conformal_results(
-    predictors: Mapping[str, ConformalPredictor], logits: Tensor, target: Tensor, membership: Tensor,
+    predictors: Mapping[str, ConformalPredictor], probs: np.ndarray, target: Tensor, membership: Tensor,
     mondrian_groups: Optional[Tensor], layout: CellLayout, confidence_level: float, min_samples: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Each score's coverage, mean set size and gap per cell (count states synced across processes)."""
-    probs = logits.float().softmax(dim=1).double().cpu().numpy()
+    """Each score's coverage, mean set size and gap per cell of the sets of ``probs`` (the
+    probabilities the predictors were conformalized on; count states synced across processes)."""
     groups = None if mondrian_groups is None else mondrian_groups.cpu().numpy()
     out: dict[str, Any] = {}
     for score, predictor in predictors.items():
-        counts = SetCounts(len(layout.names)).to(logits.device)
-        sets = torch.as_tensor(predictor.predict_sets(probs, groups), device=logits.device)
+        counts = SetCounts(len(layout.names)).to(target.device)
+        sets = torch.as_tensor(predictor.predict_sets(probs, groups), device=target.device)
         counts.update(sets, target, membership)
         cells = coverage_rows(layout.names, counts.compute(), confidence_level)
         gap, worst = worst_gap(cells, min_samples)
@@ -173,15 +175,19 @@ def logged_values(prefix: str, result: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def shift_pass(
-    trainer: Any, local: Mapping[str, Tensor], reference: Optional[Tensor], width: int, by_domain: bool,
+    trainer: Any, local: Mapping[str, Tensor], reference: Optional[tuple[Tensor, Tensor]], width: int, by_domain: bool,
     names: Sequence[str], *, tests: Sequence[str], samples: int, n_permutations: int, correction: str, seed: int,
 ) -> dict[str, Any]:  # fmt: skip
     """The shift tests of a pass: the evaluated embeddings and this process's training reference
-    gathered from every process, then :func:`shift_results` (the domain is the last code column)."""
+    ``(embeddings, positions in the seeded order)`` gathered from every process, each in its
+    canonical order (content keys; positions), then :func:`shift_results` (the domain is the last
+    code column): the same samples in the same order as one process would test."""
     device = local["logits"].device
-    gathered = gather_rows(trainer.strategy, trainer.world_size, dict(local), device)
-    ref_local = reference.to(device) if reference is not None else torch.empty(0, width, device=device)
-    ref = gather_rows(trainer.strategy, trainer.world_size, {"e": ref_local}, device)["e"]
+    gathered = canonical_order(gather_rows(trainer.strategy, trainer.world_size, dict(local), device))
+    ref_local = {"e": torch.empty(0, width, device=device), "key": torch.empty(0, dtype=torch.long, device=device)}
+    if reference is not None:
+        ref_local = {"e": reference[0].to(device), "key": reference[1].to(device)}
+    ref = canonical_order(gather_rows(trainer.strategy, trainer.world_size, ref_local, device))["e"]
     index = gathered["codes"][:, -1] if by_domain else None
     return shift_results(ref if len(ref) else None, gathered["embedding"], index, names, tests, samples,
                          n_permutations, correction, seed)  # fmt: skip
