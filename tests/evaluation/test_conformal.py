@@ -8,7 +8,9 @@ import pytest
 import torch
 from mapie.classification import SplitConformalClassifier
 
+from lightning_trust.core.seam import mapie_quantile
 from lightning_trust.demo import TabularMLP
+from lightning_trust.evaluation.calibration import fit_temperature
 from lightning_trust.evaluation.conformal import (
     ConformalPredictor,
     GivenProbabilities,
@@ -17,6 +19,8 @@ from lightning_trust.evaluation.conformal import (
 )
 from lightning_trust.evaluation.sample_keys import calibrates, sample_keys
 from lightning_trust.evaluation.uncertainty import UncertaintyEvaluation
+from lightning_trust.evaluation.uncertainty_fit import conformal_probabilities, fit_calibration, fit_predictors
+from lightning_trust.evaluation.uncertainty_results import CellLayout, conformal_results
 from tests.support import AdultSubset, trainer
 
 
@@ -62,6 +66,35 @@ def test_mondrian_calibrates_each_group_and_gives_small_groups_the_full_set():
     assert predictor.predict_sets(probs[:3], np.array([2, 2, 2])).all()
 
 
+@pytest.mark.parametrize("score", ["lac", "aps", "raps"])
+def test_calibrated_sets_equal_mapie_on_the_temperature_scaled_probabilities(score):
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(700, 4, generator=g) * 4  # overconfident: the temperature is well above 1
+    target = torch.multinomial((logits / 4).softmax(1), 1, generator=g).reshape(-1)
+    rows = {"logits": logits[:400], "target": target[:400], "key": torch.arange(400), "codes": torch.zeros(400, 0)}
+    calibration = fit_calibration(rows, confidence_level=0.9, temperature_scaling=True, epoch=0, seen=400)
+    t = calibration["temperature"]
+    assert t == pytest.approx(fit_temperature(logits[:400], target[:400])) and t > 2
+    layout = CellLayout([], [])
+    member = layout.membership(torch.zeros(300, 0, dtype=torch.long))
+    got = {}
+    for on in ("calibrated", "raw"):
+        predictors = fit_predictors(calibration, [score], confidence_level=0.9, seed=1, include_last_label=True,
+                                    conformal_on=on, mondrian_column=None)  # fmt: skip
+        probs = conformal_probabilities(logits[400:], t, on)
+        got[on] = conformal_results(predictors, probs, target[400:], member, None, layout, 0.9, 1)[score]
+    scaled = lambda z: (z.float() / t).softmax(1).double().numpy()  # noqa: E731
+    mapie = SplitConformalClassifier(
+        GivenProbabilities(4).fit(), confidence_level=0.9, conformity_score=score, prefit=True, random_state=1
+    ).conformalize(scaled(logits[:400]), target[:400].numpy())
+    sets = mapie.predict_set(scaled(logits[400:]))[1][:, :, 0]
+    assert got["calibrated"]["coverage"] == pytest.approx(sets[np.arange(300), target[400:].numpy()].mean())
+    assert got["calibrated"]["mean_set_size"] == pytest.approx(sets.sum(1).mean())
+    assert got["calibrated"]["quantiles"]["0"] == pytest.approx(mapie_quantile(mapie))
+    if score != "lac":  # LAC's sets move little with T; APS/RAPS accumulate the (flatter) scaled mass
+        assert got["calibrated"]["mean_set_size"] != pytest.approx(got["raw"]["mean_set_size"])
+
+
 def test_set_counts_are_sums_per_cell():
     sets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]]).bool()
     target = torch.tensor([0, 0, 2, 1])
@@ -81,6 +114,8 @@ def test_set_counts_are_sums_per_cell():
     ({"shift_tests": ["energy"]}, "shift_tests"),
     ({"n_permutations": 5}, "n_permutations"),
     ({"include_last_label": "sometimes"}, "include_last_label"),
+    ({"conformal_on": "scaled"}, "conformal_on"),
+    ({"conformal_on": "calibrated", "temperature_scaling": False}, "temperature_scaling=True"),
 ])  # fmt: skip
 def test_bad_configuration_is_refused_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -190,8 +225,9 @@ def test_digits_tuple_batches_aps_raps_equal_mapie(digits, tmp_path):
     order = torch.cat([k[c] for k, c in zip(keys, coins)]).argsort(stable=True)  # calibration rows by key
     cl = torch.cat([b[0][c] for b, c in zip(batches, coins)])[order].softmax(1).double().numpy()
     cy = torch.cat([b[1][c] for b, c in zip(batches, coins)])[order].numpy()
-    el = torch.cat([b[0][~c] for b, c in zip(batches, coins)]).softmax(1).double().numpy()
-    ey = torch.cat([b[1][~c] for b, c in zip(batches, coins)]).numpy()
+    rest = torch.cat([k[~c] for k, c in zip(keys, coins)]).argsort(stable=True)  # evaluated rows by key
+    el = torch.cat([b[0][~c] for b, c in zip(batches, coins)])[rest].softmax(1).double().numpy()
+    ey = torch.cat([b[1][~c] for b, c in zip(batches, coins)])[rest].numpy()
     for score in ("lac", "aps", "raps"):
         m = SplitConformalClassifier(
             GivenProbabilities(10).fit(), confidence_level=0.9, conformity_score=score, prefit=True, random_state=0

@@ -58,10 +58,9 @@ class UncertaintyEvaluation(TrustCallback):
     each ``sensitive_features`` column and per ``domain_key`` domain; the shift tests compare each
     domain's penultimate-layer embeddings with a seeded sample of the training data's.
 
-    Memory: each process keeps at most ``max_samples`` calibration and ``max_samples`` evaluation
-    rows (a seeded uniform reservoir: logits, label, codes, embedding), gathered across processes
-    for the calibration fit and the shift tests; a pass with more samples evaluates a uniform
-    subsample (``evaluation_samples`` < ``seen_samples`` in the report, with a warning).
+    Memory: each process keeps at most ``max_samples`` calibration and evaluation rows each (a
+    seeded reservoir: logits, label, key, codes, embedding), gathered across processes; a pass with
+    more evaluates a uniform subsample (``evaluation_samples`` < ``seen_samples``, with a warning).
 
     Args:
         sensitive_features: side columns of group codes (names from ``datamodule.categories``).
@@ -199,7 +198,7 @@ class UncertaintyEvaluation(TrustCallback):
         self._folder = artifact_dir(trainer, self.report_name)  # a collective under DDP: every process
         classes = getattr(getattr(trainer, "datamodule", None), "num_classes", getattr(pl_module, "num_classes", None))
         if isinstance(classes, int):
-            self._resolve_scores(classes)
+            self.scores = scores_for(classes, self.scores_arg)
         if self.shift_tests:
             _, self._head = find_head(pl_module, classes if isinstance(classes, int) else None, self.embedding_layer)
             self._embedding = InputCapture(self._head)
@@ -302,15 +301,12 @@ class UncertaintyEvaluation(TrustCallback):
                                            seen=self._samples.calibration.seen)  # fmt: skip
         self._fit_predictors()
 
-    def _resolve_scores(self, num_classes: int) -> None:
-        self.scores = scores_for(num_classes, self.scores_arg)
-
     def _mondrian_groups(self, codes: Tensor) -> Optional[Tensor]:
         return None if self.mondrian is None else codes[:, self.columns.index(self.mondrian)]
 
     def _fit_predictors(self) -> None:
         assert self.calibration is not None
-        self._resolve_scores(int(self.calibration["rows"]["logits"].shape[1]))
+        self.scores = scores_for(int(self.calibration["rows"]["logits"].shape[1]), self.scores_arg)
         self._predictors = fit_predictors(
             self.calibration, self.scores, confidence_level=self.confidence_level, seed=self.seed,
             include_last_label=self.include_last_label, conformal_on=self.conformal_on,
@@ -323,7 +319,7 @@ class UncertaintyEvaluation(TrustCallback):
         classes, width = self._samples.shapes(trainer, pl_module.device)
         hidden = width if self._embedding is not None else None
         local = self._samples.local_evaluation(row_columns(classes, len(self.columns), hidden), pl_module.device)
-        membership = self._layout.membership(local["codes"])
+        gathered = self._samples.gathered_evaluation(trainer, local)
         seen_n, kept_n = self._samples.evaluation_counts(trainer, pl_module.device)
         if kept_n < seen_n:
             warn_once(self, f"subsampled {stage.value}", (
@@ -331,13 +327,13 @@ class UncertaintyEvaluation(TrustCallback):
                 f"samples (`max_samples={self.max_samples}` per process); raise `max_samples` to evaluate all."
             ))  # fmt: skip
         temperature = self.calibration["temperature"]
-        probs = conformal_probabilities(local["logits"], temperature, self.conformal_on)
+        probs = conformal_probabilities(gathered["logits"], temperature, self.conformal_on)
         conformal = conformal_results(
-            self._predictors, probs, local["target"], membership, self._mondrian_groups(local["codes"]),
-            self._layout, self.confidence_level, self.min_cell_samples,
+            self._predictors, probs, gathered["target"], self._layout.membership(gathered["codes"]),
+            self._mondrian_groups(gathered["codes"]), self._layout, self.confidence_level, self.min_cell_samples,
         )  # fmt: skip
-        calibration, bins = calibration_results(local["logits"], local["target"], membership, self._layout,
-                                                temperature, self.n_bins, classes)  # fmt: skip
+        calibration, bins = calibration_results(local["logits"], local["target"], self._layout.membership(local["codes"]),
+                                                self._layout, temperature, self.n_bins, classes)  # fmt: skip
         gaps = [(v["coverage_gap"], s) for s, v in conformal.items() if v["coverage_gap"] is not None]
         result: dict[str, Any] = {
             "stage": stage.value, "epoch": trained_epoch(trainer), "step": int(trainer.global_step),
@@ -351,18 +347,18 @@ class UncertaintyEvaluation(TrustCallback):
             },
             "calibration": {"temperature": temperature, **summary_of(calibration), "cells": calibration,
                             "reliability": bins},
-            "shift": self._shift(trainer, pl_module, local, hidden, stage),
+            "shift": self._shift(trainer, pl_module, gathered, hidden, stage),
         }  # fmt: skip
         self.results[stage.value] = result
         self._publish(trainer, pl_module, stage, result)
 
-    def _shift(self, trainer: pl.Trainer, pl_module: pl.LightningModule, local: dict[str, Tensor],
+    def _shift(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gathered: dict[str, Tensor],
                hidden: Optional[int], stage: RunningStage) -> dict[str, Any]:  # fmt: skip
         if not self.shift_tests or self._embedding is None:
             return {"tested": False, "reason": "no shift tests requested", "domains": {}}
         reference = reference_embeddings(trainer, pl_module, self._head, self.contract, self.shift_samples, self.seed)
         names = self._layout.value_names[-1] if self.domain_key else [stage.value]
-        return shift_pass(trainer, local, reference, hidden or 0, self.domain_key is not None, names,
+        return shift_pass(trainer, gathered, reference, hidden or 0, self.domain_key is not None, names,
                           tests=self.shift_tests, samples=self.shift_samples, n_permutations=self.n_permutations,
                           correction=self.ks_correction, seed=self.seed)  # fmt: skip
 

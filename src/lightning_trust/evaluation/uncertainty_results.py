@@ -2,9 +2,9 @@
 and after temperature scaling, and shift tests, per cell (overall, each group, each domain).
 
 A *cell* is ``"overall"`` or ``"<column>=<value>"`` of a side column (a sensitive feature or the
-domain key). Every process evaluates its own samples into count states (synced); the shift tests
-and the calibration fit use the samples gathered from every process, so every process reports the
-same numbers.
+domain key). The calibration metrics are count states of each process's own samples (synced);
+the conformal sets, the shift tests and the calibration fit use the samples gathered from every
+process in canonical order, so every process reports the numbers one process would.
 
 Example:
     >>> layout = CellLayout(["sex"], [["Female", "Male"]])
@@ -77,11 +77,13 @@ def conformal_results(
     mondrian_groups: Optional[Tensor], layout: CellLayout, confidence_level: float, min_samples: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Each score's coverage, mean set size and gap per cell of the sets of ``probs`` (the
-    probabilities the predictors were conformalized on; count states synced across processes)."""
+    probabilities the predictors were conformalized on) of the evaluation rows gathered from every
+    process in canonical order: every process predicts the same sets (MAPIE's randomized
+    ``include_last_label`` draws by position) and counts them without a further reduction."""
     groups = None if mondrian_groups is None else mondrian_groups.cpu().numpy()
     out: dict[str, Any] = {}
     for score, predictor in predictors.items():
-        counts = SetCounts(len(layout.names)).to(target.device)
+        counts = SetCounts(len(layout.names), sync_on_compute=False).to(target.device)
         sets = torch.as_tensor(predictor.predict_sets(probs, groups), device=target.device)
         counts.update(sets, target, membership)
         cells = coverage_rows(layout.names, counts.compute(), confidence_level)
@@ -175,15 +177,14 @@ def logged_values(prefix: str, result: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def shift_pass(
-    trainer: Any, local: Mapping[str, Tensor], reference: Optional[tuple[Tensor, Tensor]], width: int, by_domain: bool,
+    trainer: Any, gathered: Mapping[str, Tensor], reference: Optional[tuple[Tensor, Tensor]], width: int, by_domain: bool,
     names: Sequence[str], *, tests: Sequence[str], samples: int, n_permutations: int, correction: str, seed: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """The shift tests of a pass: the evaluated embeddings and this process's training reference
-    ``(embeddings, positions in the seeded order)`` gathered from every process, each in its
-    canonical order (content keys; positions), then :func:`shift_results` (the domain is the last
+    """The shift tests of a pass: the evaluated rows ``gathered`` from every process (canonical
+    order) against this process's training reference ``(embeddings, positions in the seeded
+    order)`` gathered and sorted by position, then :func:`shift_results` (the domain is the last
     code column): the same samples in the same order as one process would test."""
-    device = local["logits"].device
-    gathered = canonical_order(gather_rows(trainer.strategy, trainer.world_size, dict(local), device))
+    device = gathered["logits"].device
     ref_local = {"e": torch.empty(0, width, device=device), "key": torch.empty(0, dtype=torch.long, device=device)}
     if reference is not None:
         ref_local = {"e": reference[0].to(device), "key": reference[1].to(device)}

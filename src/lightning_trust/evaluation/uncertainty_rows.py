@@ -26,8 +26,9 @@ from torch import Tensor
 
 from lightning_trust.core.batch import BatchContract, BatchKeyError
 from lightning_trust.evaluation.domains import DomainIndex
-from lightning_trust.evaluation.reservoir import SampleReservoir
+from lightning_trust.evaluation.reservoir import SampleReservoir, gather_rows
 from lightning_trust.evaluation.sample_keys import calibrates, sample_keys
+from lightning_trust.evaluation.uncertainty_fit import canonical_order
 from lightning_trust.fairness.groups import read_codes
 
 __all__ = ["PassSamples", "batch_rows", "row_columns"]
@@ -102,6 +103,11 @@ class PassSamples:
         """This process's evaluation rows (empty columns when it kept none), on ``device``."""
         rows = self.evaluation.rows() or {k: torch.empty((0, *s), dtype=d) for k, (s, d) in columns.items()}
         return {k: v.to(device) for k, v in rows.items()}
+
+    def gathered_evaluation(self, trainer: Any, local: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every process's evaluation rows (``local``: this one's), on every process, in canonical order."""
+        device = local["logits"].device
+        return canonical_order(gather_rows(trainer.strategy, trainer.world_size, local, device))
 
     def evaluation_counts(self, trainer: Any, device: torch.device) -> tuple[int, int]:
         """``(seen, kept)`` evaluation samples summed over processes."""
