@@ -1,7 +1,8 @@
 """Benchmark of lightning_trust.explain (CPU): what the Attribution callback costs, and ours vs Captum's.
 
 1. Overhead of ``Attribution()`` with its defaults (``max_overhead=0.05``: the passes are spaced within
-   5% of the fit's time, the final pass always runs) as a fraction of fit time, on the Adult demo
+   5% of the fit's time; the final pass always runs its minimum, then explains further chunks of 8 fixed
+   samples while they fit) as a fraction of fit time, on the Adult demo
    (TabularMLP), the digits demo (SmallCNN) and the text demo (TinyTextTransformer, a tiny HF BERT on
    AdultTextDataModule): fits with and without the callback, interleaved, best of ``--repeats``
    (goal <= 5%). Also what the callback's budget measured (passes run and skipped).
@@ -72,7 +73,7 @@ def fit(make_model, make_data, callbacks, epochs, limit_train=None):
 
 
 def overhead(name, make_model, make_data, epochs, repeats, make_callback, limit_train=None):
-    base, with_cb, budgets = [], [], []
+    base, with_cb, reports = [], [], []
     model = trainer = callback = None
     for _ in range(repeats):
         seconds, _, _ = fit(make_model, make_data, [], epochs, limit_train)
@@ -80,9 +81,10 @@ def overhead(name, make_model, make_data, epochs, repeats, make_callback, limit_
         callback = make_callback()
         seconds, model, trainer = fit(make_model, make_data, [callback], epochs, limit_train)
         with_cb.append(seconds)
-        budgets.append(callback.report()["budget"])
+        reports.append(callback.report())
     best_base, best_with = min(base), min(with_cb)
-    budget = budgets[with_cb.index(best_with)]
+    report = reports[with_cb.index(best_with)]
+    budget = report["budget"]
     fit_own = budget["seconds"] / budget["overhead"] if budget["overhead"] else None  # the fit without the passes
     final = budget.get("final_pass") or {}
     row = {
@@ -104,6 +106,10 @@ def overhead(name, make_model, make_data, epochs, repeats, make_callback, limit_
         "final_pass_minimum_seconds": final.get("minimum_seconds"),
         "final_minimum_fraction_of_fit": final["minimum_seconds"] / fit_own if final and fit_own else None,
         "final_sensitivity": final.get("sensitivity"),
+        # the final pass sized in samples: chunks of 8 after its minimum while one more fits
+        "final_samples": final.get("samples"),
+        "samples_explained": report.get("samples_explained"),
+        "num_samples": report.get("num_samples"),
         "within_budget": final.get("within_budget"),
         "figure_seconds_at_report": budget.get("figure_seconds"),  # drawn by report(), after the fit
         "first_pass_estimate_seconds": budget.get("first_pass_estimate"),

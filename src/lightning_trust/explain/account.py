@@ -2,6 +2,11 @@
 their seconds, the work dropped (a whole pass, or ``sensitivity_max`` perturbations: what, why, the
 seconds it would have cost), and the final pass against what the budget had left for it.
 
+A final pass in fit with a budget asks :meth:`PassAccount.explain_more` before each chunk of samples
+after its minimum (:func:`~lightning_trust.explain.budgeting.explain_more_samples`, a chunk's cost
+measured from those done on the budget's clock); the chunks it drops are recorded (``what="samples"``)
+and every aggregate number of the pass is over the samples explained.
+
 A pass asks :meth:`PassAccount.sensitivity_count` how many ``sensitivity_max`` perturbations fit
 (:func:`~lightning_trust.explain.budgeting.sensitivity_perturbations`); fewer than configured is
 recorded, and a ``sensitivity_max`` over fewer perturbations (a lower bound of the configured one) is
@@ -26,7 +31,7 @@ from typing import Any, Optional
 
 from lightning_trust.core.budget import OverheadBudget
 from lightning_trust.core.output import warn_once
-from lightning_trust.explain.budgeting import dropped_entry, sensitivity_perturbations
+from lightning_trust.explain.budgeting import dropped_entry, explain_more_samples, sensitivity_perturbations
 
 __all__ = ["PassAccount"]
 
@@ -44,6 +49,7 @@ class PassAccount:
         self.pass_seconds: list[float] = []  # each pass's time in this fit, files (and figures drawn in fit) included
         self.final: Optional[dict[str, Any]] = None  # the final pass against its allowance
         self.sizing: Optional[dict[str, Any]] = None  # this pass's sensitivity_max sizing
+        self.samples: Optional[dict[str, Any]] = None  # this pass's sizing in samples (a final pass in fit)
         self._started = 0.0
         self._allowance: Optional[float] = None
         self._in_fit = False
@@ -53,12 +59,58 @@ class PassAccount:
     def begin(self, final: bool, in_fit: bool) -> None:
         """A pass starts: note what the budget has left for it."""
         self._started, self._final, self._in_fit, self.sizing = self.budget.clock(), final, in_fit, None
+        self.samples = None
         limited = in_fit and self.budget.max_overhead is not None
         self._allowance = self.budget.allowance() if limited else None
 
     def running(self) -> float:
         """Seconds the current pass has run."""
         return self.budget.clock() - self._started
+
+    def sizes_samples(self) -> bool:
+        """Whether this pass is sized in samples: a final pass in fit, with a budget."""
+        return self._final and self._in_fit and self.budget.max_overhead is not None
+
+    def plan_samples(self, total: int, minimum: int, chunk: int) -> None:
+        """This pass explains ``total`` samples in chunks of ``chunk``, the first ``minimum`` always."""
+        self.samples = {
+            "configured": total, "explained": total, "minimum": minimum, "chunk": chunk,
+            "chunk_seconds": None, "allowance_seconds": None, "minimum_seconds": None,
+        }  # fmt: skip
+
+    def explain_more(self, done: int) -> bool:
+        """Whether the pass explains the samples after its first ``done``: always within its minimum (or
+        when it is not sized) and within a chunk (Captum calls of ``batch_size`` < a chunk), then while one
+        more chunk fits what is left."""
+        plan = self.samples
+        if plan is None or done < plan["minimum"] or done % plan["chunk"]:
+            return True
+        running = self.running()
+        if plan["minimum_seconds"] is None:
+            plan["minimum_seconds"] = running
+        chunk = running * plan["chunk"] / done if done else 0.0
+        plan["chunk_seconds"], plan["allowance_seconds"] = chunk, self.budget.allowance(running)
+        more = explain_more_samples(self.budget, running, chunk)
+        if not more:
+            plan["explained"] = done
+        return more
+
+    def record_samples(self, result: Any) -> None:
+        """Record the chunks of samples the budget dropped from ``result``'s pass."""
+        plan = self.samples
+        if plan is None or plan["explained"] >= plan["configured"]:
+            return
+        k, n, chunk, left = plan["explained"], plan["configured"], plan["chunk_seconds"], plan["allowance_seconds"]
+        would_cost = (n - k) / plan["chunk"] * chunk
+        reason = (
+            f"over the overhead budget: {k} of the {n} fixed samples explained (chunks of {plan['chunk']} at "
+            f"{_s(chunk)} each, {plan['minimum']} always); the next chunk did not fit the {_s(left)} left within "
+            f"max_overhead={self.budget.max_overhead}: every aggregate number is over the first {k} samples"
+        )
+        self.skipped.append(dropped_entry(
+            result.stage, result.epoch, result.step, "samples", reason, would_cost,
+            explained=k, configured=n, minimum=plan["minimum"],
+        ))  # fmt: skip
 
     def sensitivity_count(self, unit_seconds: float, configured: int) -> int:
         """The ``sensitivity_max`` perturbations this pass runs: all outside a fit or without a budget,
@@ -107,6 +159,9 @@ class PassAccount:
         if not (self._final and self._in_fit):
             return
         minimum = self.sizing["minimum_seconds"] if self.sizing is not None else seconds
+        if self.samples is not None and self.samples["minimum_seconds"] is not None:
+            minimum = self.samples["minimum_seconds"]
+            num_samples = self.samples["minimum"]
         budget = self.budget
         self.final = {
             "stage": stage,
@@ -114,6 +169,7 @@ class PassAccount:
             "allowance_seconds": self._allowance,
             "minimum_seconds": minimum,
             "sensitivity": None if self.sizing is None else dict(self.sizing),
+            "samples": None if self.samples is None else dict(self.samples),
             "within_budget": budget.max_overhead is None or budget.overhead() <= budget.max_overhead,
         }
         if self._allowance is not None and minimum > self._allowance:

@@ -25,18 +25,18 @@ from typing_extensions import override
 from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_trust.core.output import DeferredFigures, log_metrics
-from lightning_trust.core.tensors import to_jsonable
 from lightning_trust.explain import plots
 from lightning_trust.explain.account import PassAccount
 from lightning_trust.explain.arguments import check_attribution_arguments
-from lightning_trust.explain.budgeting import allows_pass, is_final_pass
+from lightning_trust.explain.attribution_report import attribution_report
+from lightning_trust.explain.budgeting import CHUNK_SAMPLES, admits_pass, is_final_pass, minimum_samples
 from lightning_trust.explain.compute import compute_explanation
-from lightning_trust.explain.explanation import Explanation, rank_correlation, sample_captions, write_files
+from lightning_trust.explain.explanation import Explanation, sample_captions, write_files
+from lightning_trust.explain.history import PassHistory
 from lightning_trust.explain.keys import ATTRIBUTION_LOGGED_KEYS, ATTRIBUTION_REPORT_KEYS
-from lightning_trust.explain.methods import BASELINES, METHODS
 from lightning_trust.explain.plan import Plan, check_runs_at_validation, make_plan
 from lightning_trust.explain.resolution import Modality, resolve_modality
-from lightning_trust.explain.sample import FixedSample, draw_fixed_sample, draw_reference
+from lightning_trust.explain.sample import FixedSample, draw_fixed_sample, draw_reference, sample_classes
 from lightning_trust.explain.schedule import ScheduledPass
 
 __all__ = ["Attribution"]
@@ -103,9 +103,11 @@ class Attribution(ScheduledPass):
         max_overhead: the passes' time as a share of the fit's own time (default 0.05): a due pass
             runs only when it keeps the total within it (:class:`~lightning_trust.core.OverheadBudget`);
             the final pass (fit or test end, a standalone validation) always runs its minimum (the
-            attributions of the fixed samples, with the configured ``n_steps``, their delta and
-            infidelity) and only the ``sensitivity_max`` perturbations that fit what is left. ``None``:
-            every due pass runs in full. What was dropped (what, why, the seconds it would have cost)
+            attributions, with the configured ``n_steps``, their delta and infidelity, of the first
+            chunk of 8 fixed samples, or of the first chunks holding one sample per class: the sample
+            takes the classes in turn), then further chunks of 8 while one more fits what is left
+            (``samples_explained`` of ``num_samples``: every aggregate is over them) and only the
+            ``sensitivity_max`` perturbations that fit after them. ``None``: every due pass runs in full. What was dropped (what, why, the seconds it would have cost)
             is reported under ``budget``; a number it affects is null there, its partial value kept
             in the record (see :mod:`~lightning_trust.explain.account`).
         max_new_tokens: tokens a causal LM generates (greedily) as the target attributed to its prompt.
@@ -202,9 +204,7 @@ class Attribution(ScheduledPass):
         self._plan: Optional[Plan] = None
         self.sample: Optional[FixedSample] = None
         self.reference: Optional[Tensor] = None  # training inputs for "mean"/"train" baselines
-        self.previous: Optional[Tensor] = None  # the last pass's global importance
-        self._previous_before: Optional[Tensor] = None
-        self.history: list[dict[str, Any]] = []
+        self.track = PassHistory()  # each pass's record, and the drift's reference
         self.last: Optional[Explanation] = None
         self._figures: dict[str, str] = {}
         self._owed = DeferredFigures()  # figures="report": drawn when the report is read
@@ -248,12 +248,17 @@ class Attribution(ScheduledPass):
         return self.account.skipped
 
     @property
+    def history(self) -> list[dict[str, Any]]:
+        """Each pass's record (stage, epoch, step, drift, quality, top features, seconds, samples)."""
+        return self.track.entries
+
+    @property
     def pass_seconds(self) -> list[float]:
         """Each pass's time in this fit."""
         return self.account.pass_seconds
 
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
-        if not self._budget_allows(trainer, stage):
+        if not admits_pass(self, trainer, self._is_final(trainer, stage)):
             estimate = getattr(self._plan, "pass_estimate", None)
             expected = self.budget.expected_cost() if self.budget.runs else estimate
             self.account.skip_pass(stage, int(trainer.current_epoch), int(trainer.global_step), expected)
@@ -265,20 +270,6 @@ class Attribution(ScheduledPass):
             self._pass(trainer, pl_module, stage, hook_allows_log)
         self.account.end(self, stage, self.budget.spent - before, self.num_samples)
 
-    def _budget_allows(self, trainer: Any, stage: str) -> bool:
-        final, estimate = self._is_final(trainer, stage), getattr(self._plan, "pass_estimate", None)
-        max_epochs = getattr(trainer, "max_epochs", None) or 0
-        done = (int(trainer.current_epoch) + 1) / max_epochs if max_epochs > 0 else 1.0
-        return allows_pass(self.budget, estimate, final, reserve=self._final_share(), fraction_done=done)
-
-    def _final_share(self) -> float:
-        """The final pass's expected cost in passes: one, plus ``sensitivity_max`` (an attribution per
-        perturbation) when it is deferred to the end and computed (float inputs, not a layer method)."""
-        plan = self._plan
-        quality = plan is not None and not plan.token and not METHODS[plan.method].layer
-        deferred = self.sensitivity_at == "end" and quality
-        return 1.0 + (self.sensitivity_samples if deferred else 0)
-
     def _is_final(self, trainer: Any, stage: str) -> bool:
         return is_final_pass(trainer, stage, self.runs_at("fit_end"))
 
@@ -288,6 +279,13 @@ class Attribution(ScheduledPass):
         :func:`~lightning_trust.explain.budgeting.sensitivity_perturbations`), all otherwise. Override
         for another rule; fewer than ``configured`` is reported under ``budget``."""
         return self.account.sensitivity_count(unit_seconds, configured)
+
+    def explain_more(self, done: int, seconds: float) -> bool:
+        """Policy: whether a pass explains the chunk of samples after its first ``done`` (``seconds``: the
+        chunks' time so far): within its minimum always, then while one more chunk fits the budget (see
+        :meth:`~lightning_trust.explain.account.PassAccount.explain_more`); a pass that is not sized (not
+        final, outside fit, ``max_overhead=None``) explains every sample. Override for another rule."""
+        return self.account.explain_more(done)
 
     def _pass(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         start = time.perf_counter()
@@ -324,9 +322,8 @@ class Attribution(ScheduledPass):
         pass redoes the last one on the same weights (with the deferred work): it takes its place in the
         history and its drift is against the pass before.
         """
-        if replace_last and self.history:
-            self.history.pop()
-            self.previous = self._previous_before
+        if replace_last:
+            self.track.undo_last()
         if self._plan is None:
             self._plan = make_plan(self, pl_module, trainer)
         contract = BatchContract.resolve(self.batch_keys, trainer)
@@ -341,24 +338,24 @@ class Attribution(ScheduledPass):
 
     def _explain(self, pl_module: Any, trainer: Any, stage: str, final: bool) -> Explanation:
         assert self.sample is not None and self._plan is not None  # drawn and planned by `explain`
+        chunk = None
+        if self.account.sizes_samples():  # a final pass in fit: in chunks, as many as the budget affords
+            chunk = min(self.batch_size or CHUNK_SAMPLES, CHUNK_SAMPLES)  # Captum calls within a budget chunk
+            total = len(self.sample.inputs)
+            self.account.plan_samples(total, minimum_samples(sample_classes(self.sample), total), CHUNK_SAMPLES)
         result = compute_explanation(
-            self, pl_module, trainer, self._plan, self.sample, stage, final, self.sensitivity_count
-        )
+            self, pl_module, trainer, self._plan, self.sample, stage, final, self.sensitivity_count,
+            self.explain_more if chunk else None, chunk,
+        )  # fmt: skip
+        self.account.record_samples(result)
         self.account.record_sensitivity(result)
-        result.drift = rank_correlation(result.importance, self.previous) if self.previous is not None else None
-        self._previous_before = self.previous
-        self.previous = result.importance
+        self.track.record(result, self.top_k)
         self.last = result
-        self.history.append({
-            "stage": stage, "epoch": result.epoch, "step": result.step, "drift": result.drift,
-            "convergence_delta": result.convergence_delta, "infidelity": result.infidelity,
-            "sensitivity_max": result.sensitivity_max, "top_features": result.top(self.top_k), "seconds": result.seconds,
-        })  # fmt: skip
         return result
 
     # outputs ----------------------------------------------------------------------------------
     def _write(self, trainer: Any, result: Explanation) -> None:
-        indices = self.sample.indices if self.sample else []
+        indices = self.sample.indices[: result.samples_explained] if self.sample else []
         result.files = write_files(self.folder(trainer), result, self.method, self.history, indices)
 
     def _draw(self, trainer: Any, result: Explanation) -> None:
@@ -374,38 +371,14 @@ class Attribution(ScheduledPass):
         """The last pass as plain JSON (see :attr:`report_keys`), figures under ``"figures"`` (drawn now,
         once, when ``figures="report"``)."""
         self._owed.draw()
-        last, plan = self.last, self._plan
-        return to_jsonable({
-            "method": self.method,
-            "target": self.target,
-            "baseline": self.baseline if not isinstance(self.baseline, str) or self.baseline in BASELINES else "file",
-            "num_samples": len(self.sample.inputs) if self.sample is not None else self.num_samples,
-            "epoch": None if last is None else last.epoch,
-            "top_features": [] if last is None else last.top(self.top_k),
-            "infidelity": None if last is None else last.infidelity,
-            "sensitivity_max": None if last is None else last.sensitivity_max,
-            "convergence_delta": None if last is None else last.convergence_delta,
-            "drift": None if last is None else last.drift,
-            "drift_history": [h["drift"] for h in self.history],
-            "seconds": self.total_seconds,
-            "input": plan.key if plan is not None and isinstance(plan.key, str) else None,
-            "layer": None if plan is None else plan.layer,
-            "tokens": None if last is None else last.token_scores(),
-            "generated": None if last is None else last.generated,
-            "patch_size": None if plan is None else plan.patch_size,
-            "budget": self.account.summary(plan, self._owed.seconds),
-            "figures": dict(self._figures),
-            "files": {} if last is None else dict(last.files),
-        })  # fmt: skip
+        return attribution_report(self)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "sample": None if self.sample is None else self.sample.state(),
             "reference": self.reference,
-            "previous": self.previous,
-            "previous_before": self._previous_before,
-            "history": self.history,
+            **self.track.state_dict(),
             "budget": self.budget.state_dict(),
             "skipped": self.skipped,
         }
@@ -415,8 +388,6 @@ class Attribution(ScheduledPass):
         sample = state_dict.get("sample")
         self.sample = None if sample is None else FixedSample.from_state(sample)
         self.reference = state_dict.get("reference")
-        self.previous = state_dict.get("previous")
-        self._previous_before = state_dict.get("previous_before")
-        self.history = list(state_dict.get("history", []))
+        self.track.load_state_dict(state_dict)
         self.budget.load_state_dict(state_dict.get("budget", {}))
         self.account.skipped[:] = list(state_dict.get("skipped", []))

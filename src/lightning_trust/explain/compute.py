@@ -4,7 +4,8 @@ tokens), turned into an :class:`~lightning_trust.explain.explanation.Explanation
 
 Runs inside :func:`~lightning_trust.core.isolated_eval` (DP hooks paused, eval mode, forked RNGs,
 parameters frozen), so nothing of it reaches training. The other inputs (attention mask, token
-types) go to every Captum forward as ``additional_forward_args``; padded positions score 0.
+types) go to every Captum forward as ``additional_forward_args``; padded positions score 0. A pass
+sized in samples (``proceed``) explains a prefix of the sample: the explanation holds those samples.
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ def compute_explanation(
     stage: str,
     final: bool,
     sensitivity_count: Callable[[float, int], int] = lambda unit_seconds, count: count,
+    proceed: Optional[Callable[[int, float], bool]] = None,
+    chunk: Optional[int] = None,
 ) -> Explanation:
     """Explain ``sample`` with ``cb``'s settings (``final``: with the work deferred to the end;
     ``sensitivity_count(unit_seconds, configured)``: how many ``sensitivity_max`` perturbations the
-    budget takes, one attribution of the sample costing ``unit_seconds``)."""
+    budget takes, one attribution of the sample costing ``unit_seconds``; ``proceed(done, seconds)``:
+    whether to explain the chunk of ``chunk`` samples after the first ``done``, see
+    :func:`~lightning_trust.explain.methods.attribute`)."""
     start = time.perf_counter()
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     inputs = sample.inputs.to(device).clone()  # a normal tensor even if drawn under inference mode
@@ -59,15 +64,22 @@ def compute_explanation(
         if plan.kind == "llm":
             found = _llm(cb, inner, trainer, plan, inputs, mask)
         else:
-            found = _model(cb, inner, trainer, plan, modality, inputs, others, mask, final, sensitivity_count)
+            sizing = (sensitivity_count, proceed, chunk)
+            found = _model(cb, inner, trainer, plan, modality, inputs, others, mask, final, sizing)
     attributions, targets, baselines, delta, infid, sens, extra = found
+    k = len(attributions)  # the samples explained: a prefix of the sample
+    inputs, mask = inputs[:k], None if mask is None else mask[:k]
+    if targets is not None:
+        targets = targets[:k]
+    if baselines is not None and len(baselines) == len(sample.inputs) and k < len(sample.inputs):
+        baselines = baselines[:k]  # one per sample (a distribution of references stays whole)
     input_attr = to_input_space(attributions, inputs, modality, plan.method, mask)
     importance = input_attr.detach().abs().float().mean(dim=0).flatten().cpu()
     datamodule = getattr(trainer, "datamodule", None)
     names = feature_names(input_attr, modality, cb.feature_names, getattr(datamodule, "feature_names", None))
     tokens = None
     if modality == "text":
-        rows = tokens_of(sample.inputs, vocab_of(datamodule))
+        rows = tokens_of(sample.inputs[:k], vocab_of(datamodule))
         keep = mask.bool().tolist() if mask is not None else [[True] * len(r) for r in rows]
         tokens = [[t for t, k in zip(row, kept) if k] for row, kept in zip(rows, keep)]
     patches = None
@@ -77,7 +89,7 @@ def compute_explanation(
         stage=stage,
         epoch=trained_epoch(trainer),
         step=int(getattr(trainer, "global_step", 0) or 0),
-        inputs=sample.inputs.detach().cpu(),
+        inputs=sample.inputs[:k].detach().cpu(),
         targets=None if targets is None else targets.detach().cpu(),
         baselines=None if baselines is None else baselines.detach().cpu(),
         attributions=attributions.detach().cpu(),
@@ -94,6 +106,7 @@ def compute_explanation(
         generated=extra.get("generated"),
         token_attr=extra.get("token_attr"),
         sensitivity_perturbations=int(extra.get("sensitivity_perturbations", 0)),
+        samples_total=len(sample.inputs),
     )
 
 
@@ -107,7 +120,7 @@ def _model(
     others: tuple[Tensor, ...],
     mask: Optional[Tensor],
     final: bool,
-    sensitivity_count: Callable[[float, int], int],
+    sizing: tuple[Callable[[float, int], int], Optional[Callable[[int, float], bool]], Optional[int]],
 ) -> tuple[Any, ...]:
     assert cb.sample is not None
     forward = plan.forward(module)
@@ -117,7 +130,8 @@ def _model(
     layer = resolve_layer(module, plan.layer) if plan.layer else None
     quality = modality != "text" and not spec.layer  # Captum's metrics perturb float inputs
     with_sensitivity = quality and cb.sensitivity_samples > 0 and (final or cb.sensitivity_at == "every")
-    chunks = chunk_slices(len(inputs), cb.batch_size)
+    sensitivity_count, proceed, chunk = sizing
+    chunks = chunk_slices(len(inputs), chunk or cb.batch_size)
     steps = len(chunks) * (1 + (quality and cb.infidelity_samples > 0) + with_sensitivity)
     with progress(trainer, steps, f"Attribution ({cb.method})", cb.progress) as bar:
         found = attribute(
@@ -126,6 +140,7 @@ def _model(
             infidelity_samples=cb.infidelity_samples if quality else 0, infidelity_noise=cb.infidelity_noise,
             sensitivity_samples=cb.sensitivity_samples if with_sensitivity else 0,
             sensitivity_radius=cb.sensitivity_radius, sensitivity_count=sensitivity_count,
+            proceed=proceed or (lambda done, seconds: True),
         )  # fmt: skip
     extra = {"sensitivity_perturbations": found.sensitivity_perturbations}
     return found.attributions, targets, baselines, found.delta, found.infidelity, found.sensitivity_max, extra

@@ -60,6 +60,12 @@ class Explanation:
     generated: Optional[list[list[str]]] = None  # causal LMs: each sample's generated target tokens
     token_attr: Optional[list[Tensor]] = None  # causal LMs: per sample (generated x prompt tokens)
     sensitivity_perturbations: int = 0  # perturbations sensitivity_max ran (fewer than configured: budget)
+    samples_total: Optional[int] = None  # the fixed sample's size: more than len(inputs) when cut to the budget
+
+    @property
+    def samples_explained(self) -> int:
+        """The samples this pass explained (a prefix of the fixed sample); every aggregate is over them."""
+        return len(self.inputs)
 
     def token_scores(self) -> Optional[list[list[dict[str, Any]]]]:
         """Each sample's ``[{"token", "score"}]`` over its unpadded tokens (``None`` unless token inputs)."""

@@ -31,6 +31,8 @@ ATTRIBUTION_REPORT_KEYS: dict[str, str] = {
     "target": "the class explained: 'pred', 'true' or a class index",
     "baseline": "the baseline: a named one, a number, or 'file'",
     "num_samples": "size of the fixed sample explained",
+    "samples_explained": "samples the last pass explained: a prefix of the fixed sample when the budget cut it",
+    "aggregated_over": "{samples, of, numbers}: the numbers (top_features, delta, infidelity...) are over that many",
     "epoch": "epoch of the last pass (null before any)",
     "top_features": "the top_k features of the last pass, [{feature, score}]",
     "infidelity": "Captum's infidelity of the last pass",
@@ -46,9 +48,10 @@ ATTRIBUTION_REPORT_KEYS: dict[str, str] = {
     "generated": "causal LMs: each sample's generated target tokens, attributed to its prompt (else null)",
     "patch_size": "vision transformers: the patch size of the patch heatmaps (else null)",
     "budget": "the overhead budget: max_overhead, measured overhead, runs, skipped, seconds, skipped_passes "
-    "(what it dropped: stage, epoch, step, what: a whole 'pass' or 'sensitivity_max' perturbations, reason, "
-    "would_cost_seconds; ran, configured and lower_bound for a partial sensitivity_max), pass_seconds (each pass "
-    "run), final_pass (seconds, allowance_seconds, minimum_seconds, within_budget), figure_seconds (drawing at "
+    "(what it dropped: stage, epoch, step, what: a whole 'pass', the last 'samples' or 'sensitivity_max' "
+    "perturbations, reason, would_cost_seconds; ran, configured and lower_bound for a partial sensitivity_max; "
+    "explained, configured and minimum for samples), pass_seconds (each pass run), final_pass (seconds, "
+    "allowance_seconds, minimum_seconds, samples, sensitivity, within_budget), figure_seconds (drawing at "
     "report time, outside the fit)",
 }
 

@@ -277,6 +277,7 @@ def attribute(
     sensitivity_samples: int = 0,
     sensitivity_radius: float = 0.02,
     sensitivity_count: Callable[[float, int], int] = lambda unit_seconds, count: count,
+    proceed: Callable[[int, float], bool] = lambda done, seconds: True,
 ) -> Attributions:
     """``method``'s attributions of ``inputs`` chunk by chunk, with Captum's ``infidelity`` (Gaussian
     perturbations of std ``infidelity_noise``) and ``sensitivity_max`` (L-inf radius
@@ -289,6 +290,9 @@ def attribute(
     ``sensitivity_count(unit_seconds, sensitivity_samples)``: asked once, after every chunk's
     attributions, with the seconds of one ``sensitivity_max`` perturbation (one attribution of every
     chunk); returns the perturbations to run (0 skips it: ``sensitivity_max=None``).
+    ``proceed(samples_done, seconds)``: asked before each chunk after the first (``seconds``: the chunks'
+    time so far, attributions and infidelity); ``False`` stops there: every result is then over the
+    chunks done, a prefix of ``inputs``.
     """
     from captum.metrics import infidelity, sensitivity_max
 
@@ -310,8 +314,11 @@ def attribute(
     _, call = split_options(method, dict(options or {}))
     per_sample_base = baselines is not None and spec.baseline == "single"
     attrs, deltas, infids, sens, calls = [], [], [], [], []
-    attribution_seconds = 0.0
+    attribution_seconds = chunk_seconds = 0.0
+    done: list[slice] = []
     for part in chunks:
+        if done and not proceed(done[-1].stop, chunk_seconds):
+            break
         started = time.perf_counter()
         kwargs: dict[str, Any] = dict(call)
         if baselines is not None:
@@ -342,10 +349,12 @@ def attribute(
             )  # fmt: skip
             infids.append(value.detach().reshape(-1))
             advance()
+        chunk_seconds += time.perf_counter() - started
+        done.append(part)
     count = 0  # sensitivity_max: after every attribution, sized to what is left
     if sensitivity_samples > 0:
         count = min(max(int(sensitivity_count(attribution_seconds, sensitivity_samples)), 0), sensitivity_samples)
-    for part, kwargs in list(zip(chunks, calls)) if count else []:
+    for part, kwargs in list(zip(done, calls)) if count else []:
         fixed_base = kwargs.pop("baselines", None) if spec.baseline == "distribution" else None
         value = sensitivity_max(
             _explanation_func(explainer, fixed_base), inputs[part], perturb_radius=sensitivity_radius,

@@ -11,6 +11,8 @@ Example:
     >>> sample = draw_sample(loader, BatchContract(), num_samples=8, seed=0)
     >>> sample.inputs.shape, sample.targets.tolist()
     (torch.Size([8, 3]), [0, 0, 0, 0, 1, 1, 1, 1])
+    >>> interleave_classes(torch.tensor([0, 0, 0, 1, 1, 2])).tolist()  # each prefix balanced over classes
+    [0, 3, 5, 1, 4, 2]
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from lightning_trust.core.loaders import find_loader
 from lightning_trust.core.passes import fork_rngs
 from lightning_trust.explain.inputs import Key, split_inputs
 
-__all__ = ["FixedSample", "draw_fixed_sample", "draw_reference", "draw_sample", "stratified_indices"]
+__all__ = [
+    "FixedSample",
+    "draw_fixed_sample",
+    "draw_reference",
+    "draw_sample",
+    "interleave_classes",
+    "stratified_indices",
+]
 
 
 @dataclass
@@ -187,17 +196,49 @@ def draw_sample(
     )
 
 
+def _class_labels(targets: Optional[Tensor]) -> bool:
+    return targets is not None and targets.ndim == 1 and not targets.is_floating_point() and targets.dtype != torch.bool
+
+
+def interleave_classes(targets: Tensor) -> Tensor:
+    """The order of a sample that takes the classes in turn (the first of each class, then the second
+    of each...), each class's samples in their order: every prefix is as balanced over classes as it
+    can be, so a pass cut to a prefix (the budget) explains a stratified sample."""
+    labels = targets.tolist()
+    rank: dict[Any, int] = {}
+    keys = []
+    for i, label in enumerate(labels):
+        rank[label] = rank.get(label, -1) + 1
+        keys.append((rank[label], label, i))
+    return torch.tensor([i for _, _, i in sorted(keys)], dtype=torch.long)
+
+
+def sample_classes(sample: FixedSample) -> int:
+    """The classes a sample's class-label targets hold (0 without them)."""
+    targets = sample.targets
+    return len(set(targets.tolist())) if targets is not None and _class_labels(targets) else 0
+
+
 def draw_fixed_sample(
     trainer: Any, contract: BatchContract, num_samples: int, seed: int, stratify: bool, choose: Optional[str]
 ) -> FixedSample:
-    """The fixed sample of the Trainer's validation data (else its test data), keyword inputs allowed."""
+    """The fixed sample of the Trainer's validation data (else its test data), keyword inputs allowed;
+    stratified, it takes the classes in turn (:func:`interleave_classes`)."""
     loader, kind = find_loader(trainer, ("val", "test"))
     if loader is None:
         raise RuntimeError(
             "Attribution found no validation (or test) DataLoader to draw its samples from; give the "
             "Trainer validation data or a datamodule with `val_dataloader`."
         )
-    return draw_sample(loader, contract, num_samples, seed, stratify, source=kind, keyword=True, choose=choose)
+    sample = draw_sample(loader, contract, num_samples, seed, stratify, source=kind, keyword=True, choose=choose)
+    if not (stratify and _class_labels(sample.targets)):
+        return sample
+    assert sample.targets is not None
+    order = interleave_classes(sample.targets)
+    return FixedSample(
+        sample.inputs[order].contiguous(), sample.targets[order].contiguous(), [sample.indices[i] for i in order],
+        sample.source, sample.key, {name: value[order].contiguous() for name, value in sample.others.items()},
+    )  # fmt: skip
 
 
 def draw_reference(
