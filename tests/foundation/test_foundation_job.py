@@ -23,6 +23,7 @@ def test_foundation_job_declares_lora_dp_fairness_domains_and_standards():
     config = _config()
     callbacks = {cb["class_path"]: cb.get("init_args", {}) for cb in config["trainer"]["callbacks"]}
     assert {"DifferentialPrivacy", "FairnessMetrics", "CrossDomainEvaluation", "TrustReport"} <= set(callbacks)
+    assert {"PrivacyAudit", "UncertaintyEvaluation"} <= set(callbacks)
     assert config["model"]["class_path"] == "TinyTextTransformer" and config["model"]["init_args"]["lora_rank"] > 0
     assert config["data"]["class_path"] == "AdultTextDataModule"
     assert callbacks["FairnessMetrics"]["sensitive_features"] == ["sex", "race"]
@@ -43,7 +44,8 @@ def test_foundation_job_shortened_pretrains_on_first_use_and_writes_the_card(tmp
     card = json.loads(next(tmp_path.glob("**/model_card.json")).read_text())
     standards = _config()["trainer"]["callbacks"][-1]["init_args"]["standards"]
     assert [s["name"] for s in card["standards"]] == list(standards)
-    assert {"privacy", "fairness", "evaluation"} <= set(card["sections"])
+    assert {"privacy", "fairness", "evaluation", "privacy_audit", "uncertainty"} <= set(card["sections"])
+    assert 0 <= card["sections"]["privacy_audit"]["epsilon_lower_bound"] <= card["sections"]["privacy"]["epsilon"]
     assert card["model"]["trainable_params"] < card["model"]["params"] / 10  # LoRA: adapters and head only
     assert 0 < card["sections"]["privacy"]["epsilon"] <= 8.0
     assert "Standards:" in out and "model_card.html" in out

@@ -25,9 +25,15 @@ def test_adult_job_declares_the_documented_callbacks_and_standards():
         "Attribution",
         "CrossDomainEvaluation",
         "ProgressivePruning",
+        "PrivacyAudit",
+        "UncertaintyEvaluation",
         "TrustReport",
     } <= set(callbacks)
     assert callbacks["DifferentialPrivacy"]["target_epsilon"] == 3.0
+    assert callbacks["UncertaintyEvaluation"]["domain_key"] == "native_region"
+    assert {"privacy_audit.epsilon_gap", "uncertainty.conformal.coverage_gap"} <= set(
+        callbacks["TrustReport"]["standards"]
+    )
     assert callbacks["ProgressivePruning"]["pruning_ratio"] == 0.5
     assert callbacks["FairnessMetrics"]["sensitive_features"] == ["sex", "race"]
     assert callbacks["CrossDomainEvaluation"]["domain_key"] == "native_region"
@@ -59,7 +65,12 @@ def test_adult_job_shortened_ends_with_the_card_path_and_the_verdicts(tmp_path):
     standards = _callbacks("adult.yaml")["TrustReport"]["standards"]
     assert [s["name"] for s in card["standards"]] == list(standards)
     assert all(s["status"] in ("met", "not_met") for s in card["standards"])
-    assert {"privacy", "fairness", "explain", "evaluation", "compression"} <= set(card["sections"])
+    assert {"privacy", "fairness", "explain", "evaluation", "compression", "privacy_audit", "uncertainty"} <= set(
+        card["sections"]
+    )
+    audit = card["sections"]["privacy_audit"]
+    assert audit["canaries"] == 1000 and audit["accountant_epsilon"] == card["sections"]["privacy"]["epsilon"]
+    assert 0 <= audit["epsilon_lower_bound"] <= audit["accountant_epsilon"]
     assert card["sections"]["compression"]["steps_done"] == 3 and card["sections"]["compression"]["macs_ratio"] < 0.5
     assert "re-attached Opacus's hooks" in proc.stdout + proc.stderr
     tail = proc.stdout.strip().splitlines()[-(len(standards) + 2) :]
