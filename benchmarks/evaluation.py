@@ -2,14 +2,20 @@
 and the fit-time overhead of CrossDomainEvaluation and AdversarialRobustness at their defaults (max_overhead=0.05)
 on the Adult, digits and text demos (a tiny Hugging Face BERT on AdultTextDataModule).
 
-    python benchmarks/evaluation.py            # about 10 minutes on a shared 2-core CPU
-    python benchmarks/evaluation.py --quick    # the validate comparison only
+    python benchmarks/evaluation.py                  # about 10 minutes on a shared 2-core CPU
+    python benchmarks/evaluation.py --quick          # the validate comparison only
+    python benchmarks/evaluation.py --overhead-only  # the fit overheads only (the rest of the JSON kept)
 
 A TabularMLP is trained briefly on Adult; then `trainer.validate` runs over the 15,060-row test split
 (used as the validation loader) without and with the callback (per-region accuracy, nll, ECE; and
 the full metric set), alternating, and the median times are compared (goal <= 1.1x). Each callback
 is reused across the repeats, as across the epochs of a fit, so its metric objects are built once. JSON goes to
 benchmarks/results/evaluation.json.
+
+The fit overheads: each demo fitted without and with each callback at its defaults; the goal (<= 5%) is judged
+on the callback's own account (its passes' seconds over the fit's own seconds, both on the budget's clock):
+the wall-clock difference of two fits on a shared machine swings by more than the goal. Figures are drawn when
+the report is read, after the fit (the callback's default), so they cost the fit nothing.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ DEMOS = {
 #: the callbacks at their defaults (max_overhead=0.05); digits has no domain column: the corruption suite
 CALLBACKS = {
     "CrossDomainEvaluation": lambda demo: CrossDomainEvaluation(
-        **({"corruptions": "all"} if demo == "digits" else {"domain_key": "native_region"}), figures=False
+        **({"corruptions": "all"} if demo == "digits" else {"domain_key": "native_region"})
     ),
     "AdversarialRobustness": lambda demo: AdversarialRobustness(progress=False),
 }
@@ -99,9 +105,12 @@ def overheads() -> dict:
         for name, make in CALLBACKS.items():
             callback = make(demo)
             seconds = fit_seconds(demo, [callback])
-            account = callback.report()["overhead"]
+            report = callback.report()
+            account = report["overhead"]
             passes = account["pass_seconds"]
             rows[demo][name] = {
+                "goal_met": account["overhead"] <= 0.05,
+                **_samples(name, report),
                 "fit_seconds_with": seconds,
                 "overhead_fraction": seconds / plain - 1.0,
                 "accounted_overhead": account["overhead"],  # its passes / the fit's own time (the budget's clock)
@@ -115,6 +124,26 @@ def overheads() -> dict:
             }
             print(demo, name, json.dumps(rows[demo][name]), flush=True)
     return rows
+
+
+def _samples(name: str, report: dict) -> dict:
+    """What the final pass evaluated: samples of how many, whether the budget cut it."""
+    if name == "AdversarialRobustness":
+        return {k: report[k] for k in ("samples", "samples_available", "truncated")}
+    extra = report.get("extra_samples") or {}
+    corruptions = extra.get("corruptions") or {}
+    return {"samples": corruptions.get("samples"), "samples_available": corruptions.get("samples_available"),
+            "truncated": corruptions.get("truncated", False)}  # fmt: skip
+
+
+def overhead_only() -> dict:
+    """Re-measure the fit overheads; keep the rest of the results file."""
+    torch.set_num_threads(1)
+    out = Path(__file__).parent / "results" / "evaluation.json"
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["fit_overhead_at_defaults"] = overheads()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(quick: bool = False) -> dict:
@@ -176,4 +205,6 @@ def main(quick: bool = False) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="the validate comparison only")
-    main(parser.parse_args().quick)
+    parser.add_argument("--overhead-only", action="store_true", help="the fit overheads only")
+    args = parser.parse_args()
+    overhead_only() if args.overhead_only else main(args.quick)

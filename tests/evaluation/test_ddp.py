@@ -18,10 +18,12 @@ def test_per_domain_metrics_under_ddp_equal_sklearn(adult, tmp_path):
         dm = AdultDataModule(batch_size=256)
         cb = CrossDomainEvaluation(domain_key="native_region", in_domain=["United-States"],
                                    metrics=["accuracy", "f1", "auroc", "nll", "ece"], buffer_size=500,
-                                   domains={"test_split": "test_dataloader"}, figures=True)
+                                   domains={"test_split": "test_dataloader"}, figures=True, max_overhead=None)
+        budgeted = CrossDomainEvaluation(domains={"test_split": "test_dataloader"}, metrics=["accuracy"],
+                                         name="budgeted")  # max_overhead=0.05: rank zero decides the batches
         trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=6,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, default_root_dir=str(OUT), callbacks=[cb])
+                             enable_model_summary=False, default_root_dir=str(OUT), callbacks=[cb, budgeted])
         model = TabularMLP()
         trainer.fit(model, dm)
         if trainer.global_rank == 0:
@@ -29,13 +31,19 @@ def test_per_domain_metrics_under_ddp_equal_sklearn(adult, tmp_path):
         report = cb.report()
         save_result({"rank": trainer.global_rank, "sizes": report["sizes"], "per_domain": report["per_domain"],
                      "worst_domain": report["worst_domain"], "ood_gap": report["ood_gap"],
-                     "figures": sorted(report["figures"]),
+                     "figures": sorted(report["figures"]), "budgeted": budgeted.report()["extra_samples"],
+                     "budgeted_sizes": budgeted.report()["sizes"],
                      "logged": float(trainer.callback_metrics["domain/Asia/accuracy"])})
         """,
         tmp_path,
     )
     rank0, rank1 = results
     assert rank0["per_domain"] == rank1["per_domain"] and rank0["sizes"] == rank1["sizes"]
+    # within the budget both processes evaluate the batches rank zero decided: the same counts, summed
+    assert rank0["budgeted"] == rank1["budgeted"] and rank0["budgeted_sizes"] == rank1["budgeted_sizes"]
+    cut = rank0["budgeted"]["domains"]["test_split"]
+    assert cut["samples"] == rank0["budgeted_sizes"]["test_split"] and cut["samples"] % 512 == 0  # 2 x 256 a batch
+    assert cut["samples_available"] == 15060 and cut["truncated"] == (cut["samples"] < 15060)
     assert rank0["logged"] == pytest.approx(rank0["per_domain"]["Asia"]["accuracy"])
     assert "reliability_Asia" in rank0["figures"]
     model = TabularMLP()

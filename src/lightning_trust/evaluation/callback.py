@@ -3,6 +3,7 @@ corruption robustness for any Lightning run.
 
 Its parts: :mod:`~lightning_trust.evaluation.arguments` (what the constructor refuses),
 :mod:`~lightning_trust.evaluation.keys` (the declared logged and report keys),
+:mod:`~lightning_trust.evaluation.domain_pass` (this run's domains, the stage's own batches scored),
 :mod:`~lightning_trust.evaluation.domains` (which domains, each sample's domain, extra domains'
 loaders), :mod:`~lightning_trust.evaluation.extra_passes` (the corrupted copies and extra domains),
 :mod:`~lightning_trust.evaluation.results` (per-domain metrics, a pass's result, the corruption
@@ -13,26 +14,25 @@ summary), :mod:`~lightning_trust.evaluation.summary` (summaries and tables),
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of
-from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
+from lightning_trust.core.batch import BatchContract
+from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD
 from lightning_trust.core.callback import TrustCallback
-from lightning_trust.core.capture import ForwardCapture, step_predictions
+from lightning_trust.core.capture import ForwardCapture
 from lightning_trust.core.compat import Capability
-from lightning_trust.core.output import artifact_dir
+from lightning_trust.core.output import DeferredFigures, artifact_dir
 from lightning_trust.core.seam import trained_epoch
 from lightning_trust.evaluation.arguments import check_arguments
-from lightning_trust.evaluation.corruptions import SEVERITIES
-from lightning_trust.evaluation.domains import DomainIndex, domain_names, in_domain_names, side_domains
-from lightning_trust.evaluation.extra_passes import add_predictions, run_extra_passes
-from lightning_trust.evaluation.figures import draw_figures, figure_paths
+from lightning_trust.evaluation.corruptions import DEFAULT_SEVERITIES
+from lightning_trust.evaluation.domain_pass import DomainPass
+from lightning_trust.evaluation.domains import DomainIndex
+from lightning_trust.evaluation.extra_passes import run_extra_passes
+from lightning_trust.evaluation.figures import defer_figures
 from lightning_trust.evaluation.keys import HISTORY_KEYS, LOGGED_KEYS, REPORT_KEYS
 from lightning_trust.evaluation.outputs import log_result, report_of, table_paths, write_artifacts
 from lightning_trust.evaluation.probe import Probed, check_setup
@@ -44,13 +44,15 @@ from lightning_trust.evaluation.results import (
     restrict_values,
     warn_gaps,
 )
-from lightning_trust.evaluation.schedule import evaluates, extra_due
-from lightning_trust.evaluation.tokens import check_label_shift, label_shift
+from lightning_trust.evaluation.schedule import ExtraPassBudget, evaluates
+from lightning_trust.evaluation.subset import SUBSET, extra_samples
+from lightning_trust.evaluation.tokens import check_label_shift
+from lightning_trust.fairness.metrics_args import check_figures
 
 __all__ = ["CrossDomainEvaluation"]
 
 
-class CrossDomainEvaluation(TrustCallback):
+class CrossDomainEvaluation(DomainPass, TrustCallback):
     """Evaluate the model per domain, WILDS/ImageNet-C style, during validation and test.
 
     Domains come from a side column of the batch contract (``domain_key``, e.g. Adult's
@@ -82,7 +84,9 @@ class CrossDomainEvaluation(TrustCallback):
             ``brightness``, ``pixelate``, ``occlusion``) for images, text perturbations
             (``token_dropout``, ``word_swap``, ``char_noise``, :mod:`~lightning_trust.evaluation.text`)
             for token ids; ``"all"`` is the suite of the inputs' kind. Checked against the data at setup.
-        severities: corruption severities (1-5).
+        severities: corruption severities (1-5). Default ``[1, 3, 5]``: the mildest, the middle and the
+            strongest of ImageNet-C's five at 3/5 of the cost (each severity is a forward pass of every
+            batch per corruption); ``[1, 2, 3, 4, 5]`` for ImageNet-C's average over all five.
         baseline_errors: JSON file of a baseline model's errors (the ``corruption_errors_<stage>.json``
             this callback writes) to normalize the corruption error (ImageNet-C's mCE).
         metrics: short names (``accuracy``, ``f1``, ``auroc``, ``nll``, ``ece``, ``brier``) or
@@ -95,12 +99,17 @@ class CrossDomainEvaluation(TrustCallback):
         value_range: range of image values the corruptions assume (inputs are clipped to it).
         batch_size: batch size for extra domain datasets (default: the DataModule's, else 256).
         buffer_size: predictions kept on the device before the per-domain metric update.
-        figures: write the bar charts and reliability diagrams (at the end of fit and of test).
+        figures: the bar charts and reliability diagrams of the last validation and the test pass:
+            ``True`` / ``"report"``: drawn when :meth:`report` is first read (e.g. by ``TrustReport``;
+            never during fit), ``"stage_end"``: at the end of fit and of test, ``False`` / ``"never"``.
         seed: seed of the corruption noise (each batch and corruption gets its own generator).
         max_overhead: the corrupted copies and extra domains cost at most this share of the fit's own
-            time (:class:`~lightning_trust.core.budget.OverheadBudget`): a due validation pass skips
-            them when they would exceed it (counted under ``overhead.skipped``); the last epoch's
-            always runs. ``None``: every pass. Test passes are never skipped.
+            time (:class:`~lightning_trust.core.budget.OverheadBudget`): each source times its first
+            batch and evaluates as many batches as the budget affords (the same batches under every
+            corruption and severity; the last epoch's pass at least one batch and 64 samples); a due
+            validation pass that cannot afford that and as much again for the last one skips them
+            (counted under ``overhead.skipped``); ``extra_samples`` says what each pass evaluated.
+            ``None``: every batch of every pass. Test passes are never cut or skipped.
         tokenizer: for ``char_noise`` and the text vocabulary: an object with ``encode``/``decode``
             (default: ``datamodule.tokenizer``).
         label_shift: token-level targets: ``"auto"`` (1 when the labels are the input ids, the Hugging
@@ -132,7 +141,7 @@ class CrossDomainEvaluation(TrustCallback):
         domain_values: Optional[list[Union[str, int]]] = None,
         domains: Optional[dict[str, Any]] = None,
         corruptions: Union[str, list[str], None] = None,
-        severities: list[int] = list(SEVERITIES),  # noqa: B006 - jsonargparse shows the default
+        severities: list[int] = list(DEFAULT_SEVERITIES),  # noqa: B006 - jsonargparse shows the default
         baseline_errors: Optional[str] = None,
         metrics: list[str] = ["accuracy", "nll", "ece"],  # noqa: B006
         metric_args: Optional[dict[str, dict[str, Any]]] = None,
@@ -143,7 +152,7 @@ class CrossDomainEvaluation(TrustCallback):
         value_range: tuple[float, float] = (0.0, 1.0),
         batch_size: Optional[int] = None,
         buffer_size: int = 8192,
-        figures: bool = True,
+        figures: Union[bool, Literal["report", "stage_end", "never"]] = True,
         seed: int = 0,
         max_overhead: Optional[float] = DEFAULT_MAX_OVERHEAD,
         tokenizer: Any = None,
@@ -152,7 +161,8 @@ class CrossDomainEvaluation(TrustCallback):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(name=name)
-        self.budget = OverheadBudget(max_overhead)
+        self._passes = ExtraPassBudget(max_overhead)
+        self.budget = self._passes.budget
         self.label_shift = check_label_shift(label_shift)
         self.corruptions, self.domains, self.specs, names = check_arguments(
             domain_key=domain_key, domain_values=domain_values, domains=domains, corruptions=corruptions,
@@ -173,7 +183,7 @@ class CrossDomainEvaluation(TrustCallback):
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.batch_size = batch_size
         self.buffer_size = buffer_size
-        self.figures = figures
+        self.figures = check_figures("report" if figures is True else "never" if figures is False else figures)
         self.seed = seed
         self.max_overhead = self.budget.max_overhead
         self.tokenizer = tokenizer
@@ -197,8 +207,14 @@ class CrossDomainEvaluation(TrustCallback):
         self._loaders: dict[str, Any] = {}
         self._probed = Probed(list(self.corruptions), None, None)
         self._extra_due = True
-        self._pass_seconds: list[float] = []  # each timed extra pass of the fit
-        self._overhead: dict[str, Any] = self._account()
+        self._overhead: dict[str, Any] = self._passes.account()
+        self._owed = DeferredFigures()  # the figures, drawn when the report is read
+        self._rows = 0  # samples of dataloader 0 this process evaluated in the pass (what the corruptions may cut)
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per ``name``: two evaluations in one Trainer each keep their own checkpoint state."""
+        return self._generate_state_key(name=self.name) if self.name else super().state_key
 
     @property
     def capabilities(self) -> frozenset[Capability]:  # type: ignore[override]  # depends on the arguments
@@ -220,37 +236,6 @@ class CrossDomainEvaluation(TrustCallback):
         if self.baseline_errors is not None and self._baseline is None:
             self._baseline = load_baseline(self.baseline_errors)
         self._loaders = {}
-
-    def _resolve_domains(self, trainer: pl.Trainer) -> None:
-        """This run's domains, which are in-domain, and their metrics (kept, reset, across stages)."""
-        if self.domain_key is not None:
-            self._side_codes, self._side_names = side_domains(
-                self.domain_key, self.domain_values, trainer, self.contract
-            )
-        self._index = DomainIndex(self._side_codes)
-        extra = [str(n) for n in self.domains]
-        names = domain_names(self._clean_names(), extra, self._corrupted_names())
-        classes = self.num_classes
-        datamodule = getattr(trainer, "datamodule", None)
-        if classes is None and isinstance(getattr(datamodule, "num_classes", None), int):
-            classes = int(datamodule.num_classes)  # type: ignore[union-attr]
-        if self._metrics is None or names != self._names:  # kept (and reset) across stages otherwise
-            self._metrics = DomainMetrics(names, self.specs, self.buffer_size, classes)
-        elif classes is not None:
-            self._metrics.num_classes = self._metrics.num_classes or classes
-        self._metrics.reset()
-        self._names = names
-        self._in_names = in_domain_names(
-            self.in_domain, names, self._side_codes, self._side_names, extra, self.domain_key, self.base_domain,
-            other_sources=bool(self.corruptions),
-        )  # fmt: skip
-
-    def _clean_names(self) -> list[str]:
-        """The domains of the validation/test data itself: the side-column values, or ``base_domain``."""
-        return list(self._side_names) if self.domain_key else [self.base_domain]
-
-    def _corrupted_names(self) -> list[str]:
-        return [f"{c}_s{s}" for c in self.corruptions for s in self.severities]
 
     # hooks ------------------------------------------------------------------------------------
     @override
@@ -295,14 +280,13 @@ class CrossDomainEvaluation(TrustCallback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active:
             self._finish(trainer, pl_module, RunningStage.TESTING)
-            if self.figures:
-                self._write_figures(trainer, RunningStage.TESTING)
+            self._write_figures(trainer, RunningStage.TESTING)
         self._active = False
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._overhead = self._account()  # the fit's account (the clock would run on after it)
-        if self.figures and RunningStage.VALIDATING.value in self.results:
+        self._overhead = self._passes.account()  # the fit's account (the clock would run on after it)
+        if RunningStage.VALIDATING.value in self.results:
             self._write_figures(trainer, RunningStage.VALIDATING)
 
     @override
@@ -314,84 +298,49 @@ class CrossDomainEvaluation(TrustCallback):
         self._active = evaluates(trainer, stage, self.every_n_epochs)
         if self._metrics is not None:
             self._metrics.reset()
-        has_extra = bool(self.corruptions or self.domains)
-        self._extra_due = has_extra and self._active and extra_due(self.budget, trainer)
+        self._rows = 0
 
-    def _arm(self, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
-        """Keep the output of the step's own forward call, so the clean domain costs no extra pass."""
-        if not self._active or dataloader_idx != 0:
-            self._capture.disarm()
-            return
-        try:
-            size = batch_size_of(batch, self.contract)
-        except BatchKeyError:
-            size = None
-        self._capture.arm(pl_module, size)
-
-    def _check_domain_column(self, batch: Any) -> None:
-        """Fail early (also during the sanity check) with the keys the batch has."""
-        if self.domain_key is not None and not self.contract.has_side(batch, self.domain_key):
-            try:
-                self.contract.side(batch, self.domain_key)
-            except BatchKeyError as err:
-                raise BatchKeyError(f"CrossDomainEvaluation(domain_key={self.domain_key!r}): {err}") from None
-
-    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                   batch_idx: int, dataloader_idx: int) -> None:  # fmt: skip
-        if dataloader_idx != 0:
-            self._capture.disarm()
-            return
-        self._check_domain_column(batch)
-        if not self._active:
-            self._capture.disarm()
-            return
-        assert self._metrics is not None
-        preds = step_predictions(self._capture, self.contract, pl_module, batch, outputs, trainer)
-        target = torch.as_tensor(self.contract.target(batch), device=preds.device)
-        if self._probed.shift is None:  # no sample at setup: decided on the first batch
-            self._probed.shift = label_shift(self.label_shift, self.contract.inputs(batch), target)
-        if self.domain_key is not None:
-            index = self._index(self.contract.side(batch, self.domain_key), preds.device)
-        else:
-            index = torch.zeros(len(target), dtype=torch.long, device=preds.device)
-        add_predictions(self._metrics, preds, target, index, self._probed.shift, self.prediction_type)
-
-    def _extra_passes(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> None:
-        """The corrupted copies of the stage's batches (the loader read again) and the extra domains."""
+    def _extra_passes(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> dict[str, Any]:
+        """The corrupted copies of the stage's batches (the loader read again) and the extra domains,
+        cut to the budget during fit."""
         assert self._metrics is not None
         first = self._names.index(self._corrupted_names()[0]) if self.corruptions else 0
-        run_extra_passes(
+        subset = len(self._names) if self.corruptions else None  # the hidden domain after the reported ones
+        with self._passes.timed(trainer) as sizer:
+            done = run_extra_passes(
             self._metrics, pl_module, trainer, stage == RunningStage.TESTING, self.contract, self._names, self._loaders,
             corruptions=self.corruptions, severities=self.severities, first=first, seed=self.seed,
             value_range=self.value_range, prediction_type=self.prediction_type, vocabulary=self._probed.vocabulary,
-            shift=self._probed.shift, domains=self.domains, batch_size=self.batch_size,
-        )  # fmt: skip
+            shift=self._probed.shift, domains=self.domains, batch_size=self.batch_size, sizer=sizer, subset=subset,
+            )  # fmt: skip
+        return done
 
     # epoch end --------------------------------------------------------------------------------
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: RunningStage) -> None:
         assert self._metrics is not None
         extra = bool(self.corruptions or self.domains)
-        if self._extra_due:
-            fitting, before = trainer.state.fn == TrainerFn.FITTING, self.budget.spent
-            with self.budget.timed() if fitting else contextlib.nullcontext():
-                self._extra_passes(trainer, pl_module, stage)
-            if fitting:
-                self._pass_seconds.append(self.budget.spent - before)
-        values = self._metrics.compute(trainer.strategy, trainer.world_size, pl_module.device)
+        sources = (1 if self.corruptions else 0) + len(self.domains)
+        self._extra_due = bool(sources) and self._passes.due(trainer, sources)
+        done = self._extra_passes(trainer, pl_module, stage) if self._extra_due else None
+        full = self._metrics.compute(trainer.strategy, trainer.world_size, pl_module.device)
         names = self._names if self._extra_due or not extra else self._clean_names()
-        values = restrict_values(values, names)
+        values = restrict_values(full, names)
         warn_gaps(self, values, names, stage.value, self.domain_key, self._side_names)
         result = pass_result(
             values, stage.value, trained_epoch(trainer), int(trainer.global_step), self.metric_names,
             names, [n for n in self._in_names if n in names],
         )  # fmt: skip
         result["extra_passes"] = "none" if not extra else ("run" if self._extra_due else "skipped")
+        if done is not None:
+            result["extra_samples"] = extra_samples(done, self._rows, trainer)
+            self._passes.measured(result["extra_samples"]["samples"])
+            if self.corruptions:  # a cut suite: the clean error of the same samples
+                clean = [SUBSET] if result["extra_samples"]["corruptions"]["truncated"] else self._clean_names()
+                summary = corruption_summary(full.per_domain, full.sizes, clean, self.corruptions, self.severities,
+                                             self._baseline)  # fmt: skip
+                result.update(summary)
         if trainer.state.fn == TrainerFn.FITTING:
-            self._overhead = self._account()
-        if self.corruptions and self._extra_due:
-            result.update(corruption_summary(
-                values.per_domain, values.sizes, self._clean_names(), self.corruptions, self.severities, self._baseline
-            ))  # fmt: skip
+            self._overhead = self._passes.account()
         self.results[stage.value] = result
         if stage == RunningStage.VALIDATING:
             self.history.append({k: result[k] for k in HISTORY_KEYS})
@@ -403,19 +352,17 @@ class CrossDomainEvaluation(TrustCallback):
 
     # output -----------------------------------------------------------------------------------
     def _write_figures(self, trainer: pl.Trainer, stage: RunningStage) -> None:
-        folder = artifact_dir(trainer, "evaluation")  # on every process (a collective under DDP)
-        suffix = "" if stage == RunningStage.VALIDATING else "_test"
-        result = self.results[stage.value]
-        self._figures.update(figure_paths(folder, result, self.metric_names, suffix))
-        draw_figures(trainer, folder, result, self.metric_names, self._in_names, suffix)
+        """Owe the stage's figures to the report (``figures="report"``) or draw them now."""
+        if self.figures != "never":
+            folder = artifact_dir(trainer, "evaluation")  # on every process (a collective under DDP)
+            defer_figures(self._owed, self.figures, trainer, folder, self.results[stage.value], self.metric_names,
+                          self._in_names, stage.value, self._figures)  # fmt: skip
 
     # report and checkpoint --------------------------------------------------------------------
-    def _account(self) -> dict[str, Any]:
-        return {**self.budget.summary(), "pass_seconds": list(self._pass_seconds)}
-
     def report(self) -> dict[str, Any]:
         """The latest evaluation (test when run, else the last validation) as plain JSON (see
-        :attr:`report_keys`), figures under ``"figures"``."""
+        :attr:`report_keys`), figures under ``"figures"`` (drawing those owed)."""
+        self._owed.draw()
         report = report_of(self.results, self.history, self._figures, self.metric_names, self.domain_key)
         if report["evaluated"]:
             report["overhead"] = dict(self._overhead)
@@ -424,13 +371,11 @@ class CrossDomainEvaluation(TrustCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results, "history": self.history, "figures": self._figures,
-                "budget": self.budget.state_dict(), "pass_seconds": self._pass_seconds}  # fmt: skip
+                **self._passes.state_dict()}  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = dict(state_dict.get("results", {}))
         self.history = list(state_dict.get("history", []))
         self._figures = dict(state_dict.get("figures", {}))
-        if "budget" in state_dict:
-            self.budget.load_state_dict(state_dict["budget"])
-        self._pass_seconds = list(state_dict.get("pass_seconds", []))
+        self._passes.load_state_dict(state_dict)

@@ -27,9 +27,19 @@ from torch import Tensor
 from lightning_trust.core.calls import PositionalInputs
 from lightning_trust.evaluation.text import TEXT_CORRUPTIONS
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "corrupt_inputs", "corruption_errors", "resolve_corruptions"]
+__all__ = [
+    "CORRUPTIONS",
+    "DEFAULT_SEVERITIES",
+    "SEVERITIES",
+    "corrupt",
+    "corrupt_inputs",
+    "corruption_errors",
+    "resolve_corruptions",
+]
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+#: The severities evaluated by default: the mildest, the middle and the strongest, at 3/5 of the cost of all five.
+DEFAULT_SEVERITIES: tuple[int, ...] = (1, 3, 5)
 
 # severity 1..5 parameters
 _GAUSSIAN = (0.08, 0.12, 0.18, 0.26, 0.38)  # noise std

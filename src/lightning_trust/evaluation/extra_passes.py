@@ -5,6 +5,14 @@ domains' own loaders. The clean domains cost none: they reuse the step's own for
 copies are made at the end of the pass from the batches the stage evaluated (the loader read again),
 so that one budgeted, timed block holds every extra pass.
 
+Within the budget (:class:`~lightning_trust.core.sizing.PassSizer`) each source (the corrupted
+copies, then each extra domain) times its first batch and evaluates only the batches its share of
+the spare budget affords (a final pass at least one batch and 64 samples), the same batches under
+every corruption and severity; under DDP rank zero decides and broadcasts the count, so every
+process evaluates as many batches. A budgeted corruption suite also evaluates its batches clean (the
+``subset`` domain, one forward per batch next to one per corruption and severity), so that the
+corruption errors of a cut suite compare the same samples.
+
 Example:
     >>> corruption_seed(0, rank=0, batch_idx=0, corruption_index=1, severity=3)  # one generator each
     20
@@ -12,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -20,8 +29,10 @@ import torch
 from torch import Tensor
 
 from lightning_trust.core.batch import BatchContract, call_module, logits_of
+from lightning_trust.core.budget import OverheadBudget
 from lightning_trust.core.loaders import first_loader
 from lightning_trust.core.passes import isolated_eval
+from lightning_trust.core.sizing import MIN_SAMPLES, PassSizer
 from lightning_trust.core.tensors import first_tensor
 from lightning_trust.evaluation.corruptions import corrupt_inputs
 from lightning_trust.evaluation.domains import extra_domain_loader
@@ -30,7 +41,12 @@ from lightning_trust.evaluation.results import DomainMetrics
 from lightning_trust.evaluation.text import TEXT_CORRUPTIONS, Vocabulary, perturb_tokens
 from lightning_trust.evaluation.tokens import align_tokens, is_token_level
 
-__all__ = ["add_predictions", "corruption_seed", "evaluate_corruptions", "evaluate_extra_domains", "run_extra_passes"]
+__all__ = [
+    "BatchLimit", "add_predictions", "corruption_seed", "evaluate_corruptions", "evaluate_extra_domains",
+    "run_extra_passes",
+]  # fmt: skip
+
+_UNBOUNDED = 2**62  # the batch count of a loader without a length
 
 
 def corruption_seed(seed: int, rank: int, batch_idx: int, corruption_index: int, severity: int) -> int:
@@ -59,6 +75,32 @@ def _corrupted(
     return corrupt_inputs(inputs, name, severity, generator, value_range), target
 
 
+class BatchLimit:
+    """How many of a source's ``total`` batches a pass evaluates: all, until :meth:`decide` (after the
+    first batch, timed by ``sizer``) sets as many as its ``share`` of the spare budget affords (a
+    final pass at least one batch and :data:`~lightning_trust.core.sizing.MIN_SAMPLES` samples), the
+    count broadcast from rank zero so that every process evaluates as many batches."""
+
+    def __init__(self, trainer: Any, sizer: PassSizer, total: float, share: float = 1.0) -> None:
+        self.trainer, self.sizer, self.share = trainer, sizer, share
+        self.total = int(total) if math.isfinite(total) else _UNBOUNDED
+        self.limit = self.total
+        self.since = sizer.budget.clock()
+
+    def decide(self, rows: int) -> None:
+        """Set the limit after the first batch of ``rows`` samples."""
+        if self.sizer.enabled:
+            minimum = max(1, math.ceil(MIN_SAMPLES / max(rows, 1)))
+            self.sizer.reserve_units = minimum  # a pass that is not final keeps the final's minimum
+            wanted = self.sizer.count(1, self.total, minimum=minimum, share=self.share, since=self.since)
+            self.limit = int(self.trainer.strategy.broadcast(wanted, src=0))
+
+    @property
+    def cut(self) -> bool:
+        """Whether the budget stops the source before its last batch."""
+        return self.limit < self.total
+
+
 def evaluate_corruptions(
     metrics: DomainMetrics,
     pl_module: pl.LightningModule,
@@ -75,13 +117,21 @@ def evaluate_corruptions(
     prediction_type: str,
     vocabulary: Optional[Vocabulary] = None,
     shift: Optional[int] = None,
-) -> None:
-    """Add the first ``max_batches`` batches of ``loader`` (the ones the stage evaluated) under each
-    corruption and severity to ``metrics``, as the domains from index ``first`` on (corruption-major,
-    then severity). Each batch, corruption and severity has its own seeded generator."""
+    sizer: Optional[PassSizer] = None,
+    share: float = 1.0,
+    subset: Optional[int] = None,
+) -> dict[str, Any]:
+    """Add the first ``max_batches`` batches of ``loader`` (the ones the stage evaluated), as many as
+    ``sizer`` affords, under each corruption and severity to ``metrics``, as the domains from index
+    ``first`` on (corruption-major, then severity); each batch, corruption and severity has its own
+    seeded generator. When the budget may cut the suite, the batches evaluated also go clean into
+    domain ``subset`` (the corruption errors of a cut suite compare the same samples). Returns the rows
+    and batches evaluated and whether the budget cut them."""
+    limit = BatchLimit(trainer, sizer or PassSizer(OverheadBudget(None), enabled=False), max_batches, share)
+    rows = batches = 0
     with isolated_eval(pl_module, trainer) as module:
         for batch_idx, batch in enumerate(loader):
-            if batch_idx >= max_batches:
+            if batch_idx >= limit.limit:
                 break
             batch = trainer.strategy.batch_to_device(batch)
             inputs, target = contract.inputs(batch), contract.target(batch)
@@ -96,6 +146,15 @@ def evaluate_corruptions(
                     d = first + ci * len(severities) + si
                     index = torch.full((len(t),), d, dtype=torch.long, device=preds.device)
                     add_predictions(metrics, preds, t, index, shift, prediction_type)
+            size = len(torch.as_tensor(target))
+            rows, batches = rows + size, batches + 1
+            if subset is not None and limit.sizer.enabled:  # the same samples clean (timed with the rest)
+                preds = logits_of(call_module(module, inputs))
+                index = torch.full((size,), subset, dtype=torch.long, device=preds.device)
+                add_predictions(metrics, preds, target, index, shift, prediction_type)
+            if batch_idx == 0:
+                limit.decide(size)
+    return {"samples": rows, "batches": batches, "truncated": limit.cut and batches >= limit.limit}
 
 
 def evaluate_extra_domains(
@@ -110,20 +169,44 @@ def evaluate_extra_domains(
     batch_size: Optional[int],
     prediction_type: str,
     shift: Optional[int] = None,
-) -> None:
-    """Add every extra domain's data to ``metrics`` under its name's index in ``names``; each loader
-    is built on first use and kept in ``loaders``."""
-    for name, source in domains.items():
+    sizer: Optional[PassSizer] = None,
+    sources: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Add every extra domain's data to ``metrics`` under its name's index in ``names`` (as many batches
+    as ``sizer`` affords, each domain its share); each loader is built on first use and kept in
+    ``loaders``. Returns each domain's rows and batches evaluated and whether the budget cut them."""
+    sizer = sizer or PassSizer(OverheadBudget(None), enabled=False)
+    out: dict[str, dict[str, Any]] = {}
+    for i, (name, source) in enumerate(domains.items()):
         if name not in loaders:
             loaders[name] = extra_domain_loader(name, source, trainer, pl_module, batch_size)
         d = list(names).index(str(name))
+        limit = BatchLimit(trainer, sizer, _length(loaders[name]), 1 / max(sources - i, 1))
+        rows = batches = 0
         with isolated_eval(pl_module, trainer) as module:
-            for batch in loaders[name]:
+            for batch_idx, batch in enumerate(loaders[name]):
+                if batch_idx >= limit.limit:
+                    break
                 batch = trainer.strategy.batch_to_device(batch)
                 preds = contract.predictions(module, batch)
                 target = torch.as_tensor(contract.target(batch), device=preds.device)
                 index = torch.full((len(target),), d, dtype=torch.long, device=preds.device)
                 add_predictions(metrics, preds, target, index, shift, prediction_type)
+                rows, batches = rows + len(target), batches + 1
+                if batch_idx == 0:
+                    limit.decide(len(target))
+        dataset = getattr(loaders[name], "dataset", None)
+        available = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+        out[str(name)] = {"samples": rows, "samples_available": available, "batches": batches,
+                          "truncated": limit.cut and batches >= limit.limit}  # fmt: skip
+    return out
+
+
+def _length(loader: Any) -> float:
+    try:
+        return float(len(loader))
+    except TypeError:
+        return math.inf
 
 
 def run_extra_passes(
@@ -145,19 +228,27 @@ def run_extra_passes(
     shift: Optional[int],
     domains: Mapping[str, Any],
     batch_size: Optional[int],
-) -> None:
+    sizer: Optional[PassSizer] = None,
+    subset: Optional[int] = None,
+) -> dict[str, Any]:
     """Every extra pass of one validation/test pass: the corrupted copies of the batches the stage
-    evaluated (its first loader read again, as many batches as the Trainer used) and the extra domains."""
+    evaluated (its first loader read again, as many batches as the Trainer used) and the extra domains,
+    each source as many batches as its share of the budget affords (``sizer``; default: all). Returns
+    what each source evaluated (``corruptions``, ``domains``: rows, batches, whether the budget cut it)."""
+    sources = (1 if corruptions else 0) + len(domains)
+    out: dict[str, Any] = {"corruptions": None, "domains": {}}
     if corruptions:
         loader = first_loader(trainer.test_dataloaders if testing else trainer.val_dataloaders)
         counts = trainer.num_test_batches if testing else trainer.num_val_batches
         if loader is not None and counts:
-            evaluate_corruptions(
+            out["corruptions"] = evaluate_corruptions(
                 metrics, pl_module, trainer, loader, counts[0], contract, corruptions=corruptions,
                 severities=severities, first=first, seed=seed, value_range=value_range,
-                prediction_type=prediction_type, vocabulary=vocabulary, shift=shift,
+                prediction_type=prediction_type, vocabulary=vocabulary, shift=shift, sizer=sizer,
+                share=1 / max(sources, 1), subset=subset,
             )  # fmt: skip
-    evaluate_extra_domains(
+    out["domains"] = evaluate_extra_domains(
         metrics, pl_module, trainer, domains, loaders, names, contract, batch_size=batch_size,
-        prediction_type=prediction_type, shift=shift,
+        prediction_type=prediction_type, shift=shift, sizer=sizer, sources=len(domains),
     )  # fmt: skip
+    return out

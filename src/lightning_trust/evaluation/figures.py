@@ -14,11 +14,11 @@ from typing import Any, Optional
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_trust.core.output import new_figure, save_figure
+from lightning_trust.core.output import DeferredFigures, new_figure, save_figure
 from lightning_trust.evaluation.domains import safe_name
 from lightning_trust.evaluation.summary import has_value
 
-__all__ = ["bar_chart", "draw_figures", "figure_paths", "reliability_diagram"]
+__all__ = ["bar_chart", "defer_figures", "draw_figures", "figure_paths", "reliability_diagram"]
 
 
 def figure_paths(folder: Path, result: Mapping[str, Any], metrics: Sequence[str], suffix: str) -> dict[str, str]:
@@ -27,6 +27,24 @@ def figure_paths(folder: Path, result: Mapping[str, Any], metrics: Sequence[str]
     for name in result.get("reliability", {}):
         paths[f"reliability_{safe_name(name)}{suffix}"] = str(folder / f"reliability_{safe_name(name)}{suffix}.png")
     return paths
+
+
+def defer_figures(
+    owed: DeferredFigures, when: str, trainer: Any, folder: Path, result: Mapping[str, Any], metrics: Sequence[str],
+    in_domain: Sequence[str], stage: str, drawn: dict[str, str],
+) -> None:  # fmt: skip
+    """Owe ``result``'s figures (:func:`draw_figures`) to ``owed``, drawn when the report is read
+    (``when="report"``) or now (``"stage_end"``); their paths go into ``drawn`` once drawn."""
+    suffix = "" if stage == "validate" else "_test"
+    paths = figure_paths(folder, result, metrics, suffix)
+
+    def draw() -> None:
+        draw_figures(trainer, folder, result, metrics, list(in_domain), suffix)
+        drawn.update(paths)
+
+    owed.defer(stage, draw)
+    if when == "stage_end":
+        owed.draw()
 
 
 @rank_zero_only

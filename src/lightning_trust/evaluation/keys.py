@@ -57,6 +57,10 @@ REPORT_KEYS: dict[str, str] = {
     "corruption": "clean error, errors per corruption and severity, CE per corruption (with corruptions)",
     "tables": "paths of the CSV/Markdown tables (and corruption errors JSON) of the pass",
     "extra_passes": "whether the pass ran the corrupted copies and extra domains: 'run', 'skipped' (budget) or 'none'",
+    "extra_samples": (
+        "what the extra passes evaluated: samples, truncated (cut by the budget) and per source (corruptions, "
+        "domains) samples and samples_available"
+    ),
     "overhead": (
         "the extra passes' budget during fit: max_overhead, measured overhead, runs, skipped, seconds, pass_seconds"
     ),
@@ -71,7 +75,7 @@ REPORTED: tuple[str, ...] = (
     "stage", "epoch", "metrics", "domains", "in_domain_domains", "ood_domains", "sizes", "empty_domains",
     "unlisted_samples", "per_domain", "average", "weighted_average", "worst", "worst_domain", "best", "best_domain",
     "in_domain", "in_domain_weighted", "ood", "ood_weighted", "ood_gap", "corruption_error",
-    "relative_corruption_error", "corruption", "tables", "extra_passes",
+    "relative_corruption_error", "corruption", "tables", "extra_passes", "extra_samples",
 )  # fmt: skip
 #: The keys of a validation pass's result kept in the ``history``, one entry per pass.
 HISTORY_KEYS: tuple[str, ...] = ("epoch", "step", "average", "worst", "worst_domain", "ood_gap", "extra_passes")

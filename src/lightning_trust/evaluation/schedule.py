@@ -1,5 +1,14 @@
 """When :class:`~lightning_trust.evaluation.CrossDomainEvaluation` evaluates, and when its extra
-passes (corrupted copies, extra domains) run within the overhead budget.
+passes (corrupted copies, extra domains) run within the overhead budget, on how many batches.
+
+A pass during fit runs its extra passes when the budget affords each source's minimum (one batch
+and 64 samples, at the rate the last extra pass measured) now and as much again for the final pass
+(:func:`~lightning_trust.core.sizing.affords_pass`), then sizes them while they run
+(:class:`~lightning_trust.evaluation.extra_passes.BatchLimit`); the final pass always runs. Before
+any rate is measured (a fit's first passes; a resumed fit keeps the rate) only the final pass runs
+them: the stage's own forward does not price them (corrupting and one metric update per corrupted
+domain cost several times the forwards on the digits demo), and one pass of a suite can cost
+several epochs of a small model.
 
 Example:
     >>> class Fit:  # a Trainer in the 2nd of 3 epochs, no step limit
@@ -10,13 +19,16 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
 
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from lightning_trust.core.budget import OverheadBudget
+from lightning_trust.core.sizing import MIN_SAMPLES, PassSizer, affords_pass, fraction_done
 
-__all__ = ["evaluates", "extra_due", "last_epoch", "selected"]
+__all__ = ["ExtraPassBudget", "evaluates", "extra_due", "last_epoch", "selected"]
 
 
 def last_epoch(trainer: Any) -> bool:
@@ -40,9 +52,64 @@ def evaluates(trainer: Any, stage: RunningStage, every_n_epochs: int) -> bool:
     return selected(trainer, every_n_epochs)
 
 
-def extra_due(budget: OverheadBudget, trainer: Any) -> bool:
-    """Whether this pass runs the extra passes: outside fit always; during fit when the budget allows
-    (the last epoch's always), one decision for every process (a skipped pass makes no collective)."""
+def extra_due(budget: OverheadBudget, trainer: Any, unit_seconds: Optional[float] = None, minimum: int = 1) -> bool:
+    """Whether this pass runs the extra passes: outside fit, without a budget and at the last epoch
+    always; else when a rate has been measured (``unit_seconds`` a sample) and the budget affords
+    ``minimum`` samples now and as many for the final pass. One decision for every process (broadcast
+    from rank zero: a skipped pass makes no collective)."""
     if trainer.state.fn != TrainerFn.FITTING:
         return True
-    return bool(trainer.strategy.broadcast(budget.allows(final=last_epoch(trainer)), src=0))
+    final = last_epoch(trainer) or budget.max_overhead is None
+    allowed = final or (
+        unit_seconds is not None and affords_pass(budget, unit_seconds, minimum, fraction_done(trainer))
+    )
+    if not allowed:
+        budget.skipped += 1
+    return bool(trainer.strategy.broadcast(allowed, src=0))
+
+
+class ExtraPassBudget:
+    """The extra passes' account: the :class:`~lightning_trust.core.budget.OverheadBudget`, each timed
+    pass's seconds and the cost of a sample in the last one (the rate the next decision uses)."""
+
+    def __init__(self, max_overhead: Optional[float]) -> None:
+        self.budget = OverheadBudget(max_overhead)
+        self.pass_seconds: list[float] = []
+        self.unit_seconds: Optional[float] = None
+
+    def due(self, trainer: Any, sources: int) -> bool:
+        """Whether this pass runs its extra passes (see :func:`extra_due`), at the rate of the last one."""
+        return extra_due(self.budget, trainer, self.unit_seconds, MIN_SAMPLES * max(sources, 1))
+
+    @contextmanager
+    def timed(self, trainer: Any) -> Iterator[PassSizer]:
+        """Time the extra passes during fit and yield the sizer that cuts them to the budget (outside
+        fit: no timing, every batch)."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            yield PassSizer(self.budget, enabled=False)
+            return
+        before = self.budget.spent
+        with self.budget.timed():
+            yield PassSizer(self.budget, final=last_epoch(trainer), fraction_done=fraction_done(trainer))
+        self.pass_seconds.append(self.budget.spent - before)
+
+    def measured(self, samples: int) -> None:
+        """The samples the last timed pass evaluated (its rate prices the next decision)."""
+        if samples > 0 and self.pass_seconds:
+            self.unit_seconds = self.pass_seconds[-1] / samples
+
+    def account(self) -> dict[str, Any]:
+        return {**self.budget.summary(), "pass_seconds": list(self.pass_seconds)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget.state_dict(),
+            "pass_seconds": self.pass_seconds,
+            "unit_seconds": self.unit_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "budget" in state:
+            self.budget.load_state_dict(state["budget"])
+        self.pass_seconds = list(state.get("pass_seconds", []))
+        self.unit_seconds = state.get("unit_seconds")

@@ -79,4 +79,8 @@ ROBUSTNESS_REPORT_KEYS: dict[str, str] = {
     "min_perturbation": "the smallest breaking FGSM epsilons found (null unless min_perturbation=True)",
     "space": "what was perturbed: 'inputs' (float inputs, clamped to their range) or 'embeddings' (token inputs)",
     "overhead": "the passes' budget during fit: max_overhead, measured overhead, runs, skipped, seconds",
+    "samples": "samples the last pass attacked (a prefix of the fixed sample's order when cut to the budget)",
+    "samples_available": "samples of the fixed sample (what a pass without a budget attacks)",
+    "truncated": "whether the budget cut the last pass to fewer samples than the fixed sample holds",
+    "intervals": "95% Wilson intervals [low, high] of clean_accuracy, robust_accuracy and attack_success_rate",
 }

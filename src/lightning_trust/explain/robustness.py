@@ -18,6 +18,8 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Sized
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -30,41 +32,28 @@ from typing_extensions import override
 from lightning_trust.core.batch import BatchContract
 from lightning_trust.core.budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_trust.core.loaders import find_loader
-from lightning_trust.core.output import log_metrics, save_figure, write_json
+from lightning_trust.core.output import DeferredFigures, log_metrics, save_figure, write_json
 from lightning_trust.core.passes import isolated_eval
 from lightning_trust.core.seam import trained_epoch
+from lightning_trust.core.sizing import MIN_SAMPLES, PassSizer, affords_pass, fraction_done
 from lightning_trust.core.tensors import map_tensors, to_jsonable
-from lightning_trust.evaluation.tokens import label_shift
+from lightning_trust.evaluation.schedule import last_epoch
 from lightning_trust.explain.keys import ROBUSTNESS_LOGGED_KEYS, ROBUSTNESS_REPORT_KEYS
 from lightning_trust.explain.plots import robust_accuracy_figure
 from lightning_trust.explain.progress import progress
 from lightning_trust.explain.robustness_checks import (
-    attacked_range,
-    check_epsilons,
+    ATTACKS,
+    DEFAULT_EPSILONS,
+    check_arguments,
+    check_sample,
     check_schedule,
-    check_targets,
-    embedding_layer,
 )
-from lightning_trust.explain.robustness_inputs import (
-    AttackSample,
-    attack_loss,
-    attack_space,
-    correct,
-    draw_attack_sample,
-    min_perturbation,
-)
+from lightning_trust.explain.robustness_inputs import AttackSample, attack_space, draw_attack_sample
+from lightning_trust.explain.robustness_pass import eps_name, logged_metrics, run_attacks, suite_forwards
 from lightning_trust.explain.schedule import ScheduledPass
+from lightning_trust.fairness.metrics_args import check_figures
 
 __all__ = ["ATTACKS", "AdversarialRobustness", "eps_name"]
-
-ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
-#: Default budgets: input units, or fractions of the embedding values' width for token inputs.
-DEFAULT_EPSILONS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
-
-
-def eps_name(eps: float) -> str:
-    """ε as written in report keys and metric names: ``0.1``, ``0``, ``0.03``."""
-    return f"{float(eps):g}"
 
 
 class AdversarialRobustness(ScheduledPass):
@@ -80,13 +69,25 @@ class AdversarialRobustness(ScheduledPass):
     share of the clean-correct samples the attack flips), ``robustness/worst_acc`` and, with
     ``min_perturbation``, ``robustness/min_perturbation`` (median smallest breaking FGSM ε, Captum's
     ``MinParamPerturbation``). Files in ``<log_dir>/lightning_trust/robustness/``:
-    ``robustness.json``, figure ``robust_accuracy.png``. Under DDP only rank zero attacks.
+    ``robustness.json``, figure ``robust_accuracy.png`` (drawn when the report is read, see ``figures``).
+    Under DDP only rank zero attacks (its decisions need no other rank).
+
+    Within the budget: the sample is attacked in a fixed order (the classes in turn), chunk by chunk,
+    every attack and epsilon on a chunk before the next; a pass during fit times its first chunk and
+    attacks only as many samples as ``max_overhead`` still affords (the first pass that is not final
+    priced before it runs: the validation pass's time per row times the attacks' forwards per sample)
+    (:class:`~lightning_trust.core.sizing.PassSizer`): the final pass at least 64 (a 95% interval of
+    about +-0.1), one that is not final keeping a whole final pass's cost (the report's number first). The report says how many
+    (``samples`` of ``samples_available``, ``truncated``) with a Wilson interval per number (``intervals``).
 
     Args:
         attacks: ``"fgsm"`` and/or ``"pgd"``.
         epsilons: perturbation budgets (L-inf, or L2 with ``norm="L2"`` for PGD); 0 gives clean accuracy.
-            Default: ``[0, 0.05, 0.1, 0.2]`` in input units; for token inputs the same fractions of the
-            width of the sample's embedding values (embeddings have no common scale), set at setup.
+            Default: ``[0, 0.1]`` in input units (clean, and one radius: 26/255 for images in [0, 1]);
+            for token inputs the same fraction of the width of the sample's embedding values (embeddings
+            have no common scale), set at setup. Each PGD epsilon costs ``pgd_steps`` gradients per
+            sample, most of a pass: within the default budget every further radius cuts the samples
+            attacked, the reported numbers' precision (pass a list for a curve).
         num_samples: size of the fixed evaluation sample.
         pgd_steps: PGD iterations.
         pgd_step_size: PGD step; default ``2.5 * epsilon / pgd_steps`` (Madry et al.).
@@ -102,10 +103,16 @@ class AdversarialRobustness(ScheduledPass):
             not ``on``: YAML 1.1 reads a bare ``on:`` key as ``true``).
         seed: seed of the sample and of PGD's random start.
         max_overhead: the passes cost at most this share of the fit's own time: a due validation pass is
-            skipped when it would exceed it (counted in the report's ``overhead.skipped``); the last
-            epoch's and the fit-end pass always run. ``None``: every pass.
+            cut to the samples it affords, or skipped when it cannot afford 64 and keep the cost of a
+            whole final pass (counted in the report's ``overhead.skipped``); the last epoch's and the
+            fit-end pass always run, on as many samples as the budget leaves (at least 64). ``None``: every pass
+            attacks the whole sample. Passes outside fit (test) attack the whole sample.
         stratify: balance the sample over classes.
-        batch_size: samples per attack call (``None``: all at once).
+        batch_size: samples per attack call (``None``: all at once; within a budget, a first call of 64
+            samples, timed, then one call for the samples the budget affords).
+        figures: when ``robust_accuracy.png`` is drawn: ``"report"`` (when :meth:`report` is first read
+            after the pass, e.g. by ``TrustReport``: a figure costs more than a small attack, and none is
+            drawn during fit), ``"stage_end"`` (at the final pass) or ``"never"``.
         progress: show progress in the Trainer's progress bar style.
         batch_keys: how to read batches (see :class:`~lightning_trust.core.batch.BatchContract`).
         name: the report section (default ``"robustness"``).
@@ -134,6 +141,7 @@ class AdversarialRobustness(ScheduledPass):
         max_overhead: Optional[float] = DEFAULT_MAX_OVERHEAD,
         stratify: bool = True,
         batch_size: Optional[int] = None,
+        figures: Literal["report", "stage_end", "never"] = "report",
         progress: bool = True,
         batch_keys: Optional[dict[str, Union[str, int]]] = None,
         name: Optional[str] = None,
@@ -142,22 +150,8 @@ class AdversarialRobustness(ScheduledPass):
         attacks = ["fgsm", "pgd"] if attacks is None else [a.lower() for a in attacks]
         self._relative_epsilons = epsilons is None
         epsilons = list(DEFAULT_EPSILONS) if epsilons is None else [float(e) for e in epsilons]
-        if not attacks or any(a not in ATTACKS for a in attacks) or len(set(attacks)) != len(attacks):
-            raise ValueError(f"`attacks` must be distinct names among {list(ATTACKS)}, got {attacks}.")
-        if not epsilons or any(e < 0 for e in epsilons):
-            raise ValueError(f"`epsilons` must be a non-empty list of budgets >= 0, got {epsilons}.")
-        if num_samples < 1 or pgd_steps < 1 or min_perturbation_samples < 1:
-            raise ValueError("`num_samples`, `pgd_steps` and `min_perturbation_samples` must be positive integers.")
-        if pgd_step_size is not None and pgd_step_size <= 0:
-            raise ValueError(
-                f"`pgd_step_size` must be positive (or None for 2.5 * epsilon / pgd_steps), got {pgd_step_size}."
-            )
-        if norm not in ("Linf", "L2"):
-            raise ValueError(f"`norm` must be 'Linf' or 'L2', got {norm!r}.")
-        if input_range is not None and (len(input_range) != 2 or not input_range[0] < input_range[1]):
-            raise ValueError(f"`input_range` must be [low, high] with low < high, got {input_range}.")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}.")
+        check_arguments(attacks, epsilons, num_samples, pgd_steps, pgd_step_size, norm, input_range,
+                        min_perturbation_samples, batch_size)  # fmt: skip
         self.attacks = attacks
         self.epsilons = sorted(set(epsilons))
         self.num_samples = num_samples
@@ -171,17 +165,22 @@ class AdversarialRobustness(ScheduledPass):
         self.seed = seed
         self.stratify = stratify
         self.batch_size = batch_size
+        self.figures = check_figures(figures)
         self.progress = progress
         self.batch_keys = batch_keys
         self.budget = OverheadBudget(max_overhead)
         self.max_overhead = self.budget.max_overhead
         self._pass_seconds: list[float] = []  # each timed pass of the fit
+        self._unit_seconds: Optional[float] = None  # seconds per sample of the last timed pass
+        self._val_started: Optional[float] = None  # the validation pass's start (its rate prices the first pass)
         self._overhead: dict[str, Any] = self._account()
         self._layer: Optional[torch.nn.Module] = None  # the embedding layer token inputs are attacked through
         self._shift: Optional[int] = None
         self._prepared = False
         self._drawn: Optional[dict[str, Any]] = None
+        self._owed = DeferredFigures()  # the figure, drawn when the report is read
         self.sample: Optional[AttackSample] = None
+        self.order: Optional[Tensor] = None  # the order the sample is attacked in (a cut pass: a prefix)
         self.history: list[dict[str, Any]] = []
         self.last: Optional[dict[str, Any]] = None
         self._figures: dict[str, str] = {}
@@ -206,21 +205,7 @@ class AdversarialRobustness(ScheduledPass):
                     )
                 return
             self.sample = draw_attack_sample(loader, contract, self.num_samples, self.seed, self.stratify, source=kind)
-        self._layer = embedding_layer(self.sample, pl_module, self.input_range)
-        check_targets(self.sample, pl_module, self._layer, trainer)
-        targets = self.sample.targets
-        assert targets is not None
-        self._shift = label_shift("auto", self.sample.inputs, targets) if targets.ndim == 2 else None
-        if self._shift is not None and self.min_perturbation:
-            raise ValueError(
-                "`min_perturbation` searches the smallest epsilon that flips a sample's class, but the targets are "
-                "per token (a language model): set `min_perturbation=False`."
-            )
-        space = "embeddings" if self._layer is not None else "inputs"
-        low, high = attacked_range(self.sample, self._layer, self.input_range)
-        if space == "embeddings" and self._relative_epsilons:
-            self.epsilons = [float(f"{f * (high - low):.3g}") for f in DEFAULT_EPSILONS]
-        check_epsilons(self.epsilons, low, high, space=space)
+        check_sample(self, pl_module, trainer)  # sets the embedding layer, the order, the label shift, epsilons
         self._prepared = True
 
     @override
@@ -231,65 +216,77 @@ class AdversarialRobustness(ScheduledPass):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self._overhead = self._account()  # the fit's account (its clock would run on after the fit)
-        if self.last is not None and self._drawn is not self.last:  # the fit stopped early: draw its last pass
-            self._draw(trainer, self.last, self.folder(trainer))
+        if self.last is not None and self._drawn is not self.last:  # the fit stopped early: its last pass
+            self._owe_figure(trainer, self.last)
 
     def _account(self) -> dict[str, Any]:
         return {**self.budget.summary(), "pass_seconds": list(self._pass_seconds)}
 
     def _run(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool) -> None:
         if trainer.state.fn != TrainerFn.FITTING or stage == "test_end":
-            self._attack_and_log(trainer, pl_module, stage, hook_allows_log, draw=True)
+            result = self._attack_and_log(trainer, pl_module, stage, hook_allows_log, None)
+            self._owe_figure(trainer, result)
             return
-        final = stage == "fit_end" or _last_epoch(trainer)
-        if self.budget.allows(final=final):
+        final = stage == "fit_end" or last_epoch(trainer)
+        done = fraction_done(trainer)
+        whole = len(self.sample) if self.sample is not None else self.num_samples
+        minimum, unit = min(MIN_SAMPLES, whole), self._unit_seconds or self._estimate(trainer, stage)
+        # a pass that is not final keeps the whole final pass's cost: the report's number comes first
+        if final or unit is None or affords_pass(self.budget, unit, minimum, done, reserve_units=whole):
             before = self.budget.spent
-            with self.budget.timed():  # the figure of the final pass only: a figure costs more than a small attack
-                self._attack_and_log(trainer, pl_module, stage, hook_allows_log, draw=final)
-            self._pass_seconds.append(self.budget.spent - before)
+            with self.budget.timed():
+                sizer = PassSizer(self.budget, final, done, reserve_units=whole)
+                result = self._attack_and_log(trainer, pl_module, stage, hook_allows_log, sizer)
+                if final:  # drawn within the pass with figures="stage_end", else owed to the report
+                    self._owe_figure(trainer, result)
+            seconds = self.budget.spent - before
+            self._pass_seconds.append(seconds)
+            self._unit_seconds = seconds / max(result["samples"], 1)
+        else:
+            self.budget.skipped += 1
         self._overhead = self._account()
 
-    def _attack_and_log(self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool, draw: bool) -> None:
-        result = self.evaluate(pl_module, trainer, stage=stage)
-        metrics: dict[str, Optional[float]] = {
-            "robustness/clean_acc": result["clean_accuracy"],
-            "robustness/worst_acc": result["worst_accuracy"],
-        }
-        for attack in self.attacks:
-            for eps in self.epsilons:
-                name = eps_name(eps)
-                metrics[f"robustness/{attack}/acc@{name}"] = result["robust_accuracy"][attack][name]
-                metrics[f"robustness/{attack}/success@{name}"] = result["attack_success_rate"][attack][name]
-        if result.get("min_perturbation"):
-            metrics["robustness/min_perturbation"] = result["min_perturbation"]["median"]
-        log_metrics(trainer, pl_module, metrics, hook_allows_log)
-        folder = self.folder(trainer)
-        write_json(folder / "robustness.json", {"last": result, "history": self.history})
-        if draw:
-            self._draw(trainer, result, folder)
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_started = self.budget.clock()
+
+    def _estimate(self, trainer: Any, stage: str) -> Optional[float]:
+        """Seconds a sample, before any pass: the validation pass's per row times the attacks' forwards."""
+        rows = sum(int(n) for n in (getattr(trainer, "num_val_batches", None) or []) if n != float("inf"))
+        loader, _ = find_loader(trainer, ("val",))
+        size = rows * (getattr(loader, "batch_size", None) or 1)
+        if stage != "validation_end" or self._val_started is None or not size:
+            return None
+        dataset = getattr(loader, "dataset", None)
+        size = min(size, len(dataset)) if isinstance(dataset, Sized) else size
+        return (self.budget.clock() - self._val_started) / size * suite_forwards(self)
+
+    def _attack_and_log(
+        self, trainer: Any, pl_module: Any, stage: str, hook_allows_log: bool, sizer: Optional[PassSizer]
+    ) -> dict[str, Any]:
+        result = self.evaluate(pl_module, trainer, stage=stage, sizer=sizer)
+        log_metrics(trainer, pl_module, logged_metrics(result), hook_allows_log)
+        write_json(self.folder(trainer) / "robustness.json", {"last": result, "history": self.history})
+        return result
 
     # the pass ---------------------------------------------------------------------------------
-    def evaluate(self, pl_module: Any, trainer: Any = None, stage: str = "manual") -> dict[str, Any]:
-        """Attack the fixed sample now (the hooks call this) and return the result dict."""
+    def evaluate(
+        self, pl_module: Any, trainer: Any = None, stage: str = "manual", sizer: Optional[PassSizer] = None
+    ) -> dict[str, Any]:
+        """Attack the fixed sample now (the hooks call this) and return the result dict; ``sizer``: how
+        many samples the budget affords (default: the whole sample)."""
         if not self._prepared:
             self._prepare(trainer, pl_module)  # no loader at setup, or called by hand
         # validate/test hooks run under torch.inference_mode, which enable_grad alone does not lift
         with torch.inference_mode(False):
-            return self._evaluate(pl_module, trainer, stage)
+            return self._evaluate(pl_module, trainer, stage, sizer or PassSizer(self.budget, enabled=False))
 
-    def _evaluate(self, pl_module: Any, trainer: Any, stage: str) -> dict[str, Any]:
-        from captum.robust import FGSM, PGD
-
-        assert self.sample is not None and self.sample.targets is not None
+    def _evaluate(self, pl_module: Any, trainer: Any, stage: str, sizer: PassSizer) -> dict[str, Any]:
+        assert self.sample is not None and self.sample.targets is not None and self.order is not None
         start = time.perf_counter()
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         y = self.sample.targets.to(device).long().clone()
         n = len(y)
-        size = self.batch_size or n
-        parts = [slice(i, min(i + size, n)) for i in range(0, n, size)]
-        robust: dict[str, dict[str, float]] = {a: {} for a in self.attacks}
-        success: dict[str, dict[str, Optional[float]]] = {a: {} for a in self.attacks}
-        min_result = None
         with isolated_eval(pl_module, trainer, grad=True) as module:
             for p in module.parameters():
                 p.requires_grad_(False)
@@ -299,84 +296,54 @@ class AdversarialRobustness(ScheduledPass):
                 (float("-inf"), float("inf")) if space.kind == "embeddings"
                 else self.input_range or [float(space.start.min()), float(space.start.max())]
             )  # fmt: skip
-            x = space.start.detach().clone()
-
-            def extras(s: slice) -> Optional[tuple[Tensor, ...]]:
-                return tuple(e[s] for e in space.extras) or None
-
-            def mask(s: slice) -> Optional[Tensor]:
-                return space.mask[s] if space.mask is not None else None
-
-            def predict(values: Tensor) -> Tensor:
-                with torch.no_grad():
-                    return torch.cat([
-                        correct(space.forward(values[s], *(extras(s) or ())), y[s], self._shift) for s in parts
-                    ])  # fmt: skip
-
-            clean_correct = predict(x)
-            loss = attack_loss(self._shift)
-            fgsm = FGSM(space.forward, loss_func=loss, lower_bound=low, upper_bound=high)
-            pgd = PGD(space.forward, loss_func=loss, lower_bound=low, upper_bound=high)
-            total = len(self.attacks) * len(self.epsilons) + (
+            chunks = -(-n // (self.batch_size or n))
+            total = len(self.attacks) * len(self.epsilons) * chunks + (
                 self.min_perturbation_samples if self.min_perturbation else 0
             )
             with progress(trainer, total, "Adversarial robustness", self.progress) as bar:
-                for attack in self.attacks:
-                    for eps in self.epsilons:
-                        if eps == 0:  # no attack: the sample within the bounds, no gradient needed
-                            adv = x.clamp(low, high)
-                        elif attack == "fgsm":
-                            adv = torch.cat([
-                                fgsm.perturb(x[s].clone().requires_grad_(), epsilon=eps, target=y[s],
-                                             additional_forward_args=extras(s), mask=mask(s))
-                                for s in parts
-                            ])  # fmt: skip
-                        else:
-                            step = self.pgd_step_size if self.pgd_step_size is not None else 2.5 * eps / self.pgd_steps
-                            adv = torch.cat([
-                                pgd.perturb(x[s].clone().requires_grad_(), radius=eps, step_size=step, step_num=self.pgd_steps, target=y[s],
-                                            additional_forward_args=extras(s), random_start=self.random_start, norm=self.norm,
-                                            mask=mask(s))
-                                for s in parts
-                            ])  # fmt: skip
-                        right = predict(adv.detach())
-                        robust[attack][eps_name(eps)] = float(right.float().mean())
-                        flipped = (clean_correct & ~right).sum()
-                        base = clean_correct.sum()
-                        success[attack][eps_name(eps)] = float(flipped / base) if base > 0 else None
-                        bar.advance()
-                if self.min_perturbation:
-                    min_result = min_perturbation(
-                        space, fgsm, x, y, clean_correct, bar, max(self.epsilons), self.min_perturbation_samples
-                    )
-        clean = float(clean_correct.float().mean())
+                counts, min_result = run_attacks(self, space, y, self._shift, self.order, sizer, bar, (low, high))
+        numbers = counts.results(self.attacks, self.epsilons)
+        clean, robust = numbers["clean_accuracy"], numbers["robust_accuracy"]
         result: dict[str, Any] = {
             "stage": stage,
             "space": space.kind,
             "epoch": trained_epoch(trainer),
             "step": int(getattr(trainer, "global_step", 0) or 0),
-            "clean_accuracy": clean,
-            "robust_accuracy": robust,
+            **numbers,
             "worst_accuracy": min([clean] + [v for d in robust.values() for v in d.values()]),
-            "attack_success_rate": success,
             "min_perturbation": min_result,
+            "samples": counts.samples,
+            "samples_available": n,
+            "truncated": counts.samples < n,
             "seconds": time.perf_counter() - start,
         }
         self.last = result
-        self.history.append({k: v for k, v in result.items()})
+        self.history.append({k: v for k, v in result.items() if k != "intervals"})
         return result
+
+    # figures (drawn when the report asks) -----------------------------------------------------
+    def _owe_figure(self, trainer: Any, result: dict[str, Any]) -> None:
+        """The figure of ``result``: drawn now (``figures="stage_end"``) or when the report is read."""
+        if self.figures == "never":
+            return
+        self._owed.defer("robust_accuracy", partial(self._draw, trainer, result, self.folder(trainer)))
+        self._drawn = result
+        if self.figures == "stage_end":
+            self._owed.draw()
 
     def _draw(self, trainer: Any, result: dict[str, Any], folder: Path) -> None:
         curves = {a: [result["robust_accuracy"][a][eps_name(e)] for e in self.epsilons] for a in self.attacks}
-        title = f"Robust accuracy, epoch {result['epoch']}"
+        cut = f" ({result['samples']} of {result['samples_available']} samples: budget)" if result["truncated"] else ""
+        title = f"Robust accuracy, epoch {result['epoch']}{cut}"
         fig = robust_accuracy_figure(self.epsilons, curves, result["clean_accuracy"], title)
         save_figure(trainer, fig, folder / "robust_accuracy.png", tag="robustness/robust_accuracy")
         self._figures["robust_accuracy"] = str(folder / "robust_accuracy.png")
-        self._drawn = result
 
     # report and checkpoint ------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        """The last pass as plain JSON (see :attr:`report_keys`), figures under ``"figures"``."""
+        """The last pass as plain JSON (see :attr:`report_keys`), figures under ``"figures"`` (drawing
+        the one owed)."""
+        self._owed.draw()
         last = self.last or {}
         return to_jsonable({
             "attacks": list(self.attacks),
@@ -390,6 +357,10 @@ class AdversarialRobustness(ScheduledPass):
             "worst_accuracy": last.get("worst_accuracy"),
             "attack_success_rate": last.get("attack_success_rate", {}),
             "min_perturbation": last.get("min_perturbation"),
+            "samples": last.get("samples"),
+            "samples_available": last.get("samples_available"),
+            "truncated": last.get("truncated", False),
+            "intervals": last.get("intervals", {}),
             "overhead": dict(self._overhead),
             "figures": dict(self._figures),
         })  # fmt: skip
@@ -402,6 +373,7 @@ class AdversarialRobustness(ScheduledPass):
             "last": self.last,
             "budget": self.budget.state_dict(),
             "pass_seconds": self._pass_seconds,
+            "unit_seconds": self._unit_seconds,
         }
 
     @override
@@ -413,11 +385,7 @@ class AdversarialRobustness(ScheduledPass):
         if "budget" in state_dict:
             self.budget.load_state_dict(state_dict["budget"])
         self._pass_seconds = list(state_dict.get("pass_seconds", []))
-
-
-def _last_epoch(trainer: Any) -> bool:
-    steps_done = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-    return steps_done or (trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs)
+        self._unit_seconds = state_dict.get("unit_seconds")
 
 
 def _to(inputs: Any, device: torch.device) -> Any:

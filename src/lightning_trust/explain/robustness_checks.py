@@ -30,7 +30,60 @@ from lightning_trust.explain.robustness_inputs import (
     token_ids,
 )
 
-__all__ = ["attack_start", "attacked_range", "check_epsilons", "check_schedule", "check_targets", "embedding_layer"]
+__all__ = [
+    "ATTACKS", "DEFAULT_EPSILONS", "attack_start", "attacked_range", "check_arguments", "check_epsilons",
+    "check_sample", "check_schedule", "check_targets", "embedding_layer",
+]  # fmt: skip
+
+ATTACKS: tuple[str, ...] = ("fgsm", "pgd")
+#: Default budgets: input units, or fractions of the embedding values' width for token inputs.
+DEFAULT_EPSILONS: tuple[float, ...] = (0.0, 0.1)
+
+
+def check_sample(cb: Any, pl_module: nn.Module, trainer: Any) -> None:
+    """Check ``cb``'s drawn sample against the model (targets, attack space, epsilons) and set what
+    follows from it: the embedding layer, the attack order, the token labels' shift, token epsilons."""
+    from lightning_trust.evaluation.tokens import label_shift
+    from lightning_trust.explain.robustness_pass import attack_order
+
+    cb._layer = embedding_layer(cb.sample, pl_module, cb.input_range)
+    check_targets(cb.sample, pl_module, cb._layer, trainer)
+    targets = cb.sample.targets
+    cb.order = attack_order(targets, cb.stratify, cb.seed)
+    cb._shift = label_shift("auto", cb.sample.inputs, targets) if targets.ndim == 2 else None
+    if cb._shift is not None and cb.min_perturbation:
+        raise ValueError(
+            "`min_perturbation` searches the smallest epsilon that flips a sample's class, but the targets are "
+            "per token (a language model): set `min_perturbation=False`."
+        )
+    space = "embeddings" if cb._layer is not None else "inputs"
+    low, high = attacked_range(cb.sample, cb._layer, cb.input_range)
+    if space == "embeddings" and cb._relative_epsilons:
+        cb.epsilons = [float(f"{f * (high - low):.3g}") for f in DEFAULT_EPSILONS]
+    check_epsilons(cb.epsilons, low, high, space=space)
+
+
+def check_arguments(
+    attacks: list[str], epsilons: list[float], num_samples: int, pgd_steps: int, pgd_step_size: Optional[float],
+    norm: str, input_range: Optional[list[float]], min_perturbation_samples: int, batch_size: Optional[int],
+) -> None:  # fmt: skip
+    """Refuse a bad constructor argument, naming it and the fix (before any training)."""
+    if not attacks or any(a not in ATTACKS for a in attacks) or len(set(attacks)) != len(attacks):
+        raise ValueError(f"`attacks` must be distinct names among {list(ATTACKS)}, got {attacks}.")
+    if not epsilons or any(e < 0 for e in epsilons):
+        raise ValueError(f"`epsilons` must be a non-empty list of budgets >= 0, got {epsilons}.")
+    if num_samples < 1 or pgd_steps < 1 or min_perturbation_samples < 1:
+        raise ValueError("`num_samples`, `pgd_steps` and `min_perturbation_samples` must be positive integers.")
+    if pgd_step_size is not None and pgd_step_size <= 0:
+        raise ValueError(
+            f"`pgd_step_size` must be positive (or None for 2.5 * epsilon / pgd_steps), got {pgd_step_size}."
+        )
+    if norm not in ("Linf", "L2"):
+        raise ValueError(f"`norm` must be 'Linf' or 'L2', got {norm!r}.")
+    if input_range is not None and (len(input_range) != 2 or not input_range[0] < input_range[1]):
+        raise ValueError(f"`input_range` must be [low, high] with low < high, got {input_range}.")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size}.")
 
 
 def check_schedule(stages: Sequence[str], pl_module: Any, stage: str) -> None:

@@ -258,10 +258,11 @@ def correct(outputs: Tensor, target: Tensor, shift: Optional[int]) -> Tensor:
 
 def min_perturbation(
     space: AttackSpace, fgsm: Any, x: Tensor, y: Tensor, clean_correct: Tensor, bar: Any, max_epsilon: float,
-    samples: int,
+    samples: int, size: Optional[Callable[[int, int], int]] = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Captum's ``MinParamPerturbation``: the smallest FGSM epsilon (binary search up to ``max_epsilon``)
-    that flips each of the first ``samples`` clean-correct samples, summarized."""
+    that flips each of the first ``samples`` clean-correct samples, summarized. ``size(searched, wanted)``:
+    after the first search, how many of the ``wanted`` are searched in all (the overhead budget)."""
     from captum.robust import MinParamPerturbation
 
     upper = max_epsilon or 1.0
@@ -271,7 +272,11 @@ def min_perturbation(
     )  # fmt: skip
     found: list[float] = []
     searched = 0
-    for i in torch.nonzero(clean_correct).flatten()[:samples].tolist():
+    candidates = torch.nonzero(clean_correct).flatten()[:samples].tolist()
+    limit = len(candidates)
+    for i in candidates:
+        if searched >= limit:
+            break
         xi, yi = x[i : i + 1], y[i : i + 1]
         extra = tuple(e[i : i + 1] for e in space.extras) or None
         kwargs: dict[str, Any] = {"target": yi, "additional_forward_args": extra}
@@ -284,9 +289,12 @@ def min_perturbation(
         if eps is not None:
             found.append(float(eps))
         bar.advance()
+        if searched == 1 and size is not None:
+            limit = size(1, len(candidates))
     return {
         "attack": "fgsm",
         "searched": searched,
+        "wanted": len(candidates),
         "found_fraction": len(found) / searched if searched else None,
         "median": float(np.median(found)) if found else None,
         "mean": float(np.mean(found)) if found else None,
