@@ -210,7 +210,7 @@ class Int8Runner(nn.Module):
         self.program, self.like = program, [like]  # a list: the float module is not a submodule
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from lightning_trust.compression.qat_graph import ForwardCall
+        from lightning_trust.compression.qat_call import ForwardCall
 
         return ForwardCall.bind(self.like[0], args, kwargs).invoke(self.program)
 
