@@ -62,8 +62,7 @@ from lightning_trust.compression.qat_graph import (
     training_ops,
 )
 from lightning_trust.core.passes import saved_modes
-from lightning_trust.core.seam import inductor_config
-from lightning_trust.core.seam import flat_outputs
+from lightning_trust.core.seam import flat_outputs, inductor_config
 from lightning_trust.core.tensors import map_tensors, tensor_bytes
 
 __all__ = [
