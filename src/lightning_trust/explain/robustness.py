@@ -97,7 +97,8 @@ class AdversarialRobustness(ScheduledPass):
             observed minimum and maximum.
         min_perturbation: also search the smallest FGSM ε that flips each of ``min_perturbation_samples``
             correctly classified samples (``MinParamPerturbation``, binary search up to ``max(epsilons)``).
-        min_perturbation_samples: samples searched.
+        min_perturbation_samples: samples searched (within a budget as many as it affords, at least
+            one: ``min_perturbation.searched`` of ``wanted``).
         every_n_epochs: attack every n-th validation epoch.
         run_on: ``"validation_end"``, ``"fit_end"``, ``"test_end"`` or a list of them (named ``run_on``,
             not ``on``: YAML 1.1 reads a bare ``on:`` key as ``true``).
