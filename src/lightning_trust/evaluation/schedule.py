@@ -63,9 +63,10 @@ def extra_due(budget: OverheadBudget, trainer: Any, unit_seconds: Optional[float
     allowed = final or (
         unit_seconds is not None and affords_pass(budget, unit_seconds, minimum, fraction_done(trainer))
     )
+    allowed = bool(trainer.strategy.broadcast(allowed, src=0))
     if not allowed:
-        budget.skipped += 1
-    return bool(trainer.strategy.broadcast(allowed, src=0))
+        budget.skipped += 1  # on every process, as rank zero decided
+    return allowed
 
 
 class ExtraPassBudget:
