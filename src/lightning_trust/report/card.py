@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 from lightning_trust.core.protocol import FIGURES_KEY
 from lightning_trust.core.tensors import to_jsonable
+from lightning_trust.report.budget_notes import budget_note
 from lightning_trust.report.evidence import evidence_map
 from lightning_trust.report.figures import caption, expand_figures, media_type, pixel_size
 from lightning_trust.report.migrate import CURRENT, upgrade_card
@@ -131,7 +132,11 @@ def assemble_card(
         missing = "unknown"
         if s.section == "metrics":
             missing = missing_metric_status(s.name.split(".", 1)[1], card["metrics"], ran)
-        entries.append(judge(s, numbers, missing))
+        entry = judge(s, numbers, missing)
+        note = budget_note(sections, s.name) if entry["status"] in ("met", "not_met") else None
+        if note is not None:
+            entry["note"] = note
+        entries.append(entry)
     card["standards"] = entries
     card["summary"] = summarize(entries)
     if license is not None:

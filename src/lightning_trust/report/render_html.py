@@ -133,6 +133,9 @@ def render_html(card: Mapping[str, Any]) -> str:
         ]  # fmt: skip
         parts.append(_html_table(["Standard", "Required", "Measured", "Verdict"], rows, raw=True,
                                  row_classes=[s["status"] for s in card["standards"]]))  # fmt: skip
+        notes = [f"<li><code>{_e(s['name'])}</code>: {_e(s['note'])}</li>" for s in card["standards"] if s.get("note")]
+        if notes:
+            parts.append(f'<ul class="notes">{"".join(notes)}</ul>')
     else:
         parts.append("<p>No standards declared.</p>")
     parts.append("</section>")

@@ -62,6 +62,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             [[f"`{s['name']}`", requirement_text(s), format_number(s["value"]), f"{_MD_MARK[s['status']]} {VERDICT[s['status']]}"]
              for s in card["standards"]],
         )  # fmt: skip
+        out += [f"- `{s['name']}`: {s['note']}" for s in card["standards"] if s.get("note")]
     else:
         out.append("No standards declared.")
     out.append("")

@@ -160,6 +160,7 @@ def standards_summary(card: Mapping[str, Any], path: Optional[str] = None) -> st
     for s in card["standards"]:
         lines.append(
             f"  [{VERDICT[s['status']]:^12}] {s['name']:<{width}} = {format_number(s['value'])}  (required {requirement_text(s)})"
+            + (f"  [{s['note']}]" if s.get("note") else "")
         )
     return "\n".join(lines)
 
