@@ -388,9 +388,15 @@ class BatchContract:
         return forward_no_grad(module, self.inputs(batch))
 
 
-def batch_size_of(batch: Any, contract: Optional[BatchContract] = None) -> Optional[int]:
-    """Number of samples in a batch (the leading size of its first input tensor)."""
-    inputs = (contract or BatchContract()).inputs(batch)
+def batch_size_of(batch: Any, contract: Optional[BatchContract] = None, missing_ok: bool = False) -> Optional[int]:
+    """Number of samples in a batch (the leading size of its first input tensor); ``None`` without one, and
+    with ``missing_ok`` also when the contract finds no inputs (instead of its :class:`BatchKeyError`)."""
+    try:
+        inputs = (contract or BatchContract()).inputs(batch)
+    except BatchKeyError:
+        if missing_ok:
+            return None
+        raise
     found = first_tensor(inputs, min_ndim=1)
     return int(found.shape[0]) if found is not None else None
 

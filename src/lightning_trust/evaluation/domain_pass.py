@@ -92,10 +92,7 @@ class DomainPass:
         if not self._active or dataloader_idx != 0:
             self._capture.disarm()
             return
-        try:
-            size = batch_size_of(batch, self.contract)
-        except BatchKeyError:
-            size = None
+        size = batch_size_of(batch, self.contract, missing_ok=True)
         self._capture.arm(pl_module, size)
 
     def _check_domain_column(self, batch: Any) -> None:

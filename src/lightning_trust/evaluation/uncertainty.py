@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_trust.core.batch import BatchContract, BatchKeyError, batch_size_of
+from lightning_trust.core.batch import BatchContract, batch_size_of
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
@@ -266,10 +266,7 @@ class UncertaintyEvaluation(TrustCallback):
     def _arm(self, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
         if not self._active or dataloader_idx != 0:
             return
-        try:
-            size = batch_size_of(batch, self.contract)
-        except BatchKeyError:
-            size = None
+        size = batch_size_of(batch, self.contract, missing_ok=True)
         self._capture.arm(pl_module, size)
         if self._embedding is not None:
             self._embedding.arm(size)

@@ -74,12 +74,9 @@ def count_samples(batch: Any, contract: Optional[BatchContract]) -> int:
         >>> count_samples({"tokens": torch.zeros(3, 5), "label": torch.zeros(3)}, BatchContract())
         3
     """
-    try:
-        size = batch_size_of(batch, contract)
-        if size is not None:
-            return size
-    except BatchKeyError:
-        pass
+    size = batch_size_of(batch, contract, missing_ok=True)
+    if size is not None:
+        return size
     contract = contract or BatchContract()
     try:
         target = first_tensor(contract.target(batch), min_ndim=1)
