@@ -29,7 +29,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -295,12 +295,17 @@ def run_transformer_case(
     return out
 
 
-def _prune_then_qat(make: Any, datamodule: Any, plan: dict[str, Any], trainer: Any, key: str, qat: Any) -> Any:
-    """One-shot pruning then ``qat`` in one fit; the int8 program as a user loads it (compiled)."""
+def _prune_then_qat(make: Any, datamodule: Any, plan: dict[str, Any], trainer: Any, key: str, qat: Any,
+                    start: Optional[dict[str, Any]] = None) -> Any:  # fmt: skip
+    """One-shot pruning then ``qat`` in one fit; the int8 program as a user loads it (compiled). ``start``:
+    the trained dense weights to begin from, and the pruning recipe (``distill``) of the recovery fit."""
     pl.seed_everything(0)
     model = make()
+    if start is not None:
+        model.load_state_dict(start["state"])
     pruning = ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=plan["prune_at"],
-                                 measure_latency=False, evaluate=False)  # fmt: skip
+                                 measure_latency=False, evaluate=False,
+                                 distill=None if start is None else start.get("distill"))  # fmt: skip
     trainer(key, [pruning, qat]).fit(model, datamodule)
     with plain_forward(model):
         like = copy.deepcopy(model).eval()
@@ -308,12 +313,13 @@ def _prune_then_qat(make: Any, datamodule: Any, plan: dict[str, Any], trainer: A
 
 
 def _torchao_row(make: Any, datamodule: Any, plan: dict[str, Any], root: Path, trainer: Any,
-                 rows: dict[str, Any], runners: dict[str, Any], name: str) -> str:  # fmt: skip
+                 rows: dict[str, Any], runners: dict[str, Any], name: str,
+                 start: Optional[dict[str, Any]] = None) -> str:  # fmt: skip
     """Prune, then QAT through torchao's quantize_ (int8 dynamic activations and weights) in one fit."""
     qat = QuantizationAwareTraining(start_epoch=plan["qat_at"], backend="torchao", torchao_scheme="int8",
                                     export_path=str(root / f"{name}_int8_torchao.pt2"), latency_batch_size=32)  # fmt: skip
     try:
-        int8 = _prune_then_qat(make, datamodule, plan, trainer, "pruned_int8_torchao", qat)
+        int8 = _prune_then_qat(make, datamodule, plan, trainer, "pruned_int8_torchao", qat, start)
     except Exception as err:  # the row is left out, and the reason recorded
         return f"left out: prune then torchao QAT failed: {type(err).__name__}: {str(err)[:300]}"
     q = qat.report()
@@ -355,12 +361,13 @@ def int8_kernel_probe() -> dict[str, Any]:
 
 
 def _int8_row(make: Any, datamodule: Any, x: Any, plan: dict[str, Any], root: Path, trainer: Any,
-              rows: dict[str, Any], runners: dict[str, Any], name: str) -> str:  # fmt: skip
+              rows: dict[str, Any], runners: dict[str, Any], name: str,
+              start: Optional[dict[str, Any]] = None) -> str:  # fmt: skip
     """Prune, then QAT and the int8 export, chained in one fit; the row is left out (and why said) if it fails."""
     qat = QuantizationAwareTraining(start_epoch=plan["qat_at"], export_path=str(root / f"{name}_int8.pt2"),
                                     measure_latency=False)  # fmt: skip
     try:
-        int8 = _prune_then_qat(make, datamodule, plan, trainer, "pruned_int8", qat)
+        int8 = _prune_then_qat(make, datamodule, plan, trainer, "pruned_int8", qat, start)
     except Exception as err:  # the row is left out, and the reason recorded
         return f"left out: prune then QAT failed: {type(err).__name__}: {str(err)[:300]}"
     q = qat.report()
@@ -370,6 +377,140 @@ def _int8_row(make: Any, datamodule: Any, x: Any, plan: dict[str, Any], root: Pa
                            "file_bytes": os.path.getsize(qat.export_file)}  # fmt: skip
     runners["pruned_int8"] = int8
     return "measured: ProgressivePruning then QuantizationAwareTraining in one fit, int8 loaded from the .pt2"
+
+
+#: The ViT recipe (issue #18 goal: >= 1.5x at <= 1 point): train dense, prune the trained model once (whole heads
+#: 4 -> 2, so the residual stream 64 -> 32, and MLP width 128 -> 64: ``pruning_ratio=0.5, schedule="one_shot"``)
+#: and recover for ``recovery_epochs`` extra epochs, distilling from the dense model (T = 4, weight 0.9) and, as
+#: the plain row, without. Fixed on the validation split with seed 100 (there pruning at epoch 12 of 30 lost 2.6
+#: points, with distillation from that epoch-12 teacher over 40 epochs 3.7, and this recipe, in one 45-epoch fit,
+#: 0.0); reported on the test split with seeds 0, 1, 2, never tuned on it.
+VIT_DISTILL = {"temperature": 4.0, "weight": 0.9}
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "per_seed": values}
+
+
+def _agreement(a: nn.Module, b: nn.Module, loader: Any) -> float:
+    preds, _ = collect_predictions({"a": a, "b": b}, [loader], BatchContract.resolve(None, None), torch.device("cpu"))
+    return float((preds["a"] == preds["b"]).float().mean())
+
+
+def run_vit_seeds(
+    datamodule: Any, x: Any, plan: dict[str, Any], root: Path, torchao_only: bool = False
+) -> dict[str, Any]:
+    """The ViT recipe over ``plan["seeds"]``: per seed dense (``dense_epochs``), then from its trained weights
+    ``recovery_epochs`` of pruned + plain fine-tuning, pruned + distillation, and dense fine-tuning without pruning
+    (the same extra epochs: do they alone move the dense accuracy?); accuracy on the test split as mean, std
+    (n - 1), min, max and per seed, changes paired by seed. The int8 rows (prune, distill and QAT in the recovery
+    fit) and the latency (batch 32, one thread) are measured on the first seed's models."""
+    make = lambda: ImageTransformer(tiny_vit())  # noqa: E731
+    loader = datamodule.test_dataloader()
+    seeds = list(plan["seeds"])
+
+    def trainer(sub: str, callbacks: list[Any], epochs: Optional[int] = None) -> pl.Trainer:
+        return pl.Trainer(max_epochs=epochs or plan["recovery_epochs"], accelerator="cpu", devices=1, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                          default_root_dir=str(root / sub), callbacks=callbacks, num_sanity_val_steps=0)  # fmt: skip
+
+    variants: dict[str, Any] = {"pruned": None, "pruned_distilled": VIT_DISTILL, "dense_finetuned": "dense"}
+    if torchao_only:
+        variants = {"pruned_distilled": VIT_DISTILL}
+    acc: dict[str, list[float]] = {k: [] for k in ("dense", *variants)}
+    agree: dict[str, list[float]] = {k: [] for k in variants}
+    first: dict[str, Any] = {}
+    seconds: dict[str, list[float]] = {k: [] for k in acc}
+    for seed in seeds:
+        pl.seed_everything(seed)
+        dense = make()
+        t0 = time.perf_counter()
+        trainer(f"vit_dense_{seed}", [], plan["dense_epochs"]).fit(dense, datamodule)
+        seconds["dense"].append(time.perf_counter() - t0)
+        dense.eval()
+        acc["dense"].append(_transformer_accuracy(dense, loader))
+        models = {"dense": dense}
+        for key, distill in variants.items():
+            pl.seed_everything(seed)
+            model = make()
+            model.load_state_dict(dense.state_dict())
+            callbacks = [] if distill == "dense" else [
+                ProgressivePruning(pruning_ratio=0.5, schedule="one_shot", start_epoch=0, measure_latency=False,
+                                   evaluate=False, distill=distill)]  # fmt: skip
+            t0 = time.perf_counter()
+            trainer(f"vit_{key}_{seed}", callbacks).fit(model, datamodule)
+            seconds[key].append(time.perf_counter() - t0)
+            model.eval()
+            acc[key].append(_transformer_accuracy(model, loader))
+            agree[key].append(_agreement(model, dense, loader))
+            models[key] = model
+        if not first:
+            first = models
+    rows: dict[str, dict[str, Any]] = {}
+    runners: dict[str, Any] = {k: m for k, m in first.items() if k != "dense_finetuned"}
+    for key, model in first.items():
+        with plain_forward(model):
+            macs, params = count_macs_params(model, x)
+        config = model.model.config
+        rows[key] = {"params": params, "macs_per_sample": macs, "heads": config.num_attention_heads,
+                     "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+                     "epochs": plan["dense_epochs"] + (0 if key == "dense" else plan["recovery_epochs"]),
+                     "accuracy": _mean_std(acc[key]),
+                     "train_s_mean": sum(seconds[key]) / len(seconds[key])}  # fmt: skip
+        if key != "dense":
+            rows[key]["accuracy_change_points"] = _mean_std([100 * (a - d) for a, d in zip(acc[key], acc["dense"])])
+            rows[key]["agreement_with_dense"] = _mean_std(agree[key])
+    start = {"state": first["dense"].state_dict(), "distill": VIT_DISTILL}
+    int8_plan = {"prune_at": 0, "qat_at": plan["qat_at"]}
+    int8_note = "not run (--torchao)" if torchao_only else _int8_row(make, datamodule, x, int8_plan, root, trainer,
+                                                                     rows, runners, "vit", start)  # fmt: skip
+    torchao_note = _torchao_row(make, datamodule, int8_plan, root, trainer, rows, runners, "vit", start)
+    for key in ("pruned_int8", "pruned_int8_torchao"):
+        if key in rows:  # one seed (the first): the change against that seed's dense model
+            rows[key]["seeds"] = seeds[:1]
+            rows[key]["accuracy_change_points"] = 100 * (rows[key]["accuracy"] - acc["dense"][0])
+    best = {key: float("inf") for key in runners}
+    for _ in range(plan["latency_rounds"]):  # back to back, alternating, best median kept (the CPU is shared)
+        for key, runner in runners.items():
+            best[key] = min(best[key], measure_latency(runner, x, min_run_time=0.2))
+    d = rows["dense"]
+    for key, s in best.items():
+        rows[key]["latency_ms_batch32"] = s * 1e3
+        rows[key]["speedup_vs_dense"] = best["dense"] / s
+    for row in rows.values():
+        row["macs_ratio_vs_dense"] = row["macs_per_sample"] / d["macs_per_sample"]
+    k = rows["pruned_distilled"]
+    goals: dict[str, bool] = {}
+    for key in ("pruned", "pruned_distilled"):  # both variants of the one recipe, judged alike
+        if key in rows:
+            change = rows[key]["accuracy_change_points"]
+            goals[f"{key}_speedup_ge_1_5x"] = rows[key]["speedup_vs_dense"] >= 1.5
+            goals[f"{key}_accuracy_loss_le_1pt_mean_over_seeds"] = change["mean"] >= -1.0
+            goals[f"{key}_accuracy_loss_le_1pt_every_seed"] = change["min"] >= -1.0
+    for key in ("pruned_int8", "pruned_int8_torchao"):
+        if key in rows:
+            goals[f"{key}_speedup_vs_fp32_pruned_ge_2x"] = (
+                k["latency_ms_batch32"] / rows[key]["latency_ms_batch32"] >= 2.0
+            )
+    out = {"recipe": "dense for dense_epochs; then from the trained weights ProgressivePruning(pruning_ratio=0.5, "
+                      "schedule='one_shot', start_epoch=0, distill={'temperature': 4.0, 'weight': 0.9}) for "
+                      "recovery_epochs (pruned: the same without distill; dense_finetuned: the same epochs, no pruning)",
+           "rows": rows, "int8": int8_note, "int8_torchao": torchao_note, "goals_met": goals, "plan": plan,
+           "accuracy_split": f"test ({len(loader.dataset)} digits; one digit = {100 / len(loader.dataset):.2f} points)"}  # fmt: skip
+    if "pruned" in rows:
+        out["distillation_recovers_points"] = _mean_std(
+            [100 * (a - b) for a, b in zip(acc["pruned_distilled"], acc["pruned"])]
+        )
+    return out
+
+
+def vit_plan(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"seeds": [0, 1], "dense_epochs": 3, "recovery_epochs": 3, "qat_at": 2, "latency_rounds": 3}
+    return {"seeds": [0, 1, 2], "dense_epochs": 30, "recovery_epochs": 15, "qat_at": 11, "latency_rounds": 15}
 
 
 def transformer_cases(quick: bool, root: Path, torchao_only: bool = False) -> dict[str, Any]:
@@ -388,12 +529,11 @@ def transformer_cases(quick: bool, root: Path, torchao_only: bool = False) -> di
         "qat_at": 2 if quick else 4,
         "batches": 60 if quick else 200,
     }
-    vit_plan = {"epochs": 8 if quick else 30, "prune_at": 3 if quick else 12, "qat_at": 6 if quick else 26}
     return {
         "text_tiny_bert": run_transformer_case("bert", lambda: TextTransformer(tiny_bert()), text, text_x, text_plan, root,
                                                torchao_only),
-        "digits_tiny_vit": run_transformer_case("vit", lambda: ImageTransformer(tiny_vit()), digits,
-                                                digits.val_dataset.tensors[0][:32].clone(), vit_plan, root, torchao_only),
+        "digits_tiny_vit": run_vit_seeds(digits, digits.val_dataset.tensors[0][:32].clone(), vit_plan(quick), root,
+                                         torchao_only),
     }  # fmt: skip
 
 
@@ -402,6 +542,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--transformers", action="store_true", help="only the transformer rows (others kept)")
     parser.add_argument("--torchao", action="store_true", help="only dense, pruned, torchao int8 rows (others kept)")
+    parser.add_argument(
+        "--vit", action="store_true", help="only the tiny ViT rows (transformers.digits_tiny_vit; others kept)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -416,6 +559,20 @@ def main() -> None:
         result["transformers_torchao"]["wall_s"] = time.perf_counter() - started
         path.write_text(json.dumps(result, indent=2))
         print(json.dumps(result["transformers_torchao"], indent=2))
+        return
+    if args.vit:
+        path = RESULTS / "compression.json"
+        result = json.loads(path.read_text()) if path.exists() else {"torch_threads": 1}
+        digits = DigitsDataModule(batch_size=32)
+        digits.setup("fit")
+        assert digits.val_dataset is not None
+        started = time.perf_counter()
+        vit = run_vit_seeds(digits, digits.val_dataset.tensors[0][:32].clone(), vit_plan(args.quick), root)
+        vit["wall_s"] = time.perf_counter() - started
+        prior: Any = result.get("transformers") or {}  # the BERT rows are kept
+        result["transformers"] = {**prior, "digits_tiny_vit": vit}
+        path.write_text(json.dumps(result, indent=2))
+        print(json.dumps(vit, indent=2))
         return
     if args.transformers:
         path = RESULTS / "compression.json"

@@ -55,3 +55,19 @@ def test_forward_capture_reads_model_outputs_and_keeps_the_graph_when_asked():
     capture.arm(model, size=5)  # another batch size: nothing kept
     model(input_ids=torch.ones(4, 3))
     assert capture.disarm() is None
+
+
+def test_forward_capture_ignores_a_torch_export_trace_of_the_armed_module():
+    # QAT exports the module inside training_step, while distillation's capture is armed on it: the hook
+    # must neither keep the traced (fake) output nor guard the dynamic batch size (export would fail).
+    from torch.export import Dim
+
+    model = torch.nn.Linear(3, 2)
+    capture = ForwardCapture(detach=False)
+    capture.arm(model, size=4)
+    x = torch.ones(4, 3)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: Dim("batch", min=1)},))
+    assert capture.output is None
+    assert program.module()(torch.ones(5, 3)).shape == (5, 2)  # the batch stayed dynamic
+    out = model(x)
+    assert capture.disarm() is out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 from lightning_trust.core.batch import BatchContract, batch_size_of, logits_or_none, predictions_from_outputs
@@ -45,7 +46,9 @@ class ForwardCapture:
             self._handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self.output is not None:
+        # a torch.export trace of the module (QAT prepares inside the step) is no prediction, and comparing
+        # its symbolic batch size would pin the dynamic batch dimension
+        if self.output is not None or torch.compiler.is_exporting():
             return
         scores = logits_or_none(output)
         if isinstance(scores, Tensor) and scores.ndim >= 1 and scores.shape[0] == self._size:
