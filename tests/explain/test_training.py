@@ -74,7 +74,11 @@ def test_files_and_logger_entries(tmp_path, digits):
     dm = DigitsSubset(digits, n_train=256, n_val=64)
     torch.manual_seed(0)
     attribution = Attribution(  # figures="end": drawn by the final pass, in fit (the default draws at report time)
-        num_samples=8, method_kwargs={"n_steps": 8}, sensitivity_samples=2, num_heatmaps=8, max_overhead=None,
+        num_samples=8,
+        method_kwargs={"n_steps": 8},
+        sensitivity_samples=2,
+        num_heatmaps=8,
+        max_overhead=None,
         figures="end",
     )
     robust = AdversarialRobustness(epsilons=[0.0, 0.1], num_samples=32, pgd_steps=2, input_range=[0.0, 1.0])
