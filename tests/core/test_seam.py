@@ -167,3 +167,12 @@ def test_fairlearn_thresholder_internals():
         [fitted.predict(scores.reshape(-1, 1), sensitive_features=groups, random_state=s) for s in range(40)], axis=0
     )
     assert np.abs(sampled - p).mean() < 0.05
+
+
+def test_state_key_of_matches_lightnings_own_format():
+    class Named(Callback):
+        pass
+
+    key = seam.state_key_of(Named(), name="a", every=2)
+    assert key == Named.__qualname__ + "{'name': 'a', 'every': 2}"
+    assert seam.state_key_of(Named()) == Named.__qualname__ + "{}"

@@ -65,7 +65,7 @@ from lightning_trust.compression.structure import (
 from lightning_trust.core import BatchContract, Capability, TrustCallback, callbacks_with, isolated_eval
 from lightning_trust.core.batch import Key
 from lightning_trust.core.macs import count_macs_params
-from lightning_trust.core.seam import rewrap_ddp
+from lightning_trust.core.seam import rewrap_ddp, state_key_of
 
 __all__ = [
     "ImportanceName",
@@ -225,8 +225,8 @@ class ProgressivePruning(TrustCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            pruning_ratio=self.pruning_ratio, target_macs_ratio=self.target_macs_ratio, schedule=self.schedule
+        return state_key_of(
+            self, pruning_ratio=self.pruning_ratio, target_macs_ratio=self.target_macs_ratio, schedule=self.schedule
         )
 
     # policies --------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.loaders import split_loaders
 from lightning_trust.core.passes import fork_rngs
+from lightning_trust.core.seam import state_key_of
 
 __all__ = [
     "QAT_ATTR",
@@ -157,7 +158,7 @@ class QuantizationAwareTraining(TrustCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(start_epoch=self.start_epoch)
+        return state_key_of(self, start_epoch=self.start_epoch)
 
     @property
     def active(self) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "pruning_graph_names",
     "restore_train_loader",
     "rewrap_ddp",
+    "state_key_of",
     "swap_train_loader",
     "thresholder_positive_probability",
     "train_loader_owner",
@@ -229,6 +230,16 @@ def mapie_quantile(classifier: Any) -> float:
 
     function = classifier._mapie_classifier.conformity_score_function_
     return float(np.asarray(function.quantiles_).reshape(-1)[0])
+
+
+def state_key_of(callback: Any, **identity: Any) -> str:
+    """The checkpoint key of ``callback`` made from its class name and ``identity`` (the arguments that tell
+    two instances of one class apart in a Trainer), as Lightning's own callbacks build theirs.
+
+    Why private: a callback's ``state_key`` property is public, but the one way to build a key that matches
+    Lightning's format (``ClassName{'k': v}``) is its protected ``Callback._generate_state_key``.
+    """
+    return str(callback._generate_state_key(**identity))
 
 
 def trained_epoch(trainer: Any) -> int:

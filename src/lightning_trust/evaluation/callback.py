@@ -26,7 +26,7 @@ from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.output import DeferredFigures, artifact_dir
-from lightning_trust.core.seam import trained_epoch
+from lightning_trust.core.seam import state_key_of, trained_epoch
 from lightning_trust.evaluation.arguments import check_arguments
 from lightning_trust.evaluation.corruptions import DEFAULT_SEVERITIES
 from lightning_trust.evaluation.domain_pass import DomainPass
@@ -214,7 +214,7 @@ class CrossDomainEvaluation(DomainPass, TrustCallback):
     @property
     def state_key(self) -> str:
         """Distinct per ``name``: two evaluations in one Trainer each keep their own checkpoint state."""
-        return self._generate_state_key(name=self.name) if self.name else super().state_key
+        return state_key_of(self, name=self.name) if self.name else super().state_key
 
     @property
     def capabilities(self) -> frozenset[Capability]:  # type: ignore[override]  # depends on the arguments

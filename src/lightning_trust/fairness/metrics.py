@@ -56,7 +56,7 @@ from typing_extensions import override
 from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.output import DeferredFigures, artifact_dir
-from lightning_trust.core.seam import trained_epoch
+from lightning_trust.core.seam import state_key_of, trained_epoch
 from lightning_trust.fairness.breaches import (
     FairnessBreachError,
     breaches_limit,
@@ -214,7 +214,7 @@ class FairnessMetrics(TrustCallback):
     @property
     def state_key(self) -> str:
         names = {"name": self.name} if self.name else {}
-        return self._generate_state_key(entries=[entry_name(e) for e in self.entries], stages=self.stages, **names)
+        return state_key_of(self, entries=[entry_name(e) for e in self.entries], stages=self.stages, **names)
 
     def prefix(self, stage: str) -> str:
         """The logging prefix of ``stage``: ``fairness`` / ``fairness_test`` (``<name>``... when named)."""

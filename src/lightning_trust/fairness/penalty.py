@@ -52,6 +52,7 @@ from lightning_trust.core.callback import TrustCallback
 from lightning_trust.core.capture import ForwardCapture
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.passes import unwrap_module
+from lightning_trust.core.seam import state_key_of
 from lightning_trust.fairness.checks import check_batch, check_predictions
 from lightning_trust.fairness.groups import entry_name, group_names, read_codes, single_entry
 from lightning_trust.fairness.predictions import Activation, check_activation, class_scores, positive_score
@@ -181,7 +182,7 @@ class FairnessPenalty(TrustCallback):
     @property
     def state_key(self) -> str:
         names = {"name": self.name} if self.name else {}
-        return self._generate_state_key(feature=entry_name(self.columns), constraint=self.constraint, **names)
+        return state_key_of(self, feature=entry_name(self.columns), constraint=self.constraint, **names)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

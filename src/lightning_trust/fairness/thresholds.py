@@ -38,6 +38,7 @@ from lightning_trust.core.capture import ForwardCapture, step_predictions
 from lightning_trust.core.compat import Capability
 from lightning_trust.core.loaders import split_loaders
 from lightning_trust.core.output import artifact_dir, write_json
+from lightning_trust.core.seam import state_key_of
 from lightning_trust.fairness.checks import check_batch, check_predictions, predictions_of, probe_batch
 from lightning_trust.fairness.groups import (
     entry_name,
@@ -161,7 +162,7 @@ class ThresholdOptimizer(TrustCallback):
     @property
     def state_key(self) -> str:
         names = {"name": self.name} if self.name else {}
-        return self._generate_state_key(feature=entry_name(self.columns), constraint=self.constraint, **names)
+        return state_key_of(self, feature=entry_name(self.columns), constraint=self.constraint, **names)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -44,7 +44,7 @@ from lightning_trust.core import (
     warn_once,
     write_json,
 )
-from lightning_trust.core.seam import restore_train_loader, swap_train_loader
+from lightning_trust.core.seam import restore_train_loader, state_key_of, swap_train_loader
 from lightning_trust.privacy.audit_bound import AuditResult, audit
 from lightning_trust.privacy.audit_canaries import (
     InputCanaries,
@@ -194,7 +194,7 @@ class PrivacyAudit(TrustCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.report_name)
+        return state_key_of(self, name=self.report_name)
 
     # ------------------------------------------------------------------ read-outs
     @property

@@ -30,6 +30,7 @@ from lightning_trust.privacy.attachment import OpacusAttachment
 from lightning_trust.privacy.bookkeeping import choose_mode
 from lightning_trust.privacy.checks import check_arguments, check_trainer
 from lightning_trust.privacy.empty import EmptyBatchStep
+from lightning_trust.privacy.extensions import register
 from lightning_trust.privacy.hooks import check_module
 from lightning_trust.privacy.optimizer import default_clip
 from lightning_trust.privacy.outputs import (
@@ -267,13 +268,7 @@ class DifferentialPrivacy(TrustCallback):
 
         Called again by the same ``owner`` it replaces that owner's hooks; with neither, removes them.
         """
-        key = id(owner)
-        self._loader_transforms.pop(key, None)
-        self._opacus.before_noise.pop(key, None)
-        if train_loader is not None:
-            self._loader_transforms[key] = train_loader
-        if before_noise is not None:
-            self._opacus.before_noise[key] = before_noise
+        register(self._loader_transforms, self._opacus.before_noise, owner, train_loader, before_noise)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
